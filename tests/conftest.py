@@ -1,0 +1,28 @@
+"""Test set-up: 4 fake CPU devices, CPU only, and the shared data directory.
+
+The environment must be set before JAX is imported anywhere, so this runs first.
+"""
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pathlib
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def data_dir() -> pathlib.Path | None:
+    """The public datasets, from $TWOTOWER_DATA_DIR (CI sets it to ../shared/data)."""
+    path = os.environ.get("TWOTOWER_DATA_DIR")
+    return pathlib.Path(path) if path else None
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> pathlib.Path:
+    path = data_dir()
+    if path is None or not path.is_dir():
+        pytest.skip("TWOTOWER_DATA_DIR is not set to the public datasets directory")
+    return path
