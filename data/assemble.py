@@ -1,0 +1,209 @@
+"""From a source's raw columns to a `Dataset`: filter, build vocabularies, align features, split, count.
+
+Every source returns a `RawLog` (raw ids, timestamps, optional given test split, optional feature tables) and
+`assemble` does the rest the same way for all of them. It keeps the books: `stats["rows_read"]` always equals
+the rows filtered (by reason, in `stats["filtered"]`) plus the train, valid and test rows, and a mismatch is
+an internal error rather than silent loss.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from data import split as splitlib
+from data.config import DataConfig
+from data.errors import DataError
+from data.ids import as_id_array, factorize, sorted_unique
+from data.types import Dataset, FeatureSpec, Interactions, Vocab
+
+
+@dataclass
+class FeatureTable:
+    """Side features keyed by raw id: `features[name][j]` belongs to `ids[j]`.
+
+    Attributes:
+      ids: raw ids [T], distinct.
+      features: {name: array [T, ...]} matching `specs`.
+      specs: the features' specs.
+      source: file or table name for messages and stats.
+    """
+
+    ids: np.ndarray
+    features: dict[str, np.ndarray]
+    specs: list[FeatureSpec]
+    source: str
+
+
+@dataclass
+class RawLog:
+    """What a source reads, before vocabularies and splits.
+
+    Attributes:
+      name: dataset name.
+      user, item: raw ids [N] (int64 or str).
+      timestamp: int64 [N] or None (no time: zeros).
+      is_test: bool [N] for a split given by the source, else None.
+      stats: source counts; "rows_read" (default N) and "filtered" {reason: rows} are carried over.
+      user_table, item_table: optional side features.
+      item_catalog: True when every id of `item_table` is an item even without interactions (a movie list).
+      feature_vocabs: raw values of categorical/multi-hot features, by feature name.
+    """
+
+    name: str
+    user: np.ndarray
+    item: np.ndarray
+    timestamp: np.ndarray | None = None
+    is_test: np.ndarray | None = None
+    stats: dict = field(default_factory=dict)
+    user_table: FeatureTable | None = None
+    item_table: FeatureTable | None = None
+    item_catalog: bool = False
+    feature_vocabs: dict = field(default_factory=dict)
+
+
+def _filter_users(user_codes: np.ndarray, keep: np.ndarray, n_users: int, minimum: int, stats: dict):
+    counts = np.bincount(user_codes[keep], minlength=n_users)
+    low = (counts > 0) & (counts < minimum)
+    if minimum > 1:
+        dropped = keep & low[user_codes]
+        stats["filtered"]["min_user_interactions"] = int(dropped.sum())
+        stats["users_filtered_min_interactions"] = int(low.sum())
+        keep = keep & ~dropped
+    return keep
+
+
+def _vocab_for(raw_ids: np.ndarray, catalog: FeatureTable | None, what: str) -> Vocab:
+    ids = sorted_unique(raw_ids)
+    if catalog is not None:
+        cat_ids = as_id_array(catalog.ids, f"{catalog.source} ids")
+        if cat_ids.dtype.kind != ids.dtype.kind and ids.size and cat_ids.size:
+            raise DataError(f"{what} ids in the log are {ids.dtype} but {catalog.source} has {cat_ids.dtype}")
+        ids = sorted_unique(np.concatenate([ids, cat_ids])) if ids.size else sorted_unique(cat_ids)
+    return Vocab(ids)
+
+
+def _default_fill(spec: FeatureSpec, rows: int) -> np.ndarray:
+    if spec.kind == "dense":
+        return np.zeros((rows, spec.size), dtype=np.float32)
+    if spec.kind == "multihot":
+        return np.full((rows, spec.max_len), -1, dtype=np.int32)
+    return np.zeros(rows, dtype=np.int32)  # code 0 is "unknown" for categoricals built from raw values
+
+
+def align_features(table: FeatureTable | None, vocab: Vocab, side: str, stats: dict):
+    """Feature arrays indexed by vocabulary row; rows absent from the table get code 0 / -1 / 0.0.
+
+    Returns:
+      ({name: array [len(vocab), ...]}, specs).
+    """
+    if table is None:
+        return {}, []
+    try:
+        Vocab(table.ids)
+    except DataError as e:
+        raise DataError(f"{table.source}: {e}") from None
+    pos = vocab.lookup(as_id_array(table.ids, f"{table.source} ids"), missing="minus_one")
+    ok = pos >= 0
+    covered = np.zeros(len(vocab), dtype=bool)
+    covered[pos[ok]] = True
+    stats[f"{side}s_without_features"] = int(len(vocab) - covered.sum())
+    stats[f"{side}s_in_{table.source}_unused"] = int((~ok).sum())
+    out = {}
+    for spec in table.specs:
+        arr = _default_fill(spec, len(vocab))
+        arr[pos[ok]] = table.features[spec.name][ok]
+        out[spec.name] = arr
+    return out, list(table.specs)
+
+
+def _split(user, item, ts, is_test, cfg: DataConfig, num_users: int, stats: dict):
+    mode = cfg.split or ("given" if is_test is not None else "temporal")
+    stats["split"] = mode
+    if mode == "given":
+        if is_test is None:
+            raise DataError("data.split is 'given' but this source has no test split; use split: temporal")
+        parts = []
+        for mask in (~is_test, is_test):
+            idx = np.flatnonzero(mask)
+            parts.append(idx[splitlib.canonical_order(user[idx], ts[idx], tie_seed=None)])
+        train_idx, test_idx = parts
+    else:
+        order = splitlib.canonical_order(user, ts, tie_seed=cfg.split_seed)
+        held = splitlib.tail_mask(user[order], num_users, cfg.test_fraction)
+        train_idx, test_idx = order[~held], order[held]
+    valid_idx = None
+    if cfg.valid_fraction > 0:
+        held = splitlib.tail_mask(user[train_idx], num_users, cfg.valid_fraction)
+        train_idx, valid_idx = train_idx[~held], train_idx[held]
+    return train_idx, valid_idx, test_idx
+
+
+def _columns(raw: RawLog, cfg: DataConfig):
+    """Checked raw columns, the stats so far, and the mask of rows that survive duplicates/user filters."""
+    user_raw = as_id_array(raw.user, "user ids")
+    item_raw = as_id_array(raw.item, "item ids")
+    n = user_raw.shape[0]
+    ts = np.zeros(n, np.int64) if raw.timestamp is None else np.asarray(raw.timestamp, dtype=np.int64)
+    if not (item_raw.shape[0] == ts.shape[0] == n) or (raw.is_test is not None and raw.is_test.shape[0] != n):
+        raise DataError(f"{raw.name}: user, item, timestamp and split columns differ in length")
+    stats = {"source": cfg.source, "name": raw.name, **raw.stats}
+    stats.setdefault("rows_read", n)
+    stats["filtered"] = dict(raw.stats.get("filtered", {}))
+    if n == 0:
+        raise DataError(f"{raw.name}: no interactions left to load (rows read: {stats['rows_read']}, "
+                        f"filtered: {stats['filtered']})")
+    u_ids, u_codes = factorize(user_raw)
+    i_ids, i_codes = factorize(item_raw)
+    keep = np.ones(n, dtype=bool)
+    if cfg.drop_duplicates:
+        order = splitlib.canonical_order(u_codes, ts, tie_seed=None)
+        dup = splitlib.duplicate_mask(u_codes, i_codes, len(i_ids), order)
+        stats["filtered"]["duplicates"] = int(dup.sum())
+        keep &= ~dup
+    stats["duplicate_rows"] = splitlib.count_duplicates(u_codes[keep], i_codes[keep], len(i_ids))
+    keep = _filter_users(u_codes, keep, len(u_ids), cfg.min_user_interactions, stats)
+    if not keep.any():
+        raise DataError(f"{raw.name}: every interaction was filtered ({stats['filtered']}); relax the filters")
+    user_vocab = Vocab(u_ids[np.bincount(u_codes[keep], minlength=len(u_ids)) > 0])
+    return user_raw[keep], item_raw[keep], ts[keep], keep, user_vocab, stats
+
+
+def assemble(raw: RawLog, cfg: DataConfig) -> Dataset:
+    """Builds the `Dataset` for a source's `RawLog` under the config's filter and split keys.
+
+    Args:
+      raw: what the source read.
+      cfg: the resolved data config.
+
+    Returns:
+      a validated `Dataset` whose split rows are each in (user, time) order.
+    """
+    user_raw, item_raw, ts, keep, user_vocab, stats = _columns(raw, cfg)
+    item_vocab = _vocab_for(item_raw, raw.item_table if raw.item_catalog else None, "item")
+    user, item = user_vocab.lookup(user_raw), item_vocab.lookup(item_raw)
+    is_test = None if raw.is_test is None else np.asarray(raw.is_test, dtype=bool)[keep]
+    train_idx, valid_idx, test_idx = _split(user, item, ts, is_test, cfg, len(user_vocab), stats)
+    take = lambda idx: None if idx is None else Interactions(user[idx], item[idx], ts[idx])  # noqa: E731
+    user_features, user_specs = align_features(raw.user_table, user_vocab, "user", stats)
+    item_features, item_specs = align_features(raw.item_table, item_vocab, "item", stats)
+    ds = Dataset(name=cfg.name or raw.name, train=take(train_idx), test=take(test_idx), valid=take(valid_idx),
+                 user_vocab=user_vocab, item_vocab=item_vocab, user_features=user_features,
+                 item_features=item_features, user_feature_specs=user_specs, item_feature_specs=item_specs,
+                 stats=stats, feature_vocabs=dict(raw.feature_vocabs))
+    _finish_stats(ds, stats)
+    ds.validate()
+    return ds
+
+
+def _finish_stats(ds: Dataset, stats: dict) -> None:
+    valid = 0 if ds.valid is None else len(ds.valid)
+    stats.update(num_users=ds.num_users, num_items=ds.num_items, num_train=len(ds.train), num_valid=valid,
+                 num_test=len(ds.test))
+    counts = ds.item_counts()
+    stats["items_without_train"] = int((counts == 0).sum())
+    stats["users_without_test"] = int((np.bincount(ds.test.user, minlength=ds.num_users) == 0).sum())
+    accounted = sum(stats["filtered"].values()) + len(ds.train) + valid + len(ds.test)
+    if accounted != stats["rows_read"]:
+        raise AssertionError(f"row accounting broke: read {stats['rows_read']}, accounted {accounted} "
+                             f"({stats['filtered']}); this is a bug in the data loader")

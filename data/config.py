@@ -1,0 +1,169 @@
+"""The schema of the `data:` config group: every key any source reads, with defaults and a description.
+
+`resolve_config` turns a composed Hydra node (an OmegaConf `DictConfig`), a plain mapping or any attribute
+object into a checked `DataConfig`: unknown keys and out-of-range values raise `DataError` naming the key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from data.errors import DataError
+
+SOURCES = ("synthetic", "movielens", "lightgcn", "parquet", "tfds")
+SPLITS = ("given", "temporal")
+HISTORY_MODES = ("causal", "sample")
+
+
+def _key(default, help_text: str):
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help_text})
+    return field(default=default, metadata={"help": help_text})
+
+
+@dataclass
+class DataConfig:
+    """Keys of the `data:` group. See each field's `metadata["help"]` (also `describe()`)."""
+
+    source: str = _key("synthetic", "where interactions come from: " + " | ".join(SOURCES))
+    name: Optional[str] = _key(None, "tfds: dataset name (e.g. movielens/100k-ratings); others: display name")
+    path: Optional[str] = _key(None, "movielens/lightgcn: directory; parquet: .parquet/.csv file or directory "
+                                     "(relative paths are also tried under $TWOTOWER_DATA_DIR)")
+    # synthetic
+    num_users: int = _key(20_000, "synthetic: number of users")
+    num_items: int = _key(10_000, "synthetic: number of items")
+    interactions_per_user: float = _key(30.0, "synthetic: mean interactions per user (each user has >= 3)")
+    num_clusters: int = _key(50, "synthetic: latent item clusters (users prefer 1-3 of them)")
+    popularity_exponent: float = _key(1.0, "synthetic: power-law exponent of item popularity in a cluster")
+    seed: int = _key(0, "synthetic: generator seed (same seed, same data)")
+    # movielens
+    min_rating: Optional[float] = _key(None, "movielens/parquet: drop ratings below this (counted in stats); "
+                                             "null keeps every rating")
+    title_vocab_size: int = _key(20_000, "movielens/tfds: title-token vocabulary cap, row 0 is the OOV bucket")
+    title_max_len: int = _key(8, "movielens/tfds: title tokens kept per movie (extra tokens are counted)")
+    # parquet / csv logs
+    user_column: str = _key("user_id", "parquet: column with raw user ids")
+    item_column: str = _key("item_id", "parquet: column with raw item ids")
+    timestamp_column: Optional[str] = _key("timestamp", "parquet: time column (optional in the file)")
+    rating_column: Optional[str] = _key(None, "parquet: rating column used by min_rating")
+    user_feature_columns: List[str] = _key([], "parquet: per-user feature columns (strings/ints -> categorical, "
+                                               "floats -> dense, lists -> multihot)")
+    item_feature_columns: List[str] = _key([], "parquet: per-item feature columns, same rules")
+    multihot_max_len: int = _key(16, "parquet: slots for list-valued feature columns (extra values counted)")
+    # tfds
+    data_dir: Optional[str] = _key(None, "tfds: TFDS data directory (default: TFDS's own)")
+    download: bool = _key(False, "tfds: allow TFDS to download (never in tests)")
+    # split and filters
+    split: Optional[str] = _key(None, "given (source's test split) | temporal; null: given where the source "
+                                      "has a test split, else temporal")
+    test_fraction: float = _key(0.2, "temporal: per user, the last floor(f*n) (at least 1) interactions are test")
+    valid_fraction: float = _key(0.0, "per user, carve floor(f*n_train) (at least 1) of the latest train "
+                                      "interactions as validation; 0 = no validation split")
+    split_seed: int = _key(0, "seed of the tie-break between interactions with equal timestamps")
+    min_user_interactions: int = _key(1, "drop users with fewer interactions (counted in stats)")
+    drop_duplicates: bool = _key(False, "drop repeated (user, item) pairs, keeping the earliest (counted); "
+                                        "false keeps them as separate interactions")
+    # history features, read by batching, eval and serving
+    history_len: int = _key(50, "items of user history per example (0 = none)")
+    history_mode: str = _key("causal", "causal: the train items just before the example; sample: random other "
+                                       "train items of the user")
+
+
+def describe() -> str:
+    """One line per key: `name (default): help`."""
+    return "\n".join(f"{f.name} ({f.default if f.default is not dataclasses.MISSING else f.default_factory()!r})"
+                     f": {f.metadata['help']}" for f in dataclasses.fields(DataConfig))
+
+
+def _as_dict(cfg) -> dict:
+    if isinstance(cfg, Mapping):  # OmegaConf DictConfig is a Mapping; items() resolves interpolations
+        return {str(k): v for k, v in cfg.items()}
+    if hasattr(cfg, "__dict__"):
+        return {k: v for k, v in vars(cfg).items() if not k.startswith("_")}
+    raise DataError(f"data config must be a mapping or an attribute object, got {type(cfg).__name__}")
+
+
+def _check_type(name: str, value, annotation: str):
+    want_list = annotation.startswith("List")
+    if value is None:
+        if "Optional" in annotation:
+            return None
+        raise DataError(f"data.{name} must not be null")
+    if want_list:
+        if isinstance(value, str) or not hasattr(value, "__iter__"):
+            raise DataError(f"data.{name} must be a list, got {value!r}")
+        return [str(v) for v in value]
+    if "bool" in annotation:
+        ok = isinstance(value, bool)
+    elif "int" in annotation:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif "float" in annotation:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    else:
+        value = os.fspath(value) if isinstance(value, os.PathLike) else value
+        ok = isinstance(value, str)
+    if not ok:
+        raise DataError(f"data.{name} has the wrong type: expected {annotation}, got {value!r}")
+    return value
+
+
+def resolve_config(cfg) -> DataConfig:
+    """Checks a data config and fills defaults.
+
+    Args:
+      cfg: `DataConfig`, OmegaConf `DictConfig`, mapping or attribute object with the keys of `DataConfig`.
+
+    Returns:
+      a validated `DataConfig`.
+
+    Raises:
+      DataError: unknown key (with the closest valid name), wrong type, or an out-of-range value.
+    """
+    if isinstance(cfg, DataConfig):
+        values = dataclasses.asdict(cfg)
+    else:
+        values = _as_dict(cfg)
+    fields = {f.name: f for f in dataclasses.fields(DataConfig)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        hints = [f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, fields, 1)) else k
+                 for k in unknown]
+        raise DataError(f"unknown data config key(s): {', '.join(hints)}. Valid keys: {', '.join(fields)}")
+    checked = {k: _check_type(k, v, str(fields[k].type)) for k, v in values.items()}
+    out = DataConfig(**checked)
+    _check_ranges(out)
+    return out
+
+
+def _check_ranges(c: DataConfig) -> None:
+    def need(ok: bool, msg: str):
+        if not ok:
+            raise DataError(msg)
+
+    need(c.source in SOURCES, f"data.source must be one of {SOURCES}, got {c.source!r}")
+    need(c.split in (None,) + SPLITS, f"data.split must be one of {SPLITS} or null, got {c.split!r}")
+    need(c.history_mode in HISTORY_MODES, f"data.history_mode must be one of {HISTORY_MODES}, got "
+                                          f"{c.history_mode!r}")
+    need(0.0 <= c.test_fraction < 1.0, f"data.test_fraction must be in [0, 1), got {c.test_fraction}")
+    need(0.0 <= c.valid_fraction < 1.0, f"data.valid_fraction must be in [0, 1), got {c.valid_fraction}")
+    need(c.min_user_interactions >= 1, f"data.min_user_interactions must be >= 1, got {c.min_user_interactions}")
+    need(c.history_len >= 0, f"data.history_len must be >= 0, got {c.history_len}")
+    need(c.title_vocab_size >= 2 and c.title_max_len >= 1 and c.multihot_max_len >= 1,
+         "data.title_vocab_size must be >= 2 and title_max_len, multihot_max_len >= 1")
+    if c.source == "synthetic":
+        need(c.num_users >= 1 and c.num_items >= 1 and c.num_clusters >= 1,
+             "data.num_users, num_items and num_clusters must be >= 1")
+        need(c.num_clusters <= c.num_items, f"data.num_clusters ({c.num_clusters}) must be <= data.num_items "
+                                            f"({c.num_items})")
+        need(c.interactions_per_user >= 3, f"data.interactions_per_user is a mean over users with at least 3 "
+                                           f"each, so it must be >= 3, got {c.interactions_per_user}")
+        need(c.popularity_exponent >= 0, f"data.popularity_exponent must be >= 0, got {c.popularity_exponent}")
+    if c.source in ("movielens", "lightgcn", "parquet"):
+        need(bool(c.path), f"data.path must be set for source {c.source!r} (a directory or file)")
+    if c.source == "tfds":
+        need(bool(c.name), "data.name must be set for source 'tfds', e.g. movielens/100k-ratings")

@@ -1,0 +1,273 @@
+"""The data layer's value types: feature specs, columnar interactions, vocabularies and the Dataset.
+
+Every other package codes against these. Rows are vocabulary rows (0..num-1), never raw ids: a `Vocab` maps
+raw ids (int64 or str) to rows and back, and is saved with checkpoints so serving can map requests.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from data.errors import DataError
+from data.ids import as_id_array
+
+FEATURE_KINDS = ("categorical", "multihot", "dense")
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """What one side feature is, so a tower can build its embedding.
+
+    Attributes:
+      name: key in `Dataset.user_features` / `item_features` and in batches.
+      kind: "categorical" (int32 [N], values 0..size-1), "multihot" (int32 [N, max_len], -1 = padding at the
+        end) or "dense" (float32 [N, size]).
+      size: vocabulary size for categorical/multihot; width for dense.
+      max_len: multihot only: number of slots per row.
+    """
+
+    name: str
+    kind: str
+    size: int
+    max_len: int = 1
+
+    def __post_init__(self):
+        if self.kind not in FEATURE_KINDS:
+            raise DataError(f"feature {self.name!r}: kind must be one of {FEATURE_KINDS}, got {self.kind!r}")
+        if self.size < 1 or self.max_len < 1:
+            raise DataError(f"feature {self.name!r}: size and max_len must be >= 1, got {self.size}, {self.max_len}")
+
+    def check(self, values: np.ndarray, rows: int, where: str) -> None:
+        """Raises `DataError` unless `values` has this spec's dtype, shape [rows, ...] and value range."""
+        shape = {"categorical": (rows,), "multihot": (rows, self.max_len), "dense": (rows, self.size)}[self.kind]
+        dtype = np.float32 if self.kind == "dense" else np.int32
+        if values.shape != shape or values.dtype != dtype:
+            raise DataError(f"{where} feature {self.name!r}: expected {np.dtype(dtype).name}{list(shape)}, "
+                            f"got {values.dtype.name}{list(values.shape)}")
+        if self.kind != "dense" and values.size:
+            lo = -1 if self.kind == "multihot" else 0
+            if values.min() < lo or values.max() >= self.size:
+                raise DataError(f"{where} feature {self.name!r}: values must lie in [{lo}, {self.size}), got "
+                                f"[{values.min()}, {values.max()}]")
+
+
+@dataclass
+class Interactions:
+    """Columnar (user row, item row, timestamp) triples; all arrays have length N.
+
+    Attributes:
+      user: int32 [N] user rows.
+      item: int32 [N] item rows.
+      timestamp: int64 [N] (zeros when the source has no time).
+    """
+
+    user: np.ndarray
+    item: np.ndarray
+    timestamp: np.ndarray | None = None
+
+    def __post_init__(self):
+        self.user = np.asarray(self.user, dtype=np.int32)
+        self.item = np.asarray(self.item, dtype=np.int32)
+        if self.timestamp is None:
+            self.timestamp = np.zeros(self.user.shape, dtype=np.int64)
+        self.timestamp = np.asarray(self.timestamp, dtype=np.int64)
+        if not (self.user.ndim == 1 and self.user.shape == self.item.shape == self.timestamp.shape):
+            raise DataError("Interactions: user, item and timestamp must be 1-D arrays of one length, got "
+                            f"{self.user.shape}, {self.item.shape}, {self.timestamp.shape}")
+
+    def __len__(self) -> int:
+        return int(self.user.shape[0])
+
+    def take(self, index: np.ndarray) -> "Interactions":
+        """The rows at `index` (int array or bool mask), as a new `Interactions`."""
+        return Interactions(self.user[index], self.item[index], self.timestamp[index])
+
+
+class Vocab:
+    """Raw ids <-> rows: row i is `raw_ids[i]`.
+
+    Args:
+      raw_ids: int or str array [n] of distinct ids (duplicates raise `DataError`, a `ValueError`).
+    """
+
+    def __init__(self, raw_ids):
+        self.raw_ids = as_id_array(raw_ids, "Vocab raw_ids")
+        n = self.raw_ids.shape[0]
+        self._start = None
+        if self.raw_ids.dtype.kind == "i" and n and np.array_equal(
+                self.raw_ids, np.arange(self.raw_ids[0], self.raw_ids[0] + n)):
+            # Consecutive integer ids (MovieLens, LightGCN, synthetic): lookup is a subtraction.
+            self._start = int(self.raw_ids[0])
+            return
+        self._order = np.argsort(self.raw_ids, kind="stable").astype(np.int32)
+        self._sorted = self.raw_ids[self._order]
+        dup = np.flatnonzero(self._sorted[1:] == self._sorted[:-1])
+        if dup.size:
+            shown = self._sorted[dup[:5]].tolist()
+            raise DataError(f"Vocab raw_ids has {dup.size} duplicate id(s), e.g. {shown}; ids must be distinct")
+
+    def __len__(self) -> int:
+        return int(self.raw_ids.shape[0])
+
+    def __repr__(self) -> str:
+        return f"Vocab(n={len(self)}, dtype={self.raw_ids.dtype})"
+
+    def lookup(self, raw, *, missing: str = "error") -> np.ndarray:
+        """Maps raw ids to rows.
+
+        Args:
+          raw: ids of the vocabulary's kind (int or str), any shape.
+          missing: "error" raises `DataError` naming unknown ids; "minus_one" maps them to -1.
+
+        Returns:
+          int32 array of rows, same shape as `raw`.
+        """
+        if missing not in ("error", "minus_one"):
+            raise ValueError(f"missing must be 'error' or 'minus_one', got {missing!r}")
+        raw_arr = np.asarray(raw)
+        query = as_id_array(raw_arr.reshape(-1), "lookup ids")
+        if query.size and (query.dtype.kind == "U") != (self.raw_ids.dtype.kind == "U"):
+            raise DataError(f"this vocabulary holds {self.raw_ids.dtype} ids but lookup got {query.dtype}; "
+                            "convert the ids to the vocabulary's type first")
+        rows, found = self._rows(query)
+        if missing == "error" and not found.all():
+            bad = query[~found]
+            raise DataError(f"{bad.size} id(s) not in the vocabulary, e.g. {bad[:5].tolist()}; "
+                            "use missing='minus_one' to map unknown ids to -1")
+        return np.where(found, rows, -1).astype(np.int32).reshape(raw_arr.shape)
+
+    def _rows(self, query: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        n = len(self)
+        if n == 0:
+            return np.zeros(query.shape, np.int64), np.zeros(query.shape, bool)
+        if self._start is not None:
+            rows = query - self._start
+            return rows, (rows >= 0) & (rows < n)
+        pos = np.minimum(np.searchsorted(self._sorted, query), n - 1)
+        return self._order[pos], self._sorted[pos] == query
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Writes the raw ids to `path` as .npy (no pickle; strings as a unicode array)."""
+        with open(path, "wb") as f:
+            np.save(f, self.raw_ids, allow_pickle=False)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Vocab":
+        """Reads a vocabulary written by `save`."""
+        return cls(np.load(path, allow_pickle=False))
+
+
+def _csr(inter: Interactions, num_users: int) -> tuple[np.ndarray, np.ndarray]:
+    user, ts = inter.user, inter.timestamp
+    in_order = len(inter) < 2 or bool(np.all(
+        (user[1:] > user[:-1]) | ((user[1:] == user[:-1]) & (ts[1:] >= ts[:-1]))))
+    # Loaders store rows already in (user, time) order, so the sort is usually skipped; stable keeps the
+    # dataset's tie order (the split's seeded tie-break) when it is needed.
+    order = None if in_order else np.lexsort((ts, user))
+    items = inter.item if order is None else inter.item[order]
+    indptr = np.zeros(num_users + 1, dtype=np.int64)
+    np.cumsum(np.bincount(user, minlength=num_users), out=indptr[1:])
+    return indptr, np.ascontiguousarray(items, dtype=np.int32)
+
+
+@dataclass
+class Dataset:
+    """A loaded, split dataset with vocabularies and side features.
+
+    `user_features[name]` is indexed by user row (length `num_users`), `item_features[name]` by item row.
+    `feature_vocabs` maps a feature name to the `Vocab` of its raw values (e.g. genre names, title tokens) so
+    new items can be featurised the same way at serving time. `stats` holds counts reported to the user: rows
+    read, rows filtered by reason, duplicates, split sizes.
+    """
+
+    name: str
+    train: Interactions
+    test: Interactions
+    valid: Interactions | None
+    user_vocab: Vocab
+    item_vocab: Vocab
+    user_features: dict[str, np.ndarray]
+    item_features: dict[str, np.ndarray]
+    user_feature_specs: list[FeatureSpec]
+    item_feature_specs: list[FeatureSpec]
+    stats: dict
+    feature_vocabs: dict[str, Vocab] = field(default_factory=dict)
+    _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    @property
+    def num_users(self) -> int:
+        return len(self.user_vocab)
+
+    @property
+    def num_items(self) -> int:
+        return len(self.item_vocab)
+
+    def item_counts(self) -> np.ndarray:
+        """int64 [num_items]: training interactions per item."""
+        if "item_counts" not in self._cache:
+            self._cache["item_counts"] = np.bincount(self.train.item, minlength=self.num_items).astype(np.int64)
+        return self._cache["item_counts"]
+
+    def item_log_prob(self) -> np.ndarray:
+        """float32 [num_items]: log(count / N_train), counts floored at 1 so unseen items stay finite."""
+        if "item_log_prob" not in self._cache:
+            counts = np.maximum(self.item_counts(), 1).astype(np.float64)
+            self._cache["item_log_prob"] = np.log(counts / max(len(self.train), 1)).astype(np.float32)
+        return self._cache["item_log_prob"]
+
+    def split_csr(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """Per-user items of one split in time order (cached).
+
+        Args:
+          split: "train", "valid" or "test".
+
+        Returns:
+          (indptr int64 [num_users + 1], items int32 [nnz]); user u's items are `items[indptr[u]:indptr[u+1]]`.
+        """
+        if split not in ("train", "valid", "test"):
+            raise DataError(f"split must be 'train', 'valid' or 'test', got {split!r}")
+        inter = getattr(self, split)
+        if inter is None:
+            raise DataError(f"no {split!r} split in dataset {self.name!r}; set valid_fraction > 0 for 'valid'")
+        key = f"csr/{split}"
+        if key not in self._cache:
+            self._cache[key] = _csr(inter, self.num_users)
+        return self._cache[key]
+
+    def train_csr(self) -> tuple[np.ndarray, np.ndarray]:
+        """`split_csr("train")`."""
+        return self.split_csr("train")
+
+    def test_csr(self) -> tuple[np.ndarray, np.ndarray]:
+        """`split_csr("test")`."""
+        return self.split_csr("test")
+
+    def valid_csr(self) -> tuple[np.ndarray, np.ndarray]:
+        """`split_csr("valid")`."""
+        return self.split_csr("valid")
+
+    def validate(self) -> None:
+        """Checks shapes, dtypes and ranges of everything; raises `DataError` on the first problem."""
+        for split in ("train", "valid", "test"):
+            inter = getattr(self, split)
+            if inter is None:
+                continue
+            for col, hi in (("user", self.num_users), ("item", self.num_items)):
+                arr = getattr(inter, col)
+                if arr.size and (arr.min() < 0 or arr.max() >= hi):
+                    raise DataError(f"{self.name} {split}.{col} rows must lie in [0, {hi}), got "
+                                    f"[{arr.min()}, {arr.max()}]")
+        for side, specs, feats, rows in (("user", self.user_feature_specs, self.user_features, self.num_users),
+                                         ("item", self.item_feature_specs, self.item_features, self.num_items)):
+            if sorted(s.name for s in specs) != sorted(feats):
+                raise DataError(f"{self.name} {side} feature specs {[s.name for s in specs]} do not match "
+                                f"feature arrays {sorted(feats)}")
+            for spec in specs:
+                spec.check(feats[spec.name], rows, f"{self.name} {side}")
+
+    def replace(self, **changes) -> "Dataset":
+        """A copy with some fields changed (caches are not carried over)."""
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,292 @@
+"""The sampled-softmax retrieval loss, written as a chain of small pure corrections.
+
+Each row of a batch is one (query, positive item) pair. Its candidates are the positives of the whole *global*
+batch (gathered across devices) plus M uniformly drawn corpus items shared by all rows (mixed negative sampling,
+Yang et al., WWW 2020). The chain, in the order `retrieval_loss` applies it:
+
+    scores -> apply_temperature -> apply_logq_correction -> mask_accidental_hits
+           -> (hard_negative_mining) -> softmax_cross_entropy
+
+The log-q correction (Yi et al., RecSys 2019) *subtracts* the log of each candidate's expected count in the
+candidate set, so items that are sampled often (popular items) are not over-penalised as negatives.
+`log_expected_count` computes that term for both samplers.
+
+Everything returns sums and counts (never means), so padded rows, the last partial batch and several devices
+or hosts combine exactly; the caller divides on the host.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+def masked_value(dtype) -> jax.Array:
+    """The finite stand-in for -inf used to remove a candidate.
+
+    Half the dtype's most negative value: `exp` of it underflows to exactly 0 in the softmax, it stays finite
+    (so no inf - inf = nan in `log_softmax` or its gradient), and it cannot overflow when subtracted from.
+    """
+    return jnp.asarray(jnp.finfo(dtype).min / 2, dtype)
+
+
+def log_expected_count(prob, num_draws) -> jax.Array:
+    """log q: the log of a candidate's expected count in the candidate set, `log(num_draws * prob)`.
+
+    In-batch candidate j: `prob` is the item's training frequency p_j and `num_draws` the GLOBAL batch size.
+    Uniform negative: `prob = 1 / num_items` and `num_draws` the GLOBAL number of negatives M.
+
+    Args:
+      prob: float[...] sampling probabilities; must be > 0 (log 0 = -inf would make that logit +inf).
+      num_draws: scalar draws per step over all devices.
+
+    Returns:
+      float[...] log expected counts, same shape as `prob`.
+    """
+    return jnp.log(jnp.asarray(num_draws, jnp.float32) * jnp.asarray(prob, jnp.float32))
+
+
+def scores(q: jax.Array, c: jax.Array) -> jax.Array:
+    """Dot-product scores of every query with every candidate.
+
+    Args:
+      q: [batch, dim] query embeddings.
+      c: [num_candidates, dim] candidate embeddings.
+
+    Returns:
+      [batch, num_candidates] scores, at least float32 (bfloat16 towers still get a float32 softmax).
+    """
+    out_dtype = jnp.promote_types(jnp.result_type(q, c), jnp.float32)
+    return jnp.einsum("bd,cd->bc", q, c, preferred_element_type=out_dtype)
+
+
+def apply_temperature(logits: jax.Array, temperature) -> jax.Array:
+    """Divides [batch, num_candidates] logits by a scalar temperature (> 0; smaller = sharper softmax)."""
+    return logits / temperature
+
+
+def apply_logq_correction(logits: jax.Array, candidate_logq: jax.Array) -> jax.Array:
+    """Sampling-bias correction: subtracts each candidate's log expected count from its column.
+
+    Args:
+      logits: [batch, num_candidates].
+      candidate_logq: [num_candidates] log q of each candidate (see `log_expected_count`).
+
+    Returns:
+      [batch, num_candidates] `logits - candidate_logq[None, :]`. Subtracting (not adding) is the correct sign:
+      a popular candidate's logit goes down.
+    """
+    return logits - candidate_logq[None, :].astype(logits.dtype)
+
+
+def accidental_hits(label_ids: jax.Array, candidate_ids: jax.Array, label_cols: jax.Array) -> jax.Array:
+    """Where a candidate is the row's own positive item but not the row's label column.
+
+    Args:
+      label_ids: [batch] item id of each row's positive.
+      candidate_ids: [num_candidates] item id of each candidate.
+      label_cols: int[batch] column of each row's label.
+
+    Returns:
+      bool[batch, num_candidates], True at accidental hits.
+    """
+    same_item = candidate_ids[None, :] == label_ids[:, None]
+    cols = jnp.arange(candidate_ids.shape[0])
+    return same_item & (cols[None, :] != label_cols[:, None])
+
+
+def mask_accidental_hits(logits, label_ids, candidate_ids, label_cols) -> jax.Array:
+    """Removes accidental hits from the softmax (see `accidental_hits` for the arguments' shapes).
+
+    Returns:
+      [batch, num_candidates] logits, with `masked_value` wherever a candidate equals the row's positive item,
+      except at the row's own label column.
+    """
+    hits = accidental_hits(label_ids, candidate_ids, label_cols)
+    return jnp.where(hits, masked_value(logits.dtype), logits)
+
+
+def softmax_cross_entropy(logits: jax.Array, label_cols: jax.Array) -> jax.Array:
+    """Per-row softmax cross entropy.
+
+    Args:
+      logits: [batch, num_candidates].
+      label_cols: int[batch] column of each row's label.
+
+    Returns:
+      [batch] `logsumexp(logits[i]) - logits[i, label_cols[i]]`.
+    """
+    return optax.softmax_cross_entropy_with_integer_labels(logits, label_cols)
+
+
+def hard_negative_mining(logits: jax.Array, label_cols: jax.Array, num_hard: int):
+    """Keeps each row's label column and its `num_hard` highest-scoring other columns (TFRS HardNegativeMining).
+
+    Args:
+      logits: [batch, num_candidates].
+      label_cols: int[batch].
+      num_hard: negatives kept per row; must be < num_candidates.
+
+    Returns:
+      ([batch, num_hard + 1] logits with the label in column 0, int[batch] zeros: the new label columns).
+    """
+    if not 0 < num_hard < logits.shape[1]:
+        raise ValueError(f"hard_negative_mining: num_hard={num_hard} must be in [1, {logits.shape[1] - 1}] "
+                         f"for logits of shape {logits.shape}; lower num_hard or add candidates.")
+    is_label = jnp.arange(logits.shape[1])[None, :] == label_cols[:, None]
+    # Ranking the label above everything puts it at position 0 of the top-k.
+    ranked = jnp.where(is_label, jnp.finfo(logits.dtype).max, logits)
+    _, cols = jax.lax.top_k(ranked, num_hard + 1)
+    return jnp.take_along_axis(logits, cols, axis=1), jnp.zeros_like(label_cols)
+
+
+def in_batch_recall_hits(logits, label_cols, k: int, mask=None) -> jax.Array:
+    """Number of rows whose label column ranks in the top `k` of its row (a cheap training metric).
+
+    A row is a hit when fewer than `k` columns score strictly above its label, so ties count in the label's favour.
+
+    Args:
+      logits: [batch, num_candidates].
+      label_cols: int[batch].
+      k: cutoff, >= 1.
+      mask: optional float[batch] row weights (0 = padding).
+
+    Returns:
+      float32 scalar: the (weighted) number of hits; divide by the summed mask on the host.
+    """
+    label_logit = jnp.take_along_axis(logits, label_cols[:, None], axis=1)
+    rank = jnp.sum(logits > label_logit, axis=1)
+    hits = (rank < k).astype(jnp.float32)
+    return jnp.sum(hits if mask is None else hits * mask)
+
+
+def _shape_error(name, x, expected, why):
+    raise ValueError(f"retrieval_loss: {name} has shape {tuple(x.shape)} but {why} needs shape {expected}; "
+                     f"fix the shape of {name}.")
+
+
+def _check_inputs(q, c, temperature, candidate_ids, candidate_logq, label_ids, neg_c, neg_ids, neg_logq, mask,
+                  remove_accidental_hits):
+    """Raises ValueError at trace time for inconsistent arguments (the message says what to change)."""
+    if q.ndim != 2 or q.shape != c.shape:
+        raise ValueError(f"retrieval_loss: q has shape {tuple(q.shape)} and c has shape {tuple(c.shape)}; both must "
+                         "be [batch, dim] with one positive item per query row.")
+    if isinstance(temperature, (int, float)) and not temperature > 0:
+        raise ValueError(f"retrieval_loss: temperature={temperature} must be > 0 (logits are divided by it).")
+    batch, dim = q.shape
+    for name, x in (("candidate_ids", candidate_ids), ("candidate_logq", candidate_logq),
+                    ("label_ids", label_ids), ("mask", mask)):
+        if x is not None and x.shape != (batch,):
+            _shape_error(name, x, (batch,), f"q of shape {tuple(q.shape)}")
+    if neg_c is None:
+        if neg_ids is not None or neg_logq is not None:
+            raise ValueError("retrieval_loss: neg_ids/neg_logq were given without neg_c; pass the negatives' "
+                             "embeddings as neg_c [num_negatives, dim] or drop neg_ids/neg_logq.")
+    else:
+        if neg_c.ndim != 2 or neg_c.shape[1] != dim:
+            _shape_error("neg_c", neg_c, ("num_negatives", dim), f"q of shape {tuple(q.shape)}")
+        for name, x in (("neg_ids", neg_ids), ("neg_logq", neg_logq)):
+            if x is not None and x.shape != (neg_c.shape[0],):
+                _shape_error(name, x, (neg_c.shape[0],), f"neg_c of shape {tuple(neg_c.shape)}")
+        if (candidate_logq is None) != (neg_logq is None):
+            raise ValueError("retrieval_loss: the log-q correction needs both candidate_logq and neg_logq (or "
+                             "neither); correcting only one source biases the softmax towards the other.")
+    if remove_accidental_hits and (candidate_ids is None or (neg_c is not None and neg_ids is None)):
+        raise ValueError("retrieval_loss: remove_accidental_hits=True needs item ids: pass candidate_ids [batch] "
+                         "(and neg_ids [num_negatives] with neg_c), or set remove_accidental_hits=False.")
+
+
+def _gather(x, axis_name):
+    """Concatenates the per-device [n, ...] blocks of x in device order (None passes through)."""
+    if x is None or axis_name is None:
+        return x
+    return jax.lax.all_gather(x, axis_name, tiled=True)
+
+
+def _concat(in_batch, negatives):
+    return in_batch if negatives is None else jnp.concatenate([in_batch, negatives.astype(in_batch.dtype)])
+
+
+def _global_candidates(c, candidate_ids, candidate_logq, neg_c, neg_ids, neg_logq, axis_name, gather_negatives):
+    """[gathered in-batch positives; negatives]: embeddings [C, dim], ids [C] and log q [C] (None if not given)."""
+    neg_axis = axis_name if gather_negatives else None
+    cands = _concat(_gather(c, axis_name), _gather(neg_c, neg_axis))
+    ids = None if candidate_ids is None else _concat(_gather(candidate_ids, axis_name), _gather(neg_ids, neg_axis))
+    logq = None if candidate_logq is None else _concat(_gather(candidate_logq, axis_name),
+                                                       _gather(neg_logq, neg_axis))
+    return cands, ids, logq
+
+
+def retrieval_loss(q, c, *, temperature, candidate_ids=None, candidate_logq=None, label_ids=None, neg_c=None,
+                   neg_ids=None, neg_logq=None, axis_name=None, mask=None, remove_accidental_hits=True,
+                   gather_negatives=True, num_hard_negatives=None, recall_ks=()):
+    """Sampled softmax over [global in-batch positives ∪ M negatives], with log-q and accidental-hit corrections.
+
+    Row i's label is in-batch column `axis_index * batch + i`. With `axis_name` set (inside pmap or shard_map)
+    c, candidate_ids, candidate_logq and mask are all-gathered (tiled, device order), and so are the negatives
+    when `gather_negatives` is True: each device then passes its OWN slice of the negatives and every device
+    scores all M_global of them. Pass `gather_negatives=False` when every device already holds the same M.
+    Either way the log q terms must use global counts (B_global, M_global; see `log_expected_count`).
+
+    Args:
+      q: [batch, dim] query embeddings of this device's rows.
+      c: [batch, dim] embeddings of each row's positive item.
+      temperature: scalar > 0.
+      candidate_ids: optional int[batch] item ids of c's rows (needed to remove accidental hits).
+      candidate_logq: optional float[batch] log expected count of each in-batch candidate.
+      label_ids: optional int[batch] item id of each row's positive; defaults to candidate_ids.
+      neg_c: optional [num_negatives, dim] negatives shared by all rows.
+      neg_ids: optional int[num_negatives]; needed with neg_c when removing accidental hits.
+      neg_logq: optional float[num_negatives]; required with neg_c exactly when candidate_logq is given.
+      axis_name: mapped axis to gather candidates over, or None for a single device.
+      mask: optional float[batch], 1 = real row, 0 = padding. Padding rows contribute no loss and are removed
+        as candidates from the other rows' softmax.
+      remove_accidental_hits: mask candidates whose id equals the row's positive id (other than the label).
+      gather_negatives: see above.
+      num_hard_negatives: if set, keep only the label and this many top-scoring other columns per row.
+      recall_ks: cutoffs k for in-batch recall, computed on the masked raw scores (the serving ranking).
+
+    Returns:
+      (loss_sum, count, extras): float32 scalars `sum(mask * loss_row)` and `sum(mask)`, and a dict of sums:
+      `pos_score_sum` (raw q·c of the label), `accidental_hits_sum` (masked candidate entries of real rows)
+      and `hits@{k}_sum` for each k in recall_ks. Divide by `count` on the host.
+    """
+    _check_inputs(q, c, temperature, candidate_ids, candidate_logq, label_ids, neg_c, neg_ids, neg_logq, mask,
+                  remove_accidental_hits)
+    batch = q.shape[0]
+    row_mask = jnp.ones((batch,), jnp.float32) if mask is None else mask.astype(jnp.float32)
+    label_ids = candidate_ids if label_ids is None else label_ids
+    label_cols = jnp.arange(batch)
+    if axis_name is not None:
+        label_cols = label_cols + jax.lax.axis_index(axis_name) * batch
+    cands, ids, logq = _global_candidates(c, candidate_ids, candidate_logq, neg_c, neg_ids, neg_logq, axis_name,
+                                          gather_negatives)
+    raw = scores(q, cands)
+    # Removed entries: accidental hits, and padding rows as candidates (negatives are always real items).
+    # Each row keeps its own label column in both cases.
+    removed = jnp.zeros(raw.shape, bool)
+    if mask is not None:
+        keep = _gather(row_mask, axis_name) > 0
+        keep = jnp.pad(keep, (0, cands.shape[0] - keep.shape[0]), constant_values=True)
+        removed = ~keep[None, :] & (jnp.arange(cands.shape[0])[None, :] != label_cols[:, None])
+    hits = accidental_hits(label_ids, ids, label_cols) if remove_accidental_hits else jnp.zeros_like(removed)
+
+    logits = apply_temperature(raw, temperature)
+    if logq is not None:
+        logits = apply_logq_correction(logits, logq)
+    logits = jnp.where(removed | hits, masked_value(logits.dtype), logits)
+    loss_cols = label_cols
+    if num_hard_negatives is not None:
+        logits, loss_cols = hard_negative_mining(logits, label_cols, num_hard_negatives)
+    per_row = softmax_cross_entropy(logits, loss_cols)
+    # `where` (not only the product) keeps a non-finite padding row from turning the sum into nan.
+    loss_sum = jnp.sum(jnp.where(row_mask > 0, row_mask * per_row, 0.0))
+
+    ranking = jnp.where(removed | hits, masked_value(raw.dtype), raw)
+    extras = {
+        "pos_score_sum": jnp.sum(row_mask * jnp.take_along_axis(raw, label_cols[:, None], axis=1)[:, 0]),
+        "accidental_hits_sum": jnp.sum(hits * row_mask[:, None]),
+    }
+    for k in recall_ks:
+        extras[f"hits@{k}_sum"] = in_batch_recall_hits(ranking, label_cols, k, row_mask)
+    return loss_sum, jnp.sum(row_mask), extras
