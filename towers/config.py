@@ -1,0 +1,35 @@
+"""Config schema of the towers (`model:` in the Hydra config). Every key has a default and a description."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+def _help(default, text: str, **kw):
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": text}, **kw)
+    return field(default=default, metadata={"help": text}, **kw)
+
+
+@dataclass
+class TowerConfig:
+    use_id: bool = _help(True, "read this tower's ID-table row (user id / item id)")
+    use_history: bool = _help(False, "user tower only: add the mean of the user's recent items' ID rows "
+                                     "(shares the item table)")
+    features: list[str] | None = _help(None, "side features to read; null = every feature the data has, [] = none")
+    hidden: list[int] = _help([], "MLP hidden widths before the output layer; [] = one linear projection "
+                                  "(or none for a lone ID row of width output_dim)")
+    cross_layers: int = _help(0, "number of DCN-v2 cross layers before the MLP")
+    cross_rank: int | None = _help(None, "low-rank factorisation of each cross layer's weight; null = full rank")
+    id_dropout: float = _help(0.0, "training only: probability of zeroing an example's ID row, so the tower "
+                                   "learns to embed from features alone (fresh items, unseen users)")
+
+
+@dataclass
+class ModelConfig:
+    id_dim: int = _help(64, "width of the user and item ID tables")
+    feature_dim: int = _help(16, "width of each side-feature embedding")
+    output_dim: int = _help(64, "width of the final user and item embeddings")
+    normalize: bool = _help(True, "L2-normalise tower outputs (cosine scores; temperature set in loss)")
+    id_init_scale: float = _help(0.05, "stddev of the normal initialiser of ID-table rows")
+    user: TowerConfig = field(default_factory=TowerConfig, metadata={"help": "the user (query) tower"})
+    item: TowerConfig = field(default_factory=TowerConfig, metadata={"help": "the item (candidate) tower"})

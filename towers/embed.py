@@ -1,0 +1,87 @@
+"""Batched inference: every item, or a set of users, through its tower (jit, fixed batch shapes).
+
+Used by end-of-training evaluation, `python -m eval`, export and serving. Inputs are arrays indexed by row
+(ID tables, feature arrays, history rows), so nothing here knows about files or training.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _item_fn(graphdef, params, table, ids, feats):
+    model = nnx.merge(graphdef, params)
+    id_emb = None if table is None else table[jnp.maximum(ids, 0)] * (ids >= 0)[:, None]
+    return model.item(feats, id_emb)
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _user_fn(graphdef, params, user_table, item_table, ids, history, feats):
+    model = nnx.merge(graphdef, params)
+    id_emb = None if user_table is None else user_table[jnp.maximum(ids, 0)] * (ids >= 0)[:, None]
+    hist_emb = hist_mask = None
+    if history is not None:
+        hist_mask = history >= 0
+        hist_emb = item_table[jnp.maximum(history, 0)]
+    return model.user(feats, id_emb, hist_emb, hist_mask)
+
+
+def _batches(n: int, batch_size: int):
+    for start in range(0, n, batch_size):
+        yield start, min(start + batch_size, n)
+
+
+def _pad(x: np.ndarray, size: int, fill) -> np.ndarray:
+    if len(x) == size:
+        return x
+    pad = np.full((size - len(x), *x.shape[1:]), fill, dtype=x.dtype)
+    return np.concatenate([x, pad])
+
+
+def embed_items(graphdef, params, item_table, item_rows: np.ndarray, item_features: dict[str, np.ndarray],
+                *, batch_size: int = 8192) -> np.ndarray:
+    """Item embeddings.
+
+    Args:
+      item_rows: int[N] rows of the item table to embed; -1 = an item without an ID row (fresh item,
+        embedded from its features alone).
+      item_features: {name: array[N, ...]} aligned with item_rows.
+    Returns:
+      float32[N, output_dim]
+    """
+    out = []
+    n = len(item_rows)
+    size = min(batch_size, max(n, 1))
+    for a, b in _batches(n, size):
+        ids = _pad(np.asarray(item_rows[a:b], np.int32), size, -1)
+        feats = {k: _pad(np.asarray(v[a:b]), size, 0) for k, v in item_features.items()}
+        out.append(np.asarray(_item_fn(graphdef, params, item_table, ids, feats))[: b - a])
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+def embed_users(graphdef, params, user_table, item_table, user_rows: np.ndarray,
+                user_features: dict[str, np.ndarray], history: np.ndarray | None,
+                *, batch_size: int = 8192) -> np.ndarray:
+    """User embeddings.
+
+    Args:
+      user_rows: int[Q] rows of the user table (-1 = a user without an ID row).
+      user_features: {name: array[Q, ...]} aligned with user_rows.
+      history: int32[Q, H] item rows of each user's recent items (-1 padded), or None.
+    Returns:
+      float32[Q, output_dim]
+    """
+    out = []
+    n = len(user_rows)
+    size = min(batch_size, max(n, 1))
+    for a, b in _batches(n, size):
+        ids = _pad(np.asarray(user_rows[a:b], np.int32), size, -1)
+        feats = {k: _pad(np.asarray(v[a:b]), size, 0) for k, v in user_features.items()}
+        hist = None if history is None else _pad(np.asarray(history[a:b], np.int32), size, -1)
+        out.append(np.asarray(_user_fn(graphdef, params, user_table, item_table, ids, hist, feats))[: b - a])
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)

@@ -1,0 +1,109 @@
+"""The user tower, the item tower, and the pair of them.
+
+A tower concatenates its inputs: the example's ID-table row (gathered outside, see `train/step.py`), for
+the user tower the mean of its history items' ID rows (the item table is shared), and its side-feature
+embeddings. Optional DCN-v2 cross layers and an MLP map that to `output_dim`; the output is L2-normalised,
+so scores are cosines and the temperature lives in the loss.
+
+The same modules run at train, eval and serve time.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from data.types import FeatureSpec
+from towers.config import ModelConfig, TowerConfig
+from towers.features import FeatureEmbedder, masked_mean
+from towers.layers import MLP, CrossNetwork, l2_normalize
+
+
+def select_features(specs: list[FeatureSpec], names: list[str] | None, tower: str) -> list[FeatureSpec]:
+    """The specs a tower reads: all of them when `names` is None, else those named (in that order)."""
+    if names is None:
+        return list(specs)
+    by_name = {s.name: s for s in specs}
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        raise ValueError(f"model.{tower}.features: {unknown} not provided by the data "
+                         f"(available: {sorted(by_name)})")
+    return [by_name[n] for n in names]
+
+
+class Tower(nnx.Module):
+    """One tower: [id row] + [history mean] + side features -> cross -> MLP -> L2-normalised [B, output_dim]."""
+
+    def __init__(self, cfg: TowerConfig, specs: list[FeatureSpec], *, id_dim: int, feature_dim: int,
+                 output_dim: int, normalize: bool, rngs: nnx.Rngs):
+        self.use_id = bool(cfg.use_id)
+        self.use_history = bool(getattr(cfg, "use_history", False))
+        self.id_dropout = float(cfg.id_dropout)
+        self.normalize = normalize
+        self.features = FeatureEmbedder(specs, feature_dim, rngs=rngs)
+        in_dim = id_dim * (self.use_id + self.use_history) + feature_dim * len(specs)
+        if in_dim == 0:
+            raise ValueError("a tower needs at least one input: enable use_id, use_history or side features")
+        self.cross = CrossNetwork(in_dim, cfg.cross_layers, rank=cfg.cross_rank, rngs=rngs) \
+            if cfg.cross_layers else None
+        widths = [*cfg.hidden, output_dim]
+        # A lone ID row already of the output width needs no projection: that tower is plain matrix factorisation.
+        self.mlp = None if (in_dim == output_dim and not cfg.hidden and not cfg.cross_layers) \
+            else MLP(in_dim, widths, rngs=rngs)
+
+    def __call__(self, feats: dict[str, jax.Array], id_emb: jax.Array | None = None,
+                 history_emb: jax.Array | None = None, history_mask: jax.Array | None = None,
+                 *, dropout_rng: jax.Array | None = None) -> jax.Array:
+        """Embeds a batch.
+
+        Args:
+          feats: side features by name, each [B, ...] (see `data.types.FeatureSpec`).
+          id_emb: [B, id_dim] rows of this tower's ID table (zeros for an id without a row).
+          history_emb: [B, H, id_dim] item-table rows of the user's history; history_mask: [B, H].
+          dropout_rng: when given (training), each example's id row is zeroed with prob `id_dropout`, which
+            teaches the tower to embed from features alone (fresh items, unseen users).
+        Returns:
+          [B, output_dim], unit L2 norm when `normalize`.
+        """
+        parts = []
+        if self.use_id:
+            if dropout_rng is not None and self.id_dropout > 0:
+                keep = jax.random.bernoulli(dropout_rng, 1.0 - self.id_dropout, (id_emb.shape[0], 1))
+                id_emb = id_emb * keep.astype(id_emb.dtype)
+            parts.append(id_emb)
+        if self.use_history:
+            parts.append(masked_mean(history_emb, history_mask))
+        if len(self.features):
+            f = self.features(feats)
+            parts.append(f.reshape(f.shape[0], -1))
+        x = jnp.concatenate(parts, axis=-1) if len(parts) > 1 else parts[0]
+        if self.cross is not None:
+            x = self.cross(x)
+        if self.mlp is not None:
+            x = self.mlp(x)
+        return l2_normalize(x) if self.normalize else x
+
+
+class TwoTower(nnx.Module):
+    """User and item towers built from a `ModelConfig` and the data's feature specs."""
+
+    def __init__(self, cfg: ModelConfig, user_specs: list[FeatureSpec], item_specs: list[FeatureSpec],
+                 *, rngs: nnx.Rngs):
+        common = dict(id_dim=cfg.id_dim, feature_dim=cfg.feature_dim, output_dim=cfg.output_dim,
+                      normalize=cfg.normalize, rngs=rngs)
+        self.user = Tower(cfg.user, select_features(user_specs, cfg.user.features, "user"), **common)
+        self.item = Tower(cfg.item, select_features(item_specs, cfg.item.features, "item"), **common)
+
+
+def feature_names(model: TwoTower) -> tuple[list[str], list[str]]:
+    """The side-feature names each tower reads (what a batch must carry)."""
+    return [s.name for s in model.user.features.specs], [s.name for s in model.item.features.specs]
+
+
+def as_config(obj, cls):
+    """Builds a dataclass config from an OmegaConf node or dict (unknown keys raise)."""
+    if isinstance(obj, cls):
+        return obj
+    from omegaconf import OmegaConf
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), obj))
+

@@ -1,0 +1,107 @@
+"""Host side of the input pipeline: turns a `data.batching.Batches` batch into what the step consumes.
+
+ID rows are de-duplicated over the GLOBAL batch here, in numpy, so the step gathers each touched table row
+once, its gradient arrives already summed over duplicates, and the row-wise optimizer touches each row once.
+The unique-row arrays are padded to a few bucketed sizes so the step compiles a handful of times, not every
+step. A background thread prepares batches ahead of the step (`Prefetcher`).
+"""
+from __future__ import annotations
+
+import queue
+import threading
+
+import numpy as np
+
+MIN_BUCKET = 256
+
+
+def bucket(n: int, cap: int) -> int:
+    """Smallest power of two >= n (at least MIN_BUCKET), capped at `cap`: a few static shapes for the step."""
+    return int(min(cap, max(MIN_BUCKET, 1 << max(0, int(n - 1).bit_length()))))
+
+
+def unique_rows(ids: np.ndarray, cap: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """De-duplicates table rows.
+
+    Args:
+      ids: int[...] table rows; negative entries are padding and map to index 0 (callers mask them).
+      cap: the largest padded size this table can need (its number of id slots per batch).
+    Returns:
+      uniq int32[P] (unique rows, then padding with row 0), valid bool[P], inverse int32[ids.shape]
+      such that uniq[inverse] == ids wherever ids >= 0.
+    """
+    flat = ids.reshape(-1)
+    real = flat >= 0
+    uniq, inv = np.unique(flat[real], return_inverse=True)
+    size = bucket(len(uniq), cap)
+    padded = np.zeros(size, np.int32)
+    padded[: len(uniq)] = uniq
+    valid = np.zeros(size, bool)
+    valid[: len(uniq)] = True
+    inverse = np.zeros(flat.shape, np.int32)
+    inverse[real] = inv
+    return padded, valid, inverse.reshape(ids.shape)
+
+
+def prepare(batch: dict, *, use_user_table: bool, use_item_table: bool, use_history: bool) -> tuple[dict, dict]:
+    """Splits a global batch into per-example arrays (sharded over devices) and shared arrays (replicated).
+
+    Returns:
+      local: {"user", "item", "neg_item", "user_idx", "item_idx", "neg_idx", "history_idx", "history_mask",
+              "user_feat", "item_feat", "neg_item_feat", "item_logq", "mask"} with leading dim B (or M).
+      shared: {"user_uniq", "user_valid", "item_uniq", "item_valid"} (only for tables in use).
+    """
+    B, M = len(batch["user"]), len(batch["neg_item"])
+    local = {k: batch[k] for k in ("user", "item", "neg_item", "user_feat", "item_feat", "neg_item_feat",
+                                   "item_logq")}
+    local["mask"] = np.ones(B, np.float32)
+    shared = {}
+    if use_user_table:
+        shared["user_uniq"], shared["user_valid"], local["user_idx"] = unique_rows(batch["user"], B)
+    if use_item_table:
+        hist = batch["history"] if use_history else np.zeros((B, 0), np.int32)
+        ids = np.concatenate([batch["item"], batch["neg_item"], hist.reshape(-1)])
+        uniq, valid, inv = unique_rows(ids, B + M + hist.size)
+        shared["item_uniq"], shared["item_valid"] = uniq, valid
+        local["item_idx"], local["neg_idx"] = inv[:B], inv[B:B + M]
+        if use_history:
+            local["history_idx"] = inv[B + M:].reshape(hist.shape)
+            local["history_mask"] = hist >= 0
+    return local, shared
+
+
+class Prefetcher:
+    """Runs `fn(next(source))` in a background thread, `depth` items ahead. Errors surface in `__next__`."""
+
+    def __init__(self, source, fn, depth: int = 2):
+        self._source, self._fn = source, fn
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._work, daemon=True)
+        self._thread.start()
+
+    def _work(self):
+        try:
+            while not self._stop.is_set():
+                item = self._fn(next(self._source))
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put(("ok", item), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+        except BaseException as e:  # noqa: BLE001 - re-raised in the consumer thread
+            self._queue.put(("error", e))
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        kind, item = self._queue.get()
+        if kind == "error":
+            raise item
+        return item
+
+    def close(self):
+        self._stop.set()
+        self._thread.join(timeout=5)

@@ -1,0 +1,29 @@
+"""Metric output: one JSON line per log step (`metrics.jsonl`) and TensorBoard events (tensorboardX, no
+TensorFlow needed), both under the run directory."""
+from __future__ import annotations
+
+import json
+import pathlib
+import time
+
+
+class MetricWriter:
+    def __init__(self, run_dir: pathlib.Path, *, tensorboard: bool = True):
+        self.path = pathlib.Path(run_dir) / "metrics.jsonl"
+        self._file = open(self.path, "a", buffering=1)
+        self._tb = None
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+            self._tb = SummaryWriter(str(pathlib.Path(run_dir) / "tensorboard"))
+
+    def write(self, step: int, metrics: dict[str, float]):
+        row = {"step": int(step), "time": round(time.time(), 3), **{k: float(v) for k, v in metrics.items()}}
+        self._file.write(json.dumps(row) + "\n")
+        if self._tb is not None:
+            for k, v in metrics.items():
+                self._tb.add_scalar(k, float(v), int(step))
+
+    def close(self):
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()

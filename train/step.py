@@ -1,0 +1,147 @@
+"""One pure training step, written per device with an optional named axis.
+
+`train_step(state, local, shared, ...)` runs unchanged under `jax.pmap` (the default launcher), under
+`jax.shard_map` on a mesh and under plain `jax.jit` (see `train/parallel.py`):
+
+1. gather the touched ID-table rows (`shared`, de-duplicated over the global batch on the host);
+2. run both towers; the loss all-gathers item embeddings across devices (cross-device negatives);
+3. differentiate w.r.t. the dense parameters and the gathered rows, sum the gradients over devices;
+4. update dense parameters with optax and the tables row-sparsely (only touched rows are written, in place
+   when the state is donated).
+
+Metrics come back as sums and counts; the host divides.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from train import losses
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    """Static hyper-parameters of the step (hashable: part of the compiled function)."""
+    temperature: float
+    global_batch: int
+    global_negatives: int
+    num_items: int
+    logq_correction: bool
+    remove_accidental_hits: bool
+    embedding_l2: float
+    use_user_table: bool
+    use_item_table: bool
+    use_history: bool
+
+
+def _psum(x, axis_name):
+    return jax.lax.psum(x, axis_name) if axis_name else x
+
+
+def as_varying(tree, axis_name: str | None):
+    """Marks replicated values as per-device before differentiating them.
+
+    Under `shard_map`, differentiating an axis-invariant input inside the body already sums its gradient over
+    the axis; under `pmap` the inputs are per-device and it does not. Casting to "varying" first gives both the
+    per-device gradient, which the step then sums explicitly, once.
+    """
+    if not axis_name:
+        return tree
+
+    def one(x):
+        return x if axis_name in getattr(jax.typeof(x), "vma", frozenset()) \
+            else jax.lax.pcast(x, axis_name, to="varying")
+
+    return jax.tree.map(one, tree)
+
+
+def candidate_logq(local: dict, cfg: StepConfig) -> tuple[jax.Array, jax.Array]:
+    """log of each candidate's expected count in the candidate set, per source (Yi et al. 2019).
+
+    In-batch positives were drawn by the data distribution: expected count B_global * p(item).
+    Uniform negatives: M_global / num_items each.
+    """
+    pos = jnp.log(float(cfg.global_batch)) + local["item_logq"]
+    neg = jnp.full(local["neg_item"].shape, math.log(max(cfg.global_negatives, 1) / cfg.num_items), jnp.float32)
+    return pos.astype(jnp.float32), neg
+
+
+def tower_inputs(params_rows: dict, local: dict, cfg: StepConfig) -> dict:
+    """Per-example ID rows gathered from the de-duplicated table rows."""
+    user_rows, item_rows = params_rows.get("user"), params_rows.get("item")
+    out = {}
+    if cfg.use_user_table:
+        out["user_id"] = user_rows[local["user_idx"]]
+    if cfg.use_item_table:
+        out["item_id"] = item_rows[local["item_idx"]]
+        out["neg_id"] = item_rows[local["neg_idx"]]
+        if cfg.use_history:
+            out["history"] = item_rows[local["history_idx"]]
+    return out
+
+
+def loss_fn(params, rows: dict, local: dict, rng: jax.Array, *, graphdef, cfg: StepConfig,
+            axis_name: str | None):
+    """Global-mean sampled-softmax loss contribution of this device's rows (+ L2 on touched rows)."""
+    model = nnx.merge(graphdef, params)
+    x = tower_inputs(rows, local, cfg)
+    k_user, k_item, k_neg = jax.random.split(rng, 3)
+    q = model.user(local["user_feat"], x.get("user_id"), x.get("history"), local.get("history_mask"),
+                   dropout_rng=k_user)
+    c = model.item(local["item_feat"], x.get("item_id"), dropout_rng=k_item)
+    nc = model.item(local["neg_item_feat"], x.get("neg_id"), dropout_rng=k_neg)
+    pos_logq, neg_logq = candidate_logq(local, cfg) if cfg.logq_correction else (None, None)
+    loss_sum, count, extras = losses.retrieval_loss(
+        q, c, temperature=cfg.temperature,
+        candidate_ids=local["item"], candidate_logq=pos_logq, label_ids=local["item"],
+        neg_c=nc if cfg.global_negatives else None,
+        neg_ids=local["neg_item"] if cfg.global_negatives else None,
+        neg_logq=neg_logq if cfg.global_negatives else None,
+        axis_name=axis_name, mask=local["mask"], remove_accidental_hits=cfg.remove_accidental_hits,
+        recall_ks=(10,))
+    total = _psum(count, axis_name)
+    loss = loss_sum / total
+    if cfg.embedding_l2:
+        # Each device adds 1/n of the penalty on the (replicated) touched rows, so the psum'd gradient is exact.
+        n = jax.lax.psum(1, axis_name) if axis_name else 1
+        loss = loss + cfg.embedding_l2 / n * sum(jnp.sum(jnp.square(r)) for r in rows.values()) / total
+    return loss, {"loss_sum": loss_sum, "count": count, **extras}
+
+
+def train_step(state: dict, local: dict, shared: dict, *, graphdef, cfg: StepConfig,
+               dense_tx: optax.GradientTransformation, sparse_opts: dict[str, Any],
+               axis_name: str | None = None) -> tuple[dict, dict]:
+    """One optimisation step. `state` = {params, opt_state, tables, table_opt, step, rng}."""
+    step = state["step"]
+    rng = jax.random.fold_in(state["rng"], step)  # a fresh key per step, same on resume
+    if axis_name:
+        rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))  # different dropout per device
+    rows = {name: state["tables"][name][shared[f"{name}_uniq"]] for name in state["tables"]}
+    grad_fn = jax.grad(loss_fn, argnums=(0, 1), has_aux=True)
+    (g_params, g_rows), metrics = grad_fn(as_varying(state["params"], axis_name), as_varying(rows, axis_name),
+                                          local, rng, graphdef=graphdef, cfg=cfg, axis_name=axis_name)
+    g_params, g_rows = _psum((g_params, g_rows), axis_name)
+    updates, opt_state = dense_tx.update(g_params, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    tables, table_opt = {}, {}
+    for name, opt in sparse_opts.items():
+        tables[name], table_opt[name] = opt.update(
+            state["tables"][name], state["table_opt"][name], shared[f"{name}_uniq"], g_rows[name],
+            shared[f"{name}_valid"], step)
+    metrics = _psum(metrics, axis_name)
+    metrics["grad_norm_sq"] = optax.tree_utils.tree_norm(g_params, squared=True)
+    new_state = dict(state, params=params, opt_state=opt_state, tables=tables, table_opt=table_opt,
+                     step=step + 1)
+    return new_state, metrics
+
+
+def make_step(**kwargs) -> Callable:
+    """`train_step` with its static arguments bound."""
+    import functools
+    return functools.partial(train_step, **kwargs)
