@@ -157,6 +157,7 @@ def train_loop(c, launcher, dev_state, batches, ckpt, writer, start: int, steps:
 def run(cfg, run_dir: str | pathlib.Path) -> dict:
     """Trains (resuming if the run dir has a checkpoint), evaluates, and returns the final metrics."""
     c = cfg if isinstance(cfg, config_lib.Config) else config_lib.validate(cfg)
+    logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every save step at INFO
     run_dir = pathlib.Path(run_dir).absolute()
     devices = select_devices(c)
     ds = load_data(c)

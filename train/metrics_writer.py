@@ -21,7 +21,8 @@ class MetricWriter:
         self._file.write(json.dumps(row) + "\n")
         if self._tb is not None:
             for k, v in metrics.items():
-                self._tb.add_scalar(k, float(v), int(step))
+                # TensorBoard tags may not contain '@': recall@10 -> recall_at_10
+                self._tb.add_scalar(k.replace("@", "_at_"), float(v), int(step))
 
     def close(self):
         self._file.close()

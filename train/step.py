@@ -95,12 +95,12 @@ def loss_fn(params, rows: dict, local: dict, rng: jax.Array, *, graphdef, cfg: S
     q = model.user(local["user_feat"], x.get("user_id"), x.get("history"), local.get("history_mask"),
                    dropout_rng=k_user)
     c = model.item(local["item_feat"], x.get("item_id"), dropout_rng=k_item)
-    nc = model.item(local["neg_item_feat"], x.get("neg_id"), dropout_rng=k_neg)
+    nc = model.item(local["neg_item_feat"], x.get("neg_id"), dropout_rng=k_neg) if cfg.global_negatives else None
     pos_logq, neg_logq = candidate_logq(local, cfg) if cfg.logq_correction else (None, None)
     loss_sum, count, extras = losses.retrieval_loss(
         q, c, temperature=cfg.temperature,
         candidate_ids=local["item"], candidate_logq=pos_logq, label_ids=local["item"],
-        neg_c=nc if cfg.global_negatives else None,
+        neg_c=nc,
         neg_ids=local["neg_item"] if cfg.global_negatives else None,
         neg_logq=neg_logq if cfg.global_negatives else None,
         axis_name=axis_name, mask=local["mask"], remove_accidental_hits=cfg.remove_accidental_hits,

@@ -1,0 +1,116 @@
+"""Training throughput and the cost of large ID tables.
+
+Prints, for each case, the median step time over timed steps (after compilation and warm-up), examples/s,
+and for the table-size sweep the ratio of each step time to the smallest table's (the reference run, same
+process, same batch). Input preparation (batching + de-duplication) is timed separately so it is clear
+whether the step or the pipeline bounds throughput.
+
+  python scripts/bench_train.py                       # all cases
+  python scripts/bench_train.py --cases tables --rows 1e5 1e6 1e7
+  TWOTOWER_DATA_DIR=../shared/data python scripts/bench_train.py --cases ml100k
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+
+from data.batching import Batches  # noqa: E402
+from tests.helpers import compose_cfg  # noqa: E402
+from train.config import validate  # noqa: E402
+from train.input import prepare  # noqa: E402
+from train.loop import build, load_data, select_devices  # noqa: E402
+
+
+def time_training(overrides: list[str], steps: int, warmup: int) -> dict:
+    """Median step time of the real step (launcher, donation, prefetch-free) for a composed config."""
+    c = validate(compose_cfg(*overrides))
+    ds = load_data(c)
+    devices = select_devices(c)
+    _, _, launcher, state, sc = build(c, ds, steps + warmup, devices)
+    batches = Batches(ds, batch_size=c.train.global_batch_size, num_negatives=c.loss.num_negatives,
+                      history_len=c.data.history_len if c.model.user.use_history else 0,
+                      history_mode=c.data.history_mode, seed=0)
+    use = dict(use_user_table=sc.use_user_table, use_item_table=sc.use_item_table, use_history=sc.use_history)
+    prepared, input_times = [], []
+    for _ in range(min(steps + warmup, 64)):
+        t0 = time.perf_counter()
+        prepared.append(prepare(next(batches), **use))
+        input_times.append(time.perf_counter() - t0)
+    dev_state = launcher.put_state(state)
+    del state
+    step_times = []
+    for i in range(steps + warmup):
+        local, shared = launcher.put_batch(*prepared[i % len(prepared)])
+        t0 = time.perf_counter()
+        dev_state, metrics = launcher(dev_state, local, shared)
+        jax.block_until_ready((dev_state, metrics))
+        if i >= warmup:
+            step_times.append(time.perf_counter() - t0)
+    step = statistics.median(step_times)
+    prep = statistics.median(input_times)
+    b = c.train.global_batch_size
+    return {"step_ms": step * 1e3, "examples_per_s": b / step, "input_ms": prep * 1e3,
+            "batch": b, "devices": len(devices), "rows": {"user": ds.num_users, "item": ds.num_items}}
+
+
+def table_sweep(rows_list: list[int], steps: int, warmup: int) -> list[dict]:
+    """Same model and batch, ID tables of growing size: the step must not grow with the table."""
+    out = []
+    for rows in rows_list:
+        r = time_training(["+experiment=large_id_emb", f"data.num_users={rows}", f"data.num_items={rows}",
+                           f"data.num_clusters={min(2000, rows // 50)}", "data.interactions_per_user=4"],
+                          steps, warmup)
+        r["table_rows"] = rows
+        out.append(r)
+        print(json.dumps(r), flush=True)
+    base = out[0]["step_ms"]
+    for r in out:
+        r["ratio_to_smallest"] = r["step_ms"] / base
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cases", nargs="+", default=["ml100k", "large_id_emb", "tables"],
+                    choices=["ml100k", "ml100k_id", "large_id_emb", "tables"])
+    ap.add_argument("--rows", nargs="+", type=float, default=[1e5, 1e6, 1e7])
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--warmup", type=int, default=5)
+    args = ap.parse_args()
+    print(f"# {platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, "
+          f"jax {jax.__version__} on {jax.devices()[0].platform}, {time.strftime('%Y-%m-%d %H:%M')}")
+    results = {}
+    data_dir = os.environ.get("TWOTOWER_DATA_DIR")
+    ml = [f"+experiment=movielens", f"data.path={data_dir}/ml-100k", "train.global_batch_size=1024",
+          "model.output_dim=64", "model.id_dim=64"]
+    if "ml100k" in args.cases:
+        results["ml100k"] = time_training(ml, args.steps, args.warmup)
+        print("ml100k (id + history + side features, logQ, in-batch + 512 uniform negatives, batch 1024):",
+              json.dumps(results["ml100k"]), flush=True)
+    if "ml100k_id" in args.cases:
+        results["ml100k_id"] = time_training(ml + ["model.user.use_history=false", "model.user.features=[]",
+                                                   "model.item.features=[]", "loss.num_negatives=0"],
+                                             args.steps, args.warmup)
+        print("ml100k id-only towers (logQ, in-batch negatives, batch 1024):", json.dumps(results["ml100k_id"]))
+    if "large_id_emb" in args.cases:
+        results["large_id_emb"] = time_training(["+experiment=large_id_emb"], args.steps, args.warmup)
+        print("large_id_emb:", json.dumps(results["large_id_emb"]), flush=True)
+    if "tables" in args.cases:
+        results["tables"] = table_sweep([int(r) for r in args.rows], args.steps, args.warmup)
+        print("table sweep (step ms, ratio to smallest):")
+        for r in results["tables"]:
+            print(f"  {r['table_rows']:>12,d} rows: {r['step_ms']:8.1f} ms  x{r['ratio_to_smallest']:.2f}")
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
