@@ -79,7 +79,7 @@ class EvalConfig:
     at_end: bool = _help(True, "evaluate on the held-out split after training")
     ks: list[int] = _help([10, 20, 50, 100], "cutoffs of recall@k and ndcg@k")
     max_users: int | None = _help(None, "evaluate a seeded sample of this many held-out users; null = all")
-    user_block: int = _help(4096, "users scored per block in exact top-k")
+    user_block: int = _help(1024, "users scored per block in exact top-k")
     item_block: int = _help(65536, "items scored per block in exact top-k")
     seed: int = _help(0, "seed of the user sample")
 
