@@ -75,7 +75,7 @@ class Tower(nnx.Module):
             parts.append(masked_mean(history_emb, history_mask))
         if len(self.features):
             f = self.features(feats)
-            parts.append(f.reshape(f.shape[0], -1))
+            parts.append(f.reshape(f.shape[0], f.shape[1] * f.shape[2]))
         x = jnp.concatenate(parts, axis=-1) if len(parts) > 1 else parts[0]
         if self.cross is not None:
             x = self.cross(x)
