@@ -3,6 +3,7 @@ tests call. Each section is a named function: load data, build the model, create
 evaluate."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -52,6 +53,11 @@ def save_artifacts(run_dir: pathlib.Path, cfg, ds) -> None:
     vocab_dir.mkdir(exist_ok=True)
     ds.user_vocab.save(vocab_dir / "user.npy")
     ds.item_vocab.save(vocab_dir / "item.npy")
+    for name, vocab in ds.feature_vocabs.items():
+        vocab.save(vocab_dir / f"feature.{name}.npy")
+    specs = {"user": [dataclasses.asdict(s) for s in ds.user_feature_specs],
+             "item": [dataclasses.asdict(s) for s in ds.item_feature_specs]}
+    (run_dir / "features.json").write_text(json.dumps(specs, indent=2))
     (run_dir / "data_stats.json").write_text(json.dumps(ds.stats, indent=2, default=str))
 
 
