@@ -22,6 +22,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
+import numpy as np  # noqa: E402
 
 from data.batching import Batches  # noqa: E402
 from tests.helpers import compose_cfg  # noqa: E402
@@ -30,12 +31,26 @@ from train.input import prepare  # noqa: E402
 from train.loop import build, load_data, select_devices  # noqa: E402
 
 
-def time_training(overrides: list[str], steps: int, warmup: int) -> dict:
+def scatter_rows(prepared: tuple[dict, dict], maps: dict[str, np.ndarray]) -> tuple[dict, dict]:
+    """Moves each table's touched rows to random distinct rows of a larger table (an injective map), so a
+    big-table run touches rows spread over the whole table, as real traffic does, on the same data."""
+    local, shared = prepared
+    shared = dict(shared)
+    for name, row_map in maps.items():
+        shared[f"{name}_uniq"] = row_map[shared[f"{name}_uniq"]].astype(np.int32)
+    return local, shared
+
+
+def time_training(overrides: list[str], steps: int, warmup: int, table_rows: int | None = None) -> dict:
     """Median step time of the real step (launcher, donation, prefetch-free) for a composed config."""
     c = validate(compose_cfg(*overrides))
     ds = load_data(c)
     devices = select_devices(c)
-    _, _, launcher, state, sc = build(c, ds, steps + warmup, devices)
+    _, _, launcher, state, sc = build(c, ds, steps + warmup, devices, table_rows=table_rows)
+    rng = np.random.default_rng(0)
+    maps = {name: rng.choice(t.shape[0], size=n, replace=False)
+            for name, t, n in [(k, v, ds.num_users if k == "user" else ds.num_items)
+                               for k, v in state["tables"].items()]} if table_rows else {}
     batches = Batches(ds, batch_size=c.train.global_batch_size, num_negatives=c.loss.num_negatives,
                       history_len=c.data.history_len if c.model.user.use_history else 0,
                       history_mode=c.data.history_mode, seed=0)
@@ -43,7 +58,7 @@ def time_training(overrides: list[str], steps: int, warmup: int) -> dict:
     prepared, input_times = [], []
     for _ in range(min(steps + warmup, 64)):
         t0 = time.perf_counter()
-        prepared.append(prepare(next(batches), **use))
+        prepared.append(scatter_rows(prepare(next(batches), **use), maps))
         input_times.append(time.perf_counter() - t0)
     dev_state = launcher.put_state(state)
     del state
@@ -63,12 +78,12 @@ def time_training(overrides: list[str], steps: int, warmup: int) -> dict:
 
 
 def table_sweep(rows_list: list[int], steps: int, warmup: int) -> list[dict]:
-    """Same model and batch, ID tables of growing size: the step must not grow with the table."""
+    """Same model, data and batch (large_id_emb's towers on 100k users x 100k items), ID tables of growing size
+    with the touched rows spread over the whole table: the step must not grow with the table."""
     out = []
     for rows in rows_list:
-        r = time_training(["+experiment=large_id_emb", f"data.num_users={rows}", f"data.num_items={rows}",
-                           f"data.num_clusters={min(2000, rows // 50)}", "data.interactions_per_user=4"],
-                          steps, warmup)
+        r = time_training(["+experiment=large_id_emb", "data.num_users=100000", "data.num_items=100000",
+                           "data.num_clusters=2000"], steps, warmup, table_rows=rows)
         r["table_rows"] = rows
         out.append(r)
         print(json.dumps(r), flush=True)

@@ -75,12 +75,17 @@ def total_steps(c: config_lib.Config, num_train: int) -> int:
     return max(1, math.ceil(c.train.num_epochs * num_train / c.train.global_batch_size))
 
 
-def build(c: config_lib.Config, ds, steps: int, devices: list):
-    """Model, optimizers, launcher and a fresh (host-side) state."""
+def build(c: config_lib.Config, ds, steps: int, devices: list, table_rows: int | None = None):
+    """Model, optimizers, launcher and a fresh (host-side) state.
+
+    `table_rows` (benchmarks only) gives every ID table at least that many rows, beyond the vocabulary.
+    """
     model = TwoTower(c.model, ds.user_feature_specs, ds.item_feature_specs, rngs=nnx.Rngs(c.seed))
     graphdef, _ = nnx.split(model)
     dense_tx = dense_optimizer(c, steps)
     sizes = table_sizes(c, ds.num_users, ds.num_items)
+    if table_rows:
+        sizes = {name: max(rows, table_rows) for name, rows in sizes.items()}
     sparse_opts = {name: make_sparse_optimizer(c.optimizer.sparse.name,
                                                learning_rate=c.optimizer.sparse.learning_rate)
                    for name in sizes}
