@@ -96,7 +96,7 @@ def table_sweep(rows_list: list[int], steps: int, warmup: int) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", nargs="+", default=["ml100k", "large_id_emb", "tables"],
-                    choices=["ml100k", "ml100k_id", "large_id_emb", "tables"])
+                    choices=["ml100k", "ml100k_id", "ml100k_hist", "large_id_emb", "tables"])
     ap.add_argument("--rows", nargs="+", type=float, default=[1e5, 1e6, 1e7])
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5)
@@ -116,6 +116,11 @@ def main() -> None:
                                                    "model.item.features=[]", "loss.num_negatives=0"],
                                              args.steps, args.warmup)
         print("ml100k id-only towers (logQ, in-batch negatives, batch 1024):", json.dumps(results["ml100k_id"]))
+    if "ml100k_hist" in args.cases:
+        results["ml100k_hist"] = time_training(ml + ["model.user.features=[]", "model.item.features=[]",
+                                                     "loss.num_negatives=0"], args.steps, args.warmup)
+        print("ml100k user-id + mean-of-50-history towers (logQ, in-batch negatives, batch 1024):",
+              json.dumps(results["ml100k_hist"]), flush=True)
     if "large_id_emb" in args.cases:
         results["large_id_emb"] = time_training(["+experiment=large_id_emb"], args.steps, args.warmup)
         print("large_id_emb:", json.dumps(results["large_id_emb"]), flush=True)

@@ -43,6 +43,18 @@ def _pad(x: np.ndarray, size: int, fill) -> np.ndarray:
     return np.concatenate([x, pad])
 
 
+def _run_batched(fn, n: int, batch_size: int, ids: np.ndarray, feats: dict, history=None) -> np.ndarray:
+    """fn(ids, feats, history) over fixed-size padded batches (one compile), concatenated and unpadded."""
+    out = []
+    size = min(batch_size, max(n, 1))
+    for a, b in _batches(n, size):
+        batch_ids = _pad(np.asarray(ids[a:b], np.int32), size, -1)
+        batch_feats = {k: _pad(np.asarray(v[a:b]), size, 0) for k, v in feats.items()}
+        hist = None if history is None else _pad(np.asarray(history[a:b], np.int32), size, -1)
+        out.append(np.asarray(fn(batch_ids, batch_feats, hist))[: b - a])
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
 def embed_items(graphdef, params, item_table, item_rows: np.ndarray, item_features: dict[str, np.ndarray],
                 *, batch_size: int = 8192) -> np.ndarray:
     """Item embeddings.
@@ -54,14 +66,10 @@ def embed_items(graphdef, params, item_table, item_rows: np.ndarray, item_featur
     Returns:
       float32[N, output_dim]
     """
-    out = []
-    n = len(item_rows)
-    size = min(batch_size, max(n, 1))
-    for a, b in _batches(n, size):
-        ids = _pad(np.asarray(item_rows[a:b], np.int32), size, -1)
-        feats = {k: _pad(np.asarray(v[a:b]), size, 0) for k, v in item_features.items()}
-        out.append(np.asarray(_item_fn(graphdef, params, item_table, ids, feats))[: b - a])
-    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+    def fn(ids, feats, _):
+        return _item_fn(graphdef, params, item_table, ids, feats)
+
+    return _run_batched(fn, len(item_rows), batch_size, item_rows, item_features)
 
 
 def embed_users(graphdef, params, user_table, item_table, user_rows: np.ndarray,
@@ -76,12 +84,7 @@ def embed_users(graphdef, params, user_table, item_table, user_rows: np.ndarray,
     Returns:
       float32[Q, output_dim]
     """
-    out = []
-    n = len(user_rows)
-    size = min(batch_size, max(n, 1))
-    for a, b in _batches(n, size):
-        ids = _pad(np.asarray(user_rows[a:b], np.int32), size, -1)
-        feats = {k: _pad(np.asarray(v[a:b]), size, 0) for k, v in user_features.items()}
-        hist = None if history is None else _pad(np.asarray(history[a:b], np.int32), size, -1)
-        out.append(np.asarray(_user_fn(graphdef, params, user_table, item_table, ids, hist, feats))[: b - a])
-    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+    def fn(ids, feats, hist):
+        return _user_fn(graphdef, params, user_table, item_table, ids, hist, feats)
+
+    return _run_batched(fn, len(user_rows), batch_size, user_rows, user_features, history)
