@@ -76,7 +76,7 @@ def load_trained(run_dir: str | pathlib.Path, step: int | None = None) -> Traine
     model = TwoTower(as_config(config["model"], ModelConfig), user_specs, item_specs, rngs=nnx.Rngs(0))
     graphdef, abstract_params = nnx.split(model)
     step, raw = _restore_state(_need(run_dir / "ckpt", "checkpoints"), step)
-    pure = raw["params"]
+    pure = _unwrap_values(raw["params"])
     try:
         nnx.replace_by_pure_dict(abstract_params, pure)
     except Exception as e:  # noqa: BLE001 - shape/key mismatch between config and checkpoint
@@ -88,6 +88,15 @@ def load_trained(run_dir: str | pathlib.Path, step: int | None = None) -> Traine
                                f"{len(vocab)} ids")
     return TrainedModel(run_dir, step, config, model, graphdef, abstract_params, tables, user_vocab, item_vocab,
                         feature_vocabs, user_specs, item_specs)
+
+
+def _unwrap_values(tree):
+    """nnx.State leaves are saved as {"value": array}; `replace_by_pure_dict` wants the bare arrays."""
+    if isinstance(tree, dict):
+        if set(tree) == {"value"} and not isinstance(tree["value"], dict):
+            return tree["value"]
+        return {k: _unwrap_values(v) for k, v in tree.items()}
+    return tree
 
 
 def _restore_state(ckpt_dir: pathlib.Path, step: int | None) -> tuple[int, dict]:

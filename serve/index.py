@@ -1,0 +1,491 @@
+"""Top-k retrieval backends behind one interface, `TopK`: `BruteForce` (exact, numpy, the reference) and
+`ScaNNIndex` (ScaNN tree + asymmetric hashing + exact reordering; exact below a corpus size).
+
+Both keep the item embeddings and ids themselves, in "slot" order: slot i holds `ids[i]`. ScaNN numbers its
+datapoints the same way (checked on scann 1.4.2: an insert appends a slot; deleting slot s moves the last
+slot into s, one id after another), so ScaNN's own docid pickle is never used and the ids stay a plain array.
+
+Thread safety: every public method takes the index's reader-writer lock. Searches run concurrently with each
+other; `upsert`, `delete`, `save` and `rebuild` wait for running searches and block new ones while they run.
+A server hot-swaps a whole index by building or loading a new `TopK` and replacing its reference to it
+(assignment is atomic); searches already inside the old index finish there.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import pathlib
+import threading
+
+import numpy as np
+
+from data.ids import as_id_array
+
+_SCORE_BYTES = 1 << 28      # exact search scores at most this many bytes of [queries, items] at once
+_WIDEN_ROUNDS = 2           # ANN retries with 4x more candidates and leaves before exact search takes over
+
+
+class UnknownIdError(LookupError):
+    """`delete` named ids the index does not hold (nothing was deleted)."""
+
+
+class _RWLock:
+    """Many readers or one writer; a waiting writer blocks new readers so mutations cannot starve."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writing = False
+        self._waiting = 0
+
+    @contextlib.contextmanager
+    def read(self):
+        with self._cond:
+            self._cond.wait_for(lambda: not self._writing and not self._waiting)
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def write(self):
+        with self._cond:
+            self._waiting += 1
+            self._cond.wait_for(lambda: not self._writing and not self._readers)
+            self._waiting -= 1
+            self._writing = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writing = False
+                self._cond.notify_all()
+
+
+def _as_matrix(x, what: str, dim: int | None, other: str) -> np.ndarray:
+    arr = np.asarray(x)
+    if arr.ndim != 2 or (dim is not None and arr.shape[1] != dim) or arr.dtype.kind not in "fiu":
+        want = f"[n, {dim}]" if dim is not None else "[n, dim]"
+        raise ValueError(f"{what} must be a float array {want} ({other}), got shape {arr.shape} dtype {arr.dtype}")
+    arr = np.ascontiguousarray(arr, dtype=np.float32)
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{what} {arr.shape} holds NaN or inf values; scores would be meaningless")
+    return arr
+
+
+def _as_ids(ids, n: int, what: str) -> np.ndarray:
+    arr = as_id_array(np.asarray(ids).reshape(-1) if np.ndim(ids) == 0 else ids, what)
+    if arr.shape[0] != n:
+        raise ValueError(f"{what} has {arr.shape[0]} ids but the embeddings have {n} rows")
+    uniq, counts = np.unique(arr, return_counts=True)
+    if (counts > 1).any():
+        raise ValueError(f"{what} repeats ids, e.g. {uniq[counts > 1][:5].tolist()}; ids must be distinct")
+    return arr
+
+
+class TopK:
+    """Maximum-inner-product top-k over a mutable item corpus.
+
+    Subclasses set `kind`, `is_exact` and implement the `_backend_*` hooks; the base class owns ids, vectors,
+    validation, exclusions and persistence (`ids.npy`, `embeddings.npy`, `index.json` + backend files).
+    Ties between equal scores come in an unspecified order.
+    """
+    kind = "abstract"
+
+    def __init__(self):
+        self._lock = _RWLock()
+        self._emb = np.zeros((0, 0), np.float32)    # capacity buffer; rows [0, n) are live
+        self._ids = np.zeros(0, np.int64)           # same capacity; the id of each slot
+        self._n = 0
+        self._pos: dict = {}                        # id -> slot
+
+    # ----------------------------------------------------------------------------------------- public API
+    @property
+    def is_exact(self) -> bool:
+        return True
+
+    def __len__(self) -> int:
+        return self._n
+
+    @property
+    def dim(self) -> int:
+        return self._emb.shape[1]
+
+    @property
+    def id_kind(self) -> str:
+        """"int" (int64 ids) or "str" (unicode ids)."""
+        return "str" if self._ids.dtype.kind == "U" else "int"
+
+    def embeddings(self) -> np.ndarray:
+        """A copy of the stored vectors, float32[N, D], row i belonging to `ids()[i]`."""
+        with self._lock.read():
+            return self._emb[:self._n].copy()
+
+    def ids(self) -> np.ndarray:
+        """A copy of the stored ids, int64[N] or unicode[N], in slot order."""
+        with self._lock.read():
+            return self._ids[:self._n].copy()
+
+    def index(self, embeddings, ids) -> "TopK":
+        """Replaces the corpus. embeddings: float[N, D]; ids: int[N] or str[N], distinct. Returns self."""
+        emb = _as_matrix(embeddings, "embeddings", None, "one row per item")
+        if emb.shape[0] == 0 or emb.shape[1] == 0:
+            raise ValueError(f"embeddings must hold at least one item of dim >= 1, got shape {emb.shape}")
+        id_arr = _as_ids(ids, emb.shape[0], "ids")
+        with self._lock.write():  # copies: deletes and upserts rewrite rows in place, never the caller's arrays
+            self._emb, self._ids, self._n = emb.copy(), id_arr.copy(), emb.shape[0]
+            self._pos = {v: i for i, v in enumerate(id_arr.tolist())}
+            self._backend_build()
+        return self
+
+    def search(self, queries, k: int, *, exclude=None) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k items by dot product for each query.
+
+        Args:
+          queries: float[Q, D] query (user) embeddings.
+          k: results per query, in [1, N].
+          exclude: optional sequence of Q sequences of item ids never to return for that query (e.g. items
+            the user has seen); ids the index does not hold are ignored.
+        Returns:
+          (scores float32[Q, k] descending, ids [Q, k]). Only when fewer than k items remain after a query's
+          exclusions is the tail padded, with score -inf and id -1 (int ids) or "" (str ids).
+        """
+        with self._lock.read():
+            q = self._check_search(queries, k)
+            ex_rows, ex_slots = self._exclusions(exclude, q.shape[0])
+            if self.is_exact or not len(q):
+                scores, slots = self._exact(q, k, ex_rows, ex_slots)
+            else:
+                scores, slots = self._ann_with_exclusions(q, k, ex_rows, ex_slots)
+            return scores, self._slot_ids(slots)
+
+    def upsert(self, embeddings, ids) -> None:
+        """Inserts new ids and replaces the vectors of ids already held. embeddings: float[M, D]; ids [M]."""
+        with self._lock.write():
+            emb = _as_matrix(embeddings, "upsert embeddings", self.dim, f"the index holds dim {self.dim}")
+            id_arr = _as_ids(ids, emb.shape[0], "upsert ids")
+            if id_arr.size and ("str" if id_arr.dtype.kind == "U" else "int") != self.id_kind:
+                raise TypeError(f"this index holds {self.id_kind} ids but upsert got {id_arr.dtype} ids")
+            slots = np.array([self._pos.get(v, -1) for v in id_arr.tolist()], np.int64)
+            old, new = slots >= 0, slots < 0
+            self._emb[slots[old]] = emb[old]
+            first = self._n
+            self._append(emb[new], id_arr[new])
+            self._backend_upsert(slots[old], emb[old], first, emb[new])
+
+    def delete(self, ids) -> None:
+        """Removes items; all-or-nothing. Raises `UnknownIdError` naming ids the index does not hold."""
+        with self._lock.write():
+            id_list = list(dict.fromkeys(np.asarray(ids).reshape(-1).tolist()))
+            unknown = [v for v in id_list if v not in self._pos]
+            if unknown:
+                raise UnknownIdError(f"cannot delete {len(unknown)} id(s) the index does not hold, e.g. "
+                                     f"{unknown[:5]}; nothing was deleted")
+            if len(id_list) >= self._n:
+                raise ValueError(f"deleting {len(id_list)} of {self._n} items would leave the index empty; "
+                                 "build a new index instead")
+            slots = []
+            for v in id_list:  # swap-remove, one id at a time: the order ScaNN's delete uses
+                slot, last = self._pos.pop(v), self._n - 1
+                if slot != last:
+                    self._emb[slot], self._ids[slot] = self._emb[last], self._ids[last]
+                    self._pos[self._ids[slot].item()] = slot
+                self._n -= 1
+                slots.append(slot)
+            self._backend_delete(slots)
+
+    def params(self) -> dict:
+        """What `index.json` (and the manifest) record about this index."""
+        return {"type": self.kind, "is_exact": self.is_exact, "count": self._n, "dim": self.dim,
+                "id_kind": self.id_kind}
+
+    def save(self, directory) -> list[str]:
+        """Writes the index into `directory` (created). Returns the relative paths of the files written."""
+        d = pathlib.Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        with self._lock.read():  # a consistent snapshot: mutations wait, searches go on
+            for name, arr in (("ids.npy", self._ids[:self._n]), ("embeddings.npy", self._emb[:self._n])):
+                with open(d / name, "wb") as f:
+                    np.save(f, np.ascontiguousarray(arr), allow_pickle=False)
+            (d / "index.json").write_text(json.dumps(self.params(), indent=2, sort_keys=True))
+            self._backend_save(d)
+        return sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file())
+
+    @staticmethod
+    def load(directory) -> "TopK":
+        """Reads an index written by `save` (no checksum checks: `serve.manifest.load_index` does those)."""
+        d = pathlib.Path(directory)
+        params = json.loads((d / "index.json").read_text())
+        classes = {"brute_force": BruteForce, "scann": ScaNNIndex}
+        if params.get("type") not in classes:
+            raise ValueError(f"{d}/index.json names index type {params.get('type')!r}; known: {sorted(classes)}")
+        index = classes[params["type"]]._from_params(params)
+        emb = np.load(d / "embeddings.npy", allow_pickle=False)
+        ids = np.load(d / "ids.npy", allow_pickle=False)
+        index._emb, index._ids, index._n = _as_matrix(emb, "embeddings.npy", None, ""), _as_ids(
+            ids, emb.shape[0], "ids.npy"), emb.shape[0]
+        index._pos = {v: i for i, v in enumerate(index._ids.tolist())}
+        index._backend_load(d, params)
+        return index
+
+    # ------------------------------------------------------------------------------------------ internals
+    def _check_search(self, queries, k) -> np.ndarray:
+        q = _as_matrix(queries, "queries", self.dim, f"the index holds {self._n} items of dim {self.dim}, "
+                                                     f"embeddings shape {(self._n, self.dim)}")
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= self._n:
+            raise ValueError(f"k must be an int in [1, {self._n}] (the corpus size), got k={k!r}")
+        return q
+
+    def _exclusions(self, exclude, num_queries: int) -> tuple[np.ndarray, np.ndarray]:
+        """(query row, slot) pairs to drop, for ids the index holds."""
+        if exclude is None:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        if len(exclude) != num_queries:
+            raise ValueError(f"exclude must hold one id list per query ({num_queries}), got {len(exclude)}")
+        rows, slots = [], []
+        for r, items in enumerate(exclude):
+            arr = np.asarray(items).reshape(-1)
+            if arr.size and (arr.dtype.kind == "U") != (self.id_kind == "str"):
+                raise TypeError(f"this index holds {self.id_kind} ids but exclude[{r}] has dtype {arr.dtype}")
+            found = [s for s in (self._pos.get(v) for v in set(arr.tolist())) if s is not None]
+            rows += [r] * len(found)
+            slots += found
+        return np.asarray(rows, np.int64), np.asarray(slots, np.int64)
+
+    def _slot_ids(self, slots: np.ndarray) -> np.ndarray:
+        pad = "" if self.id_kind == "str" else -1
+        ids = self._ids[np.maximum(slots, 0)]
+        return np.where(slots >= 0, ids, np.asarray(pad, ids.dtype))
+
+    def _exact(self, q, k, ex_rows, ex_slots) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top-k over the live slots: (scores float32[Q, k], slots int64[Q, k], -1 where none is left)."""
+        n, emb = self._n, self._emb[:self._n]
+        block = max(1, _SCORE_BYTES // (4 * n))
+        out_s, out_i = np.zeros((len(q), k), np.float32), np.zeros((len(q), k), np.int64)
+        for a in range(0, len(q), block):
+            s = q[a:a + block] @ emb.T
+            sel = (ex_rows >= a) & (ex_rows < a + block)
+            s[ex_rows[sel] - a, ex_slots[sel]] = -np.inf
+            top = np.argpartition(-s, k - 1, axis=1)[:, :k] if k < n else np.tile(np.arange(n), (len(s), 1))
+            vals = np.take_along_axis(s, top, axis=1)
+            order = np.lexsort((top, -vals))
+            out_s[a:a + block] = np.take_along_axis(vals, order, axis=1)
+            out_i[a:a + block] = np.take_along_axis(top, order, axis=1)
+        out_i[out_s == -np.inf] = -1
+        return out_s, out_i
+
+    def _ann_with_exclusions(self, q, k, ex_rows, ex_slots) -> tuple[np.ndarray, np.ndarray]:
+        """ANN search that over-fetches k + (most exclusions of a query), widens the search for queries left
+        short, and answers those still short exactly, so a query gets k items whenever k are eligible."""
+        num_ex = np.bincount(ex_rows, minlength=len(q))
+        want = np.minimum(k, self._n - num_ex)
+        fetch, leaves = min(self._n, k + int(num_ex.max(initial=0))), None
+        scores, slots = np.full((len(q), k), -np.inf, np.float32), np.full((len(q), k), -1, np.int64)
+        todo = np.arange(len(q))
+        for _ in range(_WIDEN_ROUNDS + 1):
+            cand_s, cand_i, leaves = self._backend_ann(q[todo], fetch, leaves)
+            valid = ~np.isnan(cand_s)
+            if ex_rows.size:
+                pair_keys = ex_rows * self._n + ex_slots
+                keys = todo[:, None] * self._n + np.where(valid, cand_i, 0)
+                valid &= ~np.isin(keys, pair_keys)
+            order = np.argsort(np.where(valid, -cand_s, np.inf), axis=1, kind="stable")[:, :k]
+            got_s = np.take_along_axis(np.where(valid, cand_s, -np.inf), order, axis=1)
+            got_i = np.where(got_s > -np.inf, np.take_along_axis(cand_i, order, axis=1), -1)
+            width = got_s.shape[1]
+            scores[todo, :width], slots[todo, :width] = got_s, got_i
+            todo = todo[valid.sum(axis=1) < want[todo]]
+            if not todo.size:
+                return scores, slots
+            fetch = min(self._n, 4 * fetch)
+        sel = np.isin(ex_rows, todo)
+        remap = np.searchsorted(todo, ex_rows[sel])
+        scores[todo], slots[todo] = self._exact(q[todo], k, remap, ex_slots[sel])
+        return scores, slots
+
+    def _append(self, emb: np.ndarray, ids: np.ndarray) -> None:
+        m = emb.shape[0]
+        if self._n + m > self._emb.shape[0]:  # grow geometrically: upserts of a few items stay O(1) amortised
+            cap = max(self._n + m, 2 * self._emb.shape[0])
+            self._emb = np.concatenate([self._emb[:self._n], np.zeros((cap - self._n, self.dim), np.float32)])
+            self._ids = np.concatenate([self._ids[:self._n], np.zeros(cap - self._n, self._ids.dtype)])
+        if ids.dtype.kind == "U" and ids.dtype.itemsize > self._ids.dtype.itemsize:
+            self._ids = self._ids.astype(ids.dtype)  # a longer string id widens the array
+        self._emb[self._n:self._n + m], self._ids[self._n:self._n + m] = emb, ids
+        for i, v in enumerate(ids.tolist()):
+            self._pos[v] = self._n + i
+        self._n += m
+
+    # Backend hooks: exact search needs no extra structure, so they do nothing by default.
+    @classmethod
+    def _from_params(cls, params: dict) -> "TopK":
+        return cls()
+
+    def _backend_build(self) -> None:
+        pass
+
+    def _backend_upsert(self, replaced: np.ndarray, replaced_emb: np.ndarray, first_new: int,
+                        new_emb: np.ndarray) -> None:
+        pass
+
+    def _backend_delete(self, slots: list[int]) -> None:
+        pass
+
+    def _backend_save(self, directory: pathlib.Path) -> None:
+        pass
+
+    def _backend_load(self, directory: pathlib.Path, params: dict) -> None:
+        pass
+
+    def _backend_ann(self, q, fetch, leaves):
+        raise NotImplementedError
+
+
+class BruteForce(TopK):
+    """Exact search: one matmul per query block and a partial sort (numpy). The reference for every ANN."""
+    kind = "brute_force"
+
+
+def _import_scann():
+    try:
+        from scann import scann_ops_pybind
+    except ImportError as e:
+        raise ImportError("ScaNNIndex needs the `scann` package (pip install scann>=1.4.2, Linux x86-64); "
+                          "or use BruteForce / index=brute_force") from e
+    return scann_ops_pybind
+
+
+class ScaNNIndex(TopK):
+    """ScaNN: k-means tree (about sqrt(N) leaves), anisotropic asymmetric hashing, exact reordering.
+
+    Corpora below `brute_force_below` items are searched exactly (numpy), where that is as fast; an index
+    built exact stays exact as upserts grow it, until `rebuild()`. Upserts go
+    into ScaNN's incremental mode (new points join their nearest leaf; the partitions are not retrained):
+    after many changes, `rebuild()` (or a fresh export) restores the partition quality.
+
+    Args:
+      num_leaves: tree leaves; None = round(sqrt(N)).
+      num_leaves_to_search: leaves scanned per query; None = ceil(num_leaves / 10). Export tunes it up until
+        the measured recall target is met.
+      dimensions_per_block: AH block size (2 is ScaNN's recommendation for dot product).
+      anisotropic_quantization_threshold: AH noise-shaping threshold (0.2 suits normalised embeddings).
+      reorder: candidates rescored exactly per query for k=10; a search fetching f = k + exclusions
+        candidates rescores f * reorder / 10.
+      training_sample_size: points sampled to train the tree and the AH codebooks.
+      brute_force_below: corpora smaller than this are searched exactly.
+      training_threads: threads for training; 0 = all cores.
+    """
+    kind = "scann"
+    _CONFIG_KEYS = ("num_leaves", "num_leaves_to_search", "dimensions_per_block",
+                    "anisotropic_quantization_threshold", "reorder", "training_sample_size", "brute_force_below",
+                    "training_threads")
+
+    def __init__(self, num_leaves: int | None = None, num_leaves_to_search: int | None = None,
+                 dimensions_per_block: int = 2, anisotropic_quantization_threshold: float = 0.2,
+                 reorder: int = 100, training_sample_size: int = 100_000, brute_force_below: int = 20_000,
+                 training_threads: int = 0):
+        super().__init__()
+        self.config = {k: v for k, v in locals().items() if k in self._CONFIG_KEYS}
+        self.num_leaves, self.num_leaves_to_search = num_leaves, num_leaves_to_search
+        self._searcher = None
+
+    @property
+    def is_exact(self) -> bool:
+        return self._searcher is None
+
+    def params(self) -> dict:
+        return {**super().params(), "config": self.config, "num_leaves": self.num_leaves,
+                "num_leaves_to_search": self.num_leaves_to_search,
+                "mode": "brute_force" if self.is_exact else "tree_ah", "scann_version": _scann_version()}
+
+    def rebuild(self) -> None:
+        """Retrains the partitions and codebooks on the current corpus (seconds to minutes: off the hot path)."""
+        with self._lock.write():
+            self._backend_build(leaves_to_search=self.num_leaves_to_search)
+
+    @classmethod
+    def _from_params(cls, params: dict) -> "ScaNNIndex":
+        index = cls(**params["config"])
+        index.num_leaves, index.num_leaves_to_search = params["num_leaves"], params["num_leaves_to_search"]
+        return index
+
+    def _backend_build(self, leaves_to_search: int | None = None) -> None:
+        c, n = self.config, self._n
+        self._searcher, self.num_leaves, self.num_leaves_to_search = None, None, None
+        if n < c["brute_force_below"]:
+            return
+        self.num_leaves = c["num_leaves"] or max(1, round(math.sqrt(n)))
+        self.num_leaves_to_search = min(self.num_leaves, leaves_to_search or c["num_leaves_to_search"] or
+                                        max(1, math.ceil(self.num_leaves / 10)))
+        db = self._emb[:n]
+        self._searcher = (
+            _import_scann().builder(db, 10, "dot_product")
+            .tree(num_leaves=self.num_leaves, num_leaves_to_search=self.num_leaves_to_search,
+                  training_sample_size=min(n, c["training_sample_size"]))
+            .score_ah(c["dimensions_per_block"],
+                      anisotropic_quantization_threshold=c["anisotropic_quantization_threshold"],
+                      training_sample_size=min(n, c["training_sample_size"]))
+            .reorder(c["reorder"]).set_n_training_threads(c["training_threads"]).build())
+
+    def _backend_ann(self, q, fetch, leaves):
+        leaves = self.num_leaves_to_search if leaves is None else min(self.num_leaves, 4 * leaves)
+        # `reorder` is sized for k=10: deeper fetches (large k, many exclusions) rescore proportionally more.
+        pre = max(self.config["reorder"], math.ceil(fetch * self.config["reorder"] / 10))
+        idx, dist = self._searcher.searcher.search_batched(q, fetch, pre, leaves, len(q) >= 256, 256)
+        return dist, idx.astype(np.int64), leaves
+
+    def _backend_upsert(self, replaced, replaced_emb, first_new, new_emb) -> None:
+        if self._searcher is None:
+            return
+        if replaced.size:
+            self._searcher.searcher.upsert(replaced.tolist(), list(replaced_emb), 1)
+        if new_emb.shape[0]:
+            got = self._searcher.searcher.upsert([None] * new_emb.shape[0], list(new_emb), 1)
+            if list(got) != list(range(first_new, first_new + new_emb.shape[0])):
+                raise RuntimeError(f"ScaNN put new items at slots {list(got)[:5]}..., expected {first_new}...: "
+                                   "the index's id mapping is out of step; rebuild the index")
+
+    def _backend_delete(self, slots: list[int]) -> None:
+        if self._searcher is None:
+            return
+        self._searcher.searcher.delete(slots)
+        if self._searcher.searcher.size() != self._n:
+            raise RuntimeError(f"ScaNN holds {self._searcher.searcher.size()} items after delete, the index "
+                               f"{self._n}: the id mapping is out of step; rebuild the index")
+
+    def _backend_save(self, directory: pathlib.Path) -> None:
+        if self._searcher is not None:
+            (directory / "scann").mkdir(exist_ok=True)
+            # Relative asset paths, so the directory can be renamed into place after writing.
+            self._searcher.serialize(str(directory / "scann"), relative_path=True)
+
+    def _backend_load(self, directory: pathlib.Path, params: dict) -> None:
+        if params.get("mode") != "tree_ah":
+            return
+        self._searcher = _import_scann().load_searcher(str(directory / "scann"))
+        if self._searcher.searcher.size() != self._n:
+            raise ValueError(f"{directory}/scann holds {self._searcher.searcher.size()} items but ids.npy "
+                             f"{self._n}; the directory is inconsistent")
+
+
+def _scann_version() -> str | None:
+    try:
+        from importlib.metadata import version
+        return version("scann")
+    except Exception:  # noqa: BLE001 - not installed: the manifest records null
+        return None
+
+
+def make_index(config: dict | None = None) -> TopK:
+    """An empty index from an `index:` config: {"type": "scann" | "brute_force", ...ScaNNIndex args}."""
+    config = dict(config or {"type": "scann"})
+    kind = config.pop("type", "scann")
+    if kind == "brute_force":
+        return BruteForce()
+    if kind == "scann":
+        return ScaNNIndex(**config)
+    raise ValueError(f"index.type={kind!r}: must be scann or brute_force")

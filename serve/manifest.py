@@ -1,0 +1,184 @@
+"""The on-disk index format: an index directory with a verified manifest, written atomically.
+
+Layout of an index directory (e.g. `<run_dir>/export/<model_version>/`):
+
+    manifest.json     what the index is (see `write_index`) and the sha256 of every other file
+    index.json        the index's type and parameters (`TopK.params()`)
+    ids.npy           item ids in slot order: int64 or unicode, saved with allow_pickle=False
+    embeddings.npy    float32 [N, D] item embeddings, row i belonging to ids[i]
+    scann/            ScaNN's own artifacts (ScaNN indexes above the brute-force size only)
+
+`write_index` writes everything into a hidden temporary sibling directory and renames it into place, so a
+reader sees either no directory or a complete one. `load_index` refuses a directory whose manifest is missing
+or malformed, whose files are missing, extra, truncated or altered, or whose contents disagree with the
+manifest, raising `IndexLoadError` with what is wrong.
+"""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import pathlib
+import shutil
+import uuid
+
+import numpy as np
+
+from serve.index import TopK
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+_REQUIRED = ("format_version", "model_version", "embedding_dim", "dtype", "distance", "normalized",
+             "num_items", "index", "created_utc", "files")
+
+
+class IndexLoadError(RuntimeError):
+    """An index directory is missing, partial, corrupt or inconsistent with its manifest."""
+
+
+def sha256_file(path: pathlib.Path, chunk: int = 1 << 22) -> str:
+    """Hex sha256 of a file, read in chunks (embeddings of large corpora are hundreds of MB)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _files_of(directory: pathlib.Path) -> list[str]:
+    return sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*")
+                  if p.is_file() and p.name != MANIFEST)
+
+
+def is_normalized(embeddings: np.ndarray, atol: float = 1e-3) -> bool:
+    """Whether every row of float[N, D] has unit L2 norm (dot product then equals cosine)."""
+    return bool(np.allclose(np.linalg.norm(embeddings, axis=1), 1.0, atol=atol))
+
+
+def write_index(index: TopK, out_dir, *, model_version: str, extra: dict | None = None) -> pathlib.Path:
+    """Saves `index` and its manifest into `out_dir`, atomically.
+
+    An existing `out_dir` is replaced only when it is itself an index directory (it has a manifest.json);
+    anything else there is an error, so a typo cannot delete unrelated files.
+
+    Args:
+      index: the index to write (N items of dim D).
+      out_dir: the index directory to create.
+      model_version: `TrainedModel.model_version` (checkpoint step + config hash) of the embeddings.
+      extra: more manifest fields (e.g. "recall", "run_dir", "step").
+    Returns:
+      the absolute index directory.
+    """
+    out = pathlib.Path(out_dir).absolute()
+    if out.exists() and not (out / MANIFEST).is_file():
+        raise FileExistsError(f"{out} exists and is not an index directory (no {MANIFEST}); choose another "
+                              "out= or remove it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        index.save(tmp)
+        emb = np.load(tmp / "embeddings.npy", allow_pickle=False, mmap_mode="r")
+        params = json.loads((tmp / "index.json").read_text())
+        manifest = {
+            **(extra or {}),
+            "format_version": FORMAT_VERSION, "model_version": model_version,
+            "embedding_dim": int(emb.shape[1]), "dtype": str(emb.dtype), "distance": "dot_product",
+            "normalized": is_normalized(np.asarray(emb)), "num_items": int(emb.shape[0]),
+            "id_kind": params["id_kind"], "index": params, "scann_version": params.get("scann_version"),
+            "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "files": {rel: {"sha256": sha256_file(tmp / rel), "bytes": (tmp / rel).stat().st_size}
+                      for rel in _files_of(tmp)},
+        }
+        # The manifest is written last: its presence marks a complete directory.
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        _swap_into_place(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _swap_into_place(tmp: pathlib.Path, out: pathlib.Path) -> None:
+    """Renames tmp to out; an old out is first renamed aside, then deleted (each rename is atomic)."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(out, old)
+    os.rename(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def read_manifest(index_dir) -> dict:
+    """The parsed, checked manifest of an index directory (checksums of every file included).
+
+    Raises:
+      IndexLoadError: no directory, no or malformed manifest, a missing/extra/altered file.
+    """
+    d = pathlib.Path(index_dir)
+    if not d.is_dir():
+        raise IndexLoadError(f"{d} is not a directory; pass an index directory written by `python -m serve.export`")
+    path = d / MANIFEST
+    if not path.is_file():
+        raise IndexLoadError(f"{d} has no {MANIFEST}: not an index directory, or an export that did not finish; "
+                             "re-run `python -m serve.export`")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise IndexLoadError(f"{path} is not valid JSON ({e}); the directory is corrupt, re-export it") from None
+    missing = [k for k in _REQUIRED if k not in manifest] if isinstance(manifest, dict) else list(_REQUIRED)
+    if missing:
+        raise IndexLoadError(f"{path} lacks the fields {missing}; the manifest is corrupt or from another tool")
+    if manifest["format_version"] != FORMAT_VERSION:
+        raise IndexLoadError(f"{path} has format_version {manifest['format_version']!r}; this code reads "
+                             f"version {FORMAT_VERSION}")
+    _check_files(d, manifest["files"])
+    return manifest
+
+
+def _check_files(d: pathlib.Path, files: dict) -> None:
+    present = set(_files_of(d))
+    listed = set(files)
+    if listed - present:
+        raise IndexLoadError(f"{d} is missing {sorted(listed - present)} listed in its manifest; the directory "
+                             "is partial, re-export it")
+    if present - listed:
+        raise IndexLoadError(f"{d} holds files its manifest does not list: {sorted(present - listed)}; "
+                             "the directory was modified after export")
+    for rel in sorted(listed):
+        want, path = files[rel], d / rel
+        if path.stat().st_size != want.get("bytes"):
+            raise IndexLoadError(f"{path} has {path.stat().st_size} bytes, the manifest says {want.get('bytes')}; "
+                                 "the file is truncated or altered, re-export the index")
+        if sha256_file(path) != want.get("sha256"):
+            raise IndexLoadError(f"{path} does not match its sha256 in the manifest; the file is corrupt or "
+                                 "was altered, re-export the index")
+
+
+def load_index(index_dir, *, model_version: str | None = None) -> tuple[TopK, dict]:
+    """Verifies and loads an index directory.
+
+    Args:
+      index_dir: a directory written by `write_index`.
+      model_version: if given, the manifest must name this model version (the server's user tower).
+    Returns:
+      (the index, the manifest dict).
+    Raises:
+      IndexLoadError: on any missing, partial, corrupt or mismatched content.
+    """
+    d = pathlib.Path(index_dir)
+    manifest = read_manifest(d)
+    if model_version is not None and manifest["model_version"] != model_version:
+        raise IndexLoadError(f"{d} holds embeddings of model {manifest['model_version']}, not {model_version}; "
+                             "export the index from the same checkpoint as the user tower")
+    try:
+        index = TopK.load(d)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is a corrupt directory
+        raise IndexLoadError(f"{d} cannot be loaded: {type(e).__name__}: {str(e)[:300]}") from e
+    found = {"num_items": len(index), "embedding_dim": index.dim, "index.type": index.kind}
+    said = {"num_items": manifest["num_items"], "embedding_dim": manifest["embedding_dim"],
+            "index.type": manifest["index"].get("type")}
+    if found != said:
+        raise IndexLoadError(f"{d}: the files hold {found} but the manifest says {said}; the manifest was "
+                             "altered, re-export the index")
+    return index, manifest
