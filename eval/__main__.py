@@ -1,0 +1,47 @@
+"""`python -m eval run_dir=RUN [step=N] [split=test|valid] [out_dir=DIR] [ks=[10,20]] [max_users=N] [data.KEY=V]`.
+
+Restores the towers from the run's checkpoint, reloads its dataset, and writes metrics.json, report.md and
+plots to out_dir (default RUN/eval/step_<N>). A bad key, value or run directory prints one `config error:` line
+and exits with status 2.
+"""
+import logging
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from eval.config import ConfigError, check_overrides, register_configs, validate  # noqa: E402
+
+register_configs()
+
+
+def _exit_config_error(e: ConfigError) -> None:
+    print(f"config error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+@hydra.main(version_base="1.3", config_path="../configs", config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    try:
+        c = validate(cfg)
+    except ConfigError as e:
+        _exit_config_error(e)
+    for name in ("jax", "absl", "orbax"):  # their INFO lines would bury the progress lines
+        logging.getLogger(name).setLevel(logging.WARNING)
+    from eval.run import run  # JAX is imported only after the config is known to be valid
+
+    try:
+        run(c)
+    except ConfigError as e:
+        _exit_config_error(e)
+
+
+if __name__ == "__main__":
+    try:
+        check_overrides(sys.argv[1:])
+    except ConfigError as err:
+        _exit_config_error(err)
+    main()

@@ -1,0 +1,74 @@
+"""ScaNN search for evaluation: recall against exact top-k, exclusions, and the overlap metric."""
+import numpy as np
+import pytest
+
+from eval.ann import ann_topk, build_index, overlap_at_k
+from eval.topk import exact_topk
+
+pytest.importorskip("scann")
+
+
+def _clustered(rng, n: int, dim: int, clusters: int) -> np.ndarray:
+    centers = rng.normal(size=(clusters, dim))
+    x = centers[rng.integers(0, clusters, n)] + 0.4 * rng.normal(size=(n, dim))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def _exclusions(rng, q: int, n: int, max_len: int):
+    lengths = rng.integers(0, max_len + 1, q)
+    lengths[0] = max_len * 4  # one heavy user: its own over-fetch group
+    indptr = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    return indptr, rng.integers(0, n, indptr[-1]).astype(np.int32)
+
+
+def test_tree_index_recall_against_exact_on_clustered_data():
+    rng = np.random.default_rng(0)
+    items, users = _clustered(rng, 20_000, 32, 100), _clustered(rng, 300, 32, 100)
+    indptr, excluded = _exclusions(rng, 300, 20_000, 20)
+    index = build_index(items, 10)
+    assert index.params["mode"] == "tree_ah" and index.params["num_leaves"] == 141
+    approx = ann_topk(index, users, 10, exclude_indptr=indptr, exclude_items=excluded)
+    _, exact = exact_topk(users, items, 10, exclude_indptr=indptr, exclude_items=excluded)
+    assert overlap_at_k(approx, exact, [10])["overlap@10"] >= 0.9
+    for row in range(300):  # excluded items never come back, and no row is cut short
+        assert not set(approx[row].tolist()) & set(excluded[indptr[row]:indptr[row + 1]].tolist())
+    assert (approx >= 0).all()
+
+
+def test_brute_force_below_the_threshold_equals_exact_search_with_exclusions():
+    rng = np.random.default_rng(1)
+    items, users = rng.normal(size=(500, 8)).astype(np.float32), rng.normal(size=(40, 8)).astype(np.float32)
+    indptr, excluded = _exclusions(rng, 40, 500, 30)
+    index = build_index(items, 20)
+    assert index.params == {"mode": "brute_force"}
+    approx = ann_topk(index, users, 20, exclude_indptr=indptr, exclude_items=excluded)
+    _, exact = exact_topk(users, items, 20, exclude_indptr=indptr, exclude_items=excluded)
+    assert np.array_equal(approx, exact)
+
+
+def test_rows_with_too_few_eligible_items_are_padded():
+    items = np.eye(4, dtype=np.float32)
+    approx = ann_topk(build_index(items, 3), np.ones((1, 4), np.float32), 3,
+                      exclude_indptr=np.array([0, 2]), exclude_items=np.array([0, 2], np.int32))
+    assert approx.tolist() == [[1, 3, -1]]
+
+
+def test_results_missing_from_the_probed_leaves_are_padding_not_item_0():
+    rng = np.random.default_rng(2)
+    items = _clustered(rng, 3000, 8, 30)
+    # One of 300 leaves (about 10 items) probed per query: far fewer than the 50 asked for.
+    index = build_index(items, 50, brute_force_below=1000, num_leaves=300, num_leaves_to_search=1)
+    approx = ann_topk(index, items[:20], 50)
+    assert index.params["mode"] == "tree_ah"
+    assert (approx == -1).any(axis=1).all()
+    for row in approx:
+        real = row[row >= 0]
+        assert len(set(real.tolist())) == real.size and (row[real.size:] == -1).all()
+
+
+def test_overlap_at_k_by_hand():
+    exact = np.array([[1, 2, 3, 4], [5, 6, -1, -1], [-1, -1, -1, -1]])
+    approx = np.array([[2, 9, 1, 4], [6, 7, -1, -1], [3, -1, -1, -1]])
+    # k=2: row 0 {2,9} vs {1,2}: 1/2; row 1 {6,7} vs {5,6}: 1/2; row 2 has no exact items and is skipped.
+    # k=4: row 0 finds 2, 1, 4 of 4: 3/4; row 1 finds 6 of its 2 real items: 1/2.
+    assert overlap_at_k(approx, exact, [2, 4]) == {"overlap@2": 0.5, "overlap@4": 0.625}
