@@ -21,7 +21,6 @@ Users with no held-out items have no defined recall; per-user functions return N
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 
 import numpy as np
 

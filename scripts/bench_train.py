@@ -105,7 +105,7 @@ def main() -> None:
           f"jax {jax.__version__} on {jax.devices()[0].platform}, {time.strftime('%Y-%m-%d %H:%M')}")
     results = {}
     data_dir = os.environ.get("TWOTOWER_DATA_DIR")
-    ml = [f"+experiment=movielens", f"data.path={data_dir}/ml-100k", "train.global_batch_size=1024",
+    ml = ["+experiment=movielens", f"data.path={data_dir}/ml-100k", "train.global_batch_size=1024",
           "model.output_dim=64", "model.id_dim=64"]
     if "ml100k" in args.cases:
         results["ml100k"] = time_training(ml, args.steps, args.warmup)

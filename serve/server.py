@@ -6,7 +6,7 @@ embedding), `DELETE /v1/items`, `POST /v1/index:reload` (verified, atomic swap o
 and feature values are encoded by `Model` with the run's vocabularies (a categorical or multi-hot feature
 without a value vocabulary, e.g. a bucketed age, takes its integer codes). No training code is imported.
 
-Layout: request encoding and the towers (`Model`), Prometheus metrics (`Metrics`), the live index and its
+Layout: request encoding and the towers live in `serve.model`, Prometheus metrics in `serve.metrics`; here the live index and its
 mutations (`ServerState`), then the ASGI guard and the app factory.
 
 Client input never causes a 5xx: bodies are validated by `serve.schemas`, oversized bodies get 413, every
@@ -17,14 +17,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import hashlib
 import json
 import logging
 import pathlib
 import threading
 import time
-import types
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -36,6 +34,8 @@ from serve import schemas
 from serve.batcher import MicroBatcher
 from serve.index import UnknownIdError
 from serve.manifest import IndexLoadError, load_index
+from serve.metrics import Metrics
+from serve.model import ClientError, Model, Query, as_id_kind  # noqa: F401 (re-exported)
 
 log = logging.getLogger("twotower.serve")
 
@@ -57,278 +57,6 @@ def index_version(manifest: dict, mutations: int = 0) -> str:
 
 
 # ---------------------------------------------------------------------------------------- request encoding
-class ClientError(Exception):
-    """A request the server cannot answer as asked; `status` is the 4xx (or 503) to send with `detail`."""
-
-    def __init__(self, status: int, detail):
-        super().__init__(detail)
-        self.status, self.detail = status, detail
-
-
-_INT64 = (-(1 << 63), (1 << 63) - 1)
-
-
-def as_id_kind(raw, kind: str):
-    """A raw JSON id as an index/vocabulary id of `kind` ("int" or "str"), or None when it cannot be one
-    (bools, floats, out-of-int64 integers, non-numeric strings for int ids, strings holding NUL)."""
-    if isinstance(raw, bool):
-        return None
-    if kind == "str":
-        value = raw if isinstance(raw, str) else str(raw) if isinstance(raw, int) else None
-        return None if value is None or "\x00" in value else value
-    if isinstance(raw, str):
-        text = raw.strip()
-        if not (text.lstrip("-").isascii() and text.lstrip("-").isdigit() and len(text) <= 20):
-            return None
-        raw = int(text)
-    if isinstance(raw, int) and _INT64[0] <= raw <= _INT64[1]:
-        return raw
-    return None
-
-
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-@dataclasses.dataclass
-class Query:
-    """One top-k request, encoded: user row (-1 = unknown), one row of each user feature, history rows."""
-    row: int
-    feats: dict
-    history: np.ndarray | None
-    k: int
-    exclude: list
-
-
-class Model:
-    """The restored towers plus the training data's lookups (stored user features and histories, item
-    features), turning raw requests into tower inputs and running the towers at padded batch sizes."""
-
-    def __init__(self, run_dir, *, step: int | None, batch_sizes: tuple[int, ...]):
-        from data.batching import user_history
-        from data.load import load
-        from towers.restore import load_trained
-        from towers.two_tower import feature_names
-
-        self.trained = t = load_trained(run_dir, step)
-        self.ds = load(t.config["data"])
-        if len(self.ds.item_vocab) != len(t.item_vocab) or len(self.ds.user_vocab) != len(t.user_vocab):
-            raise IndexLoadError(f"the data of {run_dir}/config.yaml no longer matches the run's vocabularies; "
-                                 "serve from the data the model was trained on")
-        self.batch_sizes, self._user_history = batch_sizes, user_history
-        self.model_version = t.model_version
-        self.user_names, self.item_names = feature_names(t.model)
-        self.specs = {**{s.name: s for s in t.model.item.features.specs},
-                      **{s.name: s for s in t.model.user.features.specs}}
-        self.use_history = t.model.user.use_history
-        self.history_len = int(t.config["data"].get("history_len", 0) or 0)
-        self.item_id_kind = "str" if t.item_vocab.raw_ids.dtype.kind == "U" else "int"
-        self.user_id_kind = "str" if t.user_vocab.raw_ids.dtype.kind == "U" else "int"
-        self.user_table = t.tables.get("user") if t.model.user.use_id else None
-        self.item_table = t.tables.get("item")
-        self.output_dim = int(t.config["model"]["output_dim"])
-
-    # ------------------------------------------------------------------------------------------ features
-    def _code(self, name: str, value) -> int:
-        """One raw categorical value -> its code: through the feature's vocabulary (unknown -> -1) when the
-        run has one, else the value must already be an integer code."""
-        spec, vocab = self.specs[name], self.trained.feature_vocabs.get(name)
-        if vocab is not None:
-            kind = "str" if vocab.raw_ids.dtype.kind == "U" else "int"
-            key = as_id_kind(value, kind)
-            if key is None:
-                raise ClientError(422, f"feature {name!r}: value {value!r} is not a {kind} value of its vocabulary")
-            return int(vocab.lookup(np.asarray([key]), missing="minus_one")[0])
-        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < spec.size:
-            raise ClientError(422, f"feature {name!r} has no value vocabulary: give its integer code in "
-                                   f"[0, {spec.size}), got {value!r}")
-        return value
-
-    def _encode(self, name: str, value) -> np.ndarray:
-        spec = self.specs[name]
-        if spec.kind == "dense":
-            values = value if isinstance(value, list) else [value]
-            if len(values) != spec.size or not all(_is_number(v) and abs(v) <= 1e6 for v in values):
-                raise ClientError(422, f"feature {name!r} is dense: give {spec.size} finite number(s) within "
-                                       f"+-1e6, got {str(value)[:100]}")
-            return np.asarray(values, np.float32)
-        if spec.kind == "categorical":
-            return np.asarray(max(self._code(name, value), 0), np.int32)   # unknown value -> code 0
-        values = value if isinstance(value, list) else [value]
-        codes = list(dict.fromkeys(c for c in (self._code(name, v) for v in values[:10_000]) if c >= 0))
-        out = np.full(spec.max_len, -1, np.int32)   # unknown values dropped, padding -1 at the end
-        out[:min(len(codes), spec.max_len)] = codes[:spec.max_len]
-        return out
-
-    def features(self, names: list[str], stored: dict | None, row: int, given: dict | None) -> dict:
-        """One row of each feature the tower reads: the stored row for known ids, defaults (unknown /
-        empty / zero) otherwise, overridden by the request's raw values."""
-        unknown = sorted(set(given or {}) - set(names))
-        if unknown:
-            raise ClientError(422, f"unknown feature(s) {unknown[:10]}; this tower reads {names}")
-        out = {}
-        for name in names:
-            spec = self.specs[name]
-            if given and name in given:
-                out[name] = self._encode(name, given[name])
-            elif row >= 0:
-                out[name] = np.asarray(stored[name][row])
-            else:
-                out[name] = {"categorical": np.asarray(0, np.int32), "multihot": np.full(spec.max_len, -1, np.int32),
-                             "dense": np.zeros(spec.size, np.float32)}[spec.kind]
-        return out
-
-    # ------------------------------------------------------------------------------------------- queries
-    def make_query(self, req, index_id_kind: str) -> Query:
-        """Validates and encodes a `TopKRequest` (raises `ClientError`)."""
-        key = None if req.user_id is None else as_id_kind(req.user_id, self.user_id_kind)
-        row = -1 if key is None else int(self.trained.user_vocab.lookup(np.asarray([key]), missing="minus_one")[0])
-        hist_rows = None
-        if req.history is not None:
-            keys = [h for h in (as_id_kind(v, self.item_id_kind) for v in req.history) if h is not None]
-            rows = self.trained.item_vocab.lookup(np.asarray(keys), missing="minus_one") if keys else np.zeros(0)
-            hist_rows = np.asarray(rows[rows >= 0], np.int32)
-        if row < 0 and not ((req.features and self.user_names) or (req.history and self.use_history)):
-            raise ClientError(422, "unknown user and no features/history: give user_id of a trained user, or "
-                                   f"features (this tower reads {self.user_names}) or history "
-                                   f"({'used' if self.use_history else 'not used'} by this tower)")
-        feats = self.features(self.user_names, self.ds.user_features, row, req.features)
-        history = None
-        if self.use_history:
-            if hist_rows is None:
-                hist_rows = (self._user_history(self.ds, np.asarray([row]), self.history_len)[0] if row >= 0
-                             else np.zeros(0, np.int32))
-            history = np.full(self.history_len, -1, np.int32)
-            kept = hist_rows[hist_rows >= 0][:self.history_len]
-            history[:len(kept)] = kept
-        exclude = [e for e in (as_id_kind(v, index_id_kind) for v in (req.exclude or [])) if e is not None]
-        if req.exclude_seen:
-            seen = list(hist_rows) if hist_rows is not None else []
-            if row >= 0:
-                indptr, items = self.ds.train_csr()
-                seen += items[indptr[row]:indptr[row + 1]].tolist()
-            exclude += self.trained.item_vocab.raw_ids[np.asarray(seen, np.int64)].tolist() if seen else []
-        return Query(row, feats, history, req.k, exclude)
-
-    def _bucket(self, n: int) -> int:
-        return next((b for b in self.batch_sizes if b >= n), self.batch_sizes[-1])
-
-    def embed_queries(self, queries: list[Query]) -> np.ndarray:
-        """float32[len(queries), D] in one user-tower call, padded to a compiled batch size."""
-        from towers.embed import embed_users
-
-        size = self._bucket(len(queries))
-        pad = size - len(queries)
-        rows = np.asarray([q.row for q in queries] + [-1] * pad, np.int32)
-        feats = {n: np.stack([q.feats[n] for q in queries] + [queries[0].feats[n]] * pad)
-                 for n in self.user_names}
-        history = None if not self.use_history else np.stack([q.history for q in queries] +
-                                                             [np.full(self.history_len, -1, np.int32)] * pad)
-        t = self.trained
-        return embed_users(t.graphdef, t.params, self.user_table, self.item_table, rows, feats, history,
-                           batch_size=size)[:len(queries)]
-
-    def item_embeddings(self, items, id_kind: str, dim: int) -> tuple[list, np.ndarray]:
-        """Upsert items -> (ids of `id_kind`, float32[M, dim]): explicit embeddings as given, features through
-        the item tower (with the ID row when the id is in the trained vocabulary)."""
-        from towers.embed import embed_items
-
-        ids = [as_id_kind(it.id, id_kind) for it in items]
-        bad = [it.id for it, v in zip(items, ids) if v is None]
-        if bad:
-            raise ClientError(422, f"item ids {bad[:10]} are not {id_kind} ids like this index's")
-        emb = np.zeros((len(items), dim), np.float32)
-        by_feat = [j for j, it in enumerate(items) if it.features is not None]
-        for j, it in enumerate(items):
-            if it.embedding is not None:
-                if len(it.embedding) != dim:
-                    raise ClientError(422, f"item {it.id!r}: embedding has {len(it.embedding)} values, the index "
-                                           f"holds dim {dim}")
-                emb[j] = it.embedding
-        if by_feat:
-            keys = [ids[j] for j in by_feat]
-            rows = self.trained.item_vocab.lookup(np.asarray(keys), missing="minus_one").astype(np.int32)
-            feats = [self.features(self.item_names, self.ds.item_features, int(r), items[j].features)
-                     for j, r in zip(by_feat, rows)]
-            size = self._bucket(len(by_feat)) if len(by_feat) <= self.batch_sizes[-1] else self.batch_sizes[-1]
-            pad = max(0, size - len(by_feat))
-            rows = np.concatenate([rows, np.full(pad, -1, np.int32)])
-            stacked = {n: np.stack([f[n] for f in feats] + [feats[0][n]] * pad) for n in self.item_names}
-            t = self.trained
-            table = self.item_table if t.model.item.use_id else None
-            emb[by_feat] = embed_items(t.graphdef, t.params, table, rows, stacked, batch_size=size)[:len(by_feat)]
-        return ids, emb
-
-    def warmup(self) -> None:
-        """Compiles the user tower for every batch size and the item tower for the smallest one."""
-        blank = self.features(self.user_names, None, -1, None)
-        hist = np.full(self.history_len, -1, np.int32) if self.use_history else None
-        for size in self.batch_sizes:
-            self.embed_queries([Query(-1, blank, hist, 1, [])] * size)
-        if self.item_names or self.trained.model.item.use_id:
-            item = types.SimpleNamespace(id=self.trained.item_vocab.raw_ids[0].item(), features={}, embedding=None)
-            self.item_embeddings([item], self.item_id_kind, self.output_dim)
-
-
-# ------------------------------------------------------------------------------------------------ metrics
-_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
-_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-
-
-class _Histogram:
-    def __init__(self, bounds):
-        self.bounds, self.counts, self.sum, self.n = bounds, [0] * len(bounds), 0.0, 0
-
-    def observe(self, value: float) -> None:
-        for i, b in enumerate(self.bounds):
-            if value <= b:
-                self.counts[i] += 1
-        self.sum, self.n = self.sum + value, self.n + 1
-
-    def lines(self, name: str, labels: str) -> list[str]:
-        sep, tail = ("," if labels else ""), (f"{{{labels}}}" if labels else "")
-        out = [f'{name}_bucket{{{labels}{sep}le="{b:g}"}} {c}' for b, c in zip(self.bounds, self.counts)]
-        return out + [f'{name}_bucket{{{labels}{sep}le="+Inf"}} {self.n}', f"{name}_sum{tail} {self.sum:.6f}",
-                      f"{name}_count{tail} {self.n}"]
-
-
-class Metrics:
-    """Request counts by route/method/status, latency and batch-size histograms, in Prometheus text format."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self.requests: dict[tuple, int] = {}
-        self.latency: dict[str, _Histogram] = {}
-        self.batches = _Histogram(_BATCH_BUCKETS)
-
-    def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
-        with self._lock:
-            key = (route, method, status)
-            self.requests[key] = self.requests.get(key, 0) + 1
-            self.latency.setdefault(route, _Histogram(_LATENCY_BUCKETS)).observe(seconds)
-
-    def observe_batch(self, size: int) -> None:
-        with self._lock:
-            self.batches.observe(size)
-
-    def render(self, index_size: int, index_version: str, model_version: str) -> str:
-        with self._lock:
-            lines = ["# HELP twotower_requests_total HTTP requests by route, method and status.",
-                     "# TYPE twotower_requests_total counter"]
-            lines += [f'twotower_requests_total{{route="{r}",method="{m}",status="{s}"}} {n}'
-                      for (r, m, s), n in sorted(self.requests.items())]
-            lines += ["# HELP twotower_request_seconds Request latency.", "# TYPE twotower_request_seconds histogram"]
-            for route, hist in sorted(self.latency.items()):
-                lines += hist.lines("twotower_request_seconds", f'route="{route}"')
-            lines += ["# HELP twotower_batch_size Queries per user-tower call.", "# TYPE twotower_batch_size histogram"]
-            lines += self.batches.lines("twotower_batch_size", "")
-        lines += ["# HELP twotower_index_items Items in the live index.", "# TYPE twotower_index_items gauge",
-                  f"twotower_index_items {index_size}",
-                  "# HELP twotower_index_info The live index and model versions.", "# TYPE twotower_index_info gauge",
-                  f'twotower_index_info{{index_version="{index_version}",model_version="{model_version}"}} 1']
-        return "\n".join(lines) + "\n"
-
-
 class ServerState:
     """The towers, the live index and its version, the batcher and the metrics of one server.
 

@@ -17,7 +17,6 @@ import uvicorn
 
 from serve.__main__ import ConfigError, parse_args
 from serve.batcher import MicroBatcher
-from serve.index import BruteForce
 from serve.manifest import load_index, write_index
 from serve.server import create_app
 from tests.helpers import REPO, smoke_cfg
