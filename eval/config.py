@@ -17,16 +17,13 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
 from data.config import DataConfig
-from towers.config import _help
+from towers.config import ConfigError, _help, to_typed  # noqa: F401 (ConfigError re-exported)
 
 NOT_SET = "???"
 
 
-class ConfigError(ValueError):
-    """An invalid eval config or command line; the message names the key and its value."""
 
 
 @dataclass
@@ -133,15 +130,7 @@ def to_schema(cfg: DictConfig | dict) -> EvaluateConfig:
     unknown = sorted(set(raw["data"]) - {f.name for f in fields(DataConfig)})
     if unknown:
         _fail(f"data.{unknown[0]}", raw["data"][unknown[0]], "unknown data key (see data/config.py)")
-    try:
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(EvaluateConfig), raw))
-    except OmegaConfBaseException as e:
-        key = getattr(e, "full_key", None) or "?"
-        value = OmegaConf.select(OmegaConf.create(raw), key) if key != "?" else None
-        msg = str(e).splitlines()[0]
-        if "not in" in msg or "Key '" in msg:
-            raise ConfigError(f"{key}={value!r}: unknown key ({msg})") from None
-        raise ConfigError(f"{key}={value!r}: {msg}") from None
+    return to_typed(EvaluateConfig, raw)
 
 
 def validate(cfg: DictConfig | dict) -> EvaluateConfig:

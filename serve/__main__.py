@@ -14,11 +14,9 @@ import sys
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from towers.config import ConfigError
+
 CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "serve.yaml"
-
-
-class ConfigError(ValueError):
-    """An invalid server config; the message is one line naming the key and its value."""
 
 
 def parse_args(args: list[str]) -> dict:

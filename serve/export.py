@@ -17,15 +17,12 @@ from dataclasses import asdict, dataclass, field, fields
 import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
-from towers.config import _help
+from towers.config import ConfigError, _help, to_typed  # noqa: F401 (ConfigError re-exported)
 
 log = logging.getLogger("twotower.export")
 
 
-class ConfigError(ValueError):
-    """An invalid export config; the message is one line naming the key and its value."""
 
 
 class ExportError(RuntimeError):
@@ -64,12 +61,7 @@ def validate(cfg: DictConfig | dict) -> ExportConfig:
     """Schema and value checks, before any JAX work. Raises `ConfigError` (one line)."""
     raw = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
     raw.pop("hydra", None)
-    try:
-        c = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ExportConfig), raw))
-    except OmegaConfBaseException as e:
-        key = getattr(e, "full_key", None) or "?"
-        why = "unknown key" if "not in" in str(e) or "Key '" in str(e) else str(e).splitlines()[0]
-        raise ConfigError(f"{key}={OmegaConf.select(OmegaConf.create(raw), key)!r}: {why}") from None
+    c = to_typed(ExportConfig, raw)
     checks = [("run_dir", c.run_dir, c.run_dir is not None, "is required: python -m serve.export run_dir=PATH"),
               ("run_dir", c.run_dir, c.run_dir is None or os.path.isdir(c.run_dir), "no such directory"),
               ("index.type", c.index.type, c.index.type in ("scann", "brute_force"), "must be scann or brute_force"),

@@ -1,7 +1,32 @@
-"""Config schema of the towers (`model:` in the Hydra config). Every key has a default and a description."""
+"""Config schema of the towers (`model:` in the Hydra config). Every key has a default and a description.
+
+Also the two helpers every command's schema uses (train, eval, export): `_help` for a described field and
+`to_typed` for checking a composed config against a dataclass schema with one-line errors.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """An invalid config; the message is one line naming the key and the value."""
+
+
+def to_typed(schema, raw: dict):
+    """`raw` (plain containers) merged onto the dataclass `schema`: unknown keys and wrong types raise
+    `ConfigError("key=value: why")`. Returns the typed dataclass instance."""
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), raw))
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "?"
+        value = OmegaConf.select(OmegaConf.create(raw), key) if key != "?" else None
+        msg = str(e).splitlines()[0]
+        if "not in" in msg or "Key '" in msg:
+            raise ConfigError(f"{key}={value!r}: unknown key ({msg})") from None
+        raise ConfigError(f"{key}={value!r}: {msg}") from None
 
 
 def _help(default, text: str, **kw):

@@ -10,14 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields, is_dataclass
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
 from data.config import DataConfig
-from towers.config import ModelConfig, _help
-
-
-class ConfigError(ValueError):
-    """An invalid composed config; the message names the key and its value."""
+from towers.config import ConfigError, ModelConfig, _help, to_typed  # noqa: F401 (ConfigError re-exported)
 
 
 @dataclass
@@ -118,15 +113,7 @@ def to_schema(cfg: DictConfig | dict) -> Config:
     """Checks keys and types against the schema; returns the typed config object."""
     raw = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
     raw.pop("hydra", None)
-    try:
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), raw))
-    except OmegaConfBaseException as e:
-        key = getattr(e, "full_key", None) or "?"
-        value = OmegaConf.select(OmegaConf.create(raw), key) if key != "?" else None
-        msg = str(e).splitlines()[0]
-        if "not in" in msg or "Key '" in msg:
-            raise ConfigError(f"{key}={value!r}: unknown key ({msg})") from None
-        raise ConfigError(f"{key}={value!r}: {msg}") from None
+    return to_typed(Config, raw)
 
 
 def validate(cfg: DictConfig | dict, *, num_devices: int | None = None) -> Config:
