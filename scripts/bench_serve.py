@@ -34,26 +34,11 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 def make_run(run_dir: pathlib.Path, dim: int) -> tuple[str, int]:
     """A run directory with fresh smoke towers of output dim `dim` (checkpoint at step 1).
     Returns (model_version, number of users)."""
-    from flax import nnx
-
     from tests.helpers import smoke_cfg
     from towers.restore import load_trained
-    from towers.two_tower import TwoTower
-    from train.checkpoint import Checkpointer
-    from train.loop import load_data, save_artifacts
-    from train.sparse import make_sparse_optimizer
-    from train.state import dense_optimizer, init_state, table_sizes
+    from train.loop import write_untrained_run
 
-    c = smoke_cfg(f"model.output_dim={dim}")
-    ds = load_data(c)
-    save_artifacts(run_dir, c, ds)
-    model = TwoTower(c.model, ds.user_feature_specs, ds.item_feature_specs, rngs=nnx.Rngs(c.seed))
-    sizes = table_sizes(c, ds.num_users, ds.num_items)
-    sparse = {name: make_sparse_optimizer(c.optimizer.sparse.name, learning_rate=0.1) for name in sizes}
-    state = init_state(c, model, sizes, dense_optimizer(c, 1), sparse, c.seed)
-    ckpt = Checkpointer(run_dir / "ckpt", every_steps=1, max_to_keep=1, async_save=False)
-    ckpt.save(1, state, {"data": {}}, force=True)
-    ckpt.close()
+    ds, _, _ = write_untrained_run(smoke_cfg(f"model.output_dim={dim}"), run_dir, step=1)
     return load_trained(run_dir).model_version, ds.num_users
 
 

@@ -112,6 +112,22 @@ def restore_or_init(ckpt: Checkpointer, state: dict, batches: Batches, resume: b
     return state
 
 
+def write_untrained_run(c: config_lib.Config, run_dir: str | pathlib.Path, *, step: int = 0):
+    """A run directory whose checkpoint at `step` holds the freshly initialised state, without training.
+
+    For export/serving tests and benchmarks, and as an untrained baseline for `python -m eval`.
+    Returns (dataset, model, state).
+    """
+    run_dir = pathlib.Path(run_dir).absolute()
+    ds = load_data(c)
+    save_artifacts(run_dir, c, ds)
+    model, _, _, state, _ = build(c, ds, max(step, 1), select_devices(c))
+    ckpt = Checkpointer(run_dir / "ckpt", every_steps=1, max_to_keep=1, async_save=False)
+    ckpt.save(step, state, {"data": {}}, force=True)
+    ckpt.close()
+    return ds, model, state
+
+
 # ---------------------------------------------------------------- loop
 def _summarise(window: list[dict], step: int, seconds: float, batch: int) -> dict:
     sums = jax.tree.map(lambda *xs: float(np.sum(xs)), *jax.device_get(window))

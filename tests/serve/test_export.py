@@ -36,25 +36,10 @@ def _cli(*args: str) -> subprocess.Popen:
 def run(tmp_path_factory):
     """A run directory written by the training code (artifacts + an Orbax checkpoint of a fresh state at step
     3; training steps would only add time), the state, and a CLI export already running against it."""
-    from flax import nnx
-
-    from towers.two_tower import TwoTower
-    from train.checkpoint import Checkpointer
-    from train.loop import load_data, save_artifacts
-    from train.sparse import make_sparse_optimizer
-    from train.state import dense_optimizer, init_state, table_sizes
+    from train.loop import write_untrained_run
 
     run_dir = tmp_path_factory.mktemp("run")
-    c = smoke_cfg()
-    ds = load_data(c)
-    save_artifacts(run_dir, c, ds)
-    model = TwoTower(c.model, ds.user_feature_specs, ds.item_feature_specs, rngs=nnx.Rngs(c.seed))
-    sizes = table_sizes(c, ds.num_users, ds.num_items)
-    sparse = {name: make_sparse_optimizer(c.optimizer.sparse.name, learning_rate=0.1) for name in sizes}
-    state = init_state(c, model, sizes, dense_optimizer(c, 3), sparse, c.seed)
-    ckpt = Checkpointer(run_dir / "ckpt", every_steps=1, max_to_keep=2, async_save=False)
-    ckpt.save(3, state, {"data": {}}, force=True)
-    ckpt.close()
+    ds, model, state = write_untrained_run(smoke_cfg(), run_dir, step=3)
     # min_recall above 1 can never be met: the CLI must fail and write nothing. It runs while the tests below do.
     failing = _cli(f"run_dir={run_dir}", "min_recall=1.01", f"out={run_dir}/never", "num_queries=20")
     yield {"dir": run_dir, "ds": ds, "model": model, "state": state, "failing": failing}
