@@ -14,13 +14,9 @@ import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from eval.config import ConfigError, check_overrides, register_configs, validate  # noqa: E402
+from towers.config import exit_config_error  # noqa: E402
 
 register_configs()
-
-
-def _exit_config_error(e: ConfigError) -> None:
-    print(f"config error: {e}", file=sys.stderr)
-    sys.exit(2)
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="evaluate")
@@ -28,7 +24,7 @@ def main(cfg: DictConfig) -> None:
     try:
         c = validate(cfg)
     except ConfigError as e:
-        _exit_config_error(e)
+        exit_config_error(e)
     for name in ("jax", "absl", "orbax"):  # their INFO lines would bury the progress lines
         logging.getLogger(name).setLevel(logging.WARNING)
     from eval.run import run  # JAX is imported only after the config is known to be valid
@@ -36,12 +32,12 @@ def main(cfg: DictConfig) -> None:
     try:
         run(c)
     except ConfigError as e:
-        _exit_config_error(e)
+        exit_config_error(e)
 
 
 if __name__ == "__main__":
     try:
         check_overrides(sys.argv[1:])
     except ConfigError as err:
-        _exit_config_error(err)
+        exit_config_error(err)
     main()

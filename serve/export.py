@@ -18,7 +18,7 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from towers.config import ConfigError, _help, to_typed  # noqa: F401 (ConfigError re-exported)
+from towers.config import ConfigError, _help, exit_config_error, to_typed, unknown_override  # noqa: F401
 
 log = logging.getLogger("twotower.export")
 
@@ -201,8 +201,7 @@ def main(cfg: DictConfig) -> None:
     try:
         c = validate(cfg)
     except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        sys.exit(2)
+        exit_config_error(e)
     from towers.restore import RestoreError
     try:
         export(c)
@@ -211,19 +210,7 @@ def main(cfg: DictConfig) -> None:
         sys.exit(1)
 
 
-def _unknown_override(args: list[str]) -> str | None:
-    """The first `key=value` argument naming no key of the schema: Hydra's own error for it is several lines
-    and exits 1, so it is caught here first."""
-    known = {f.name for f in fields(ExportConfig)} | {f"index.{f.name}" for f in fields(IndexConfig)}
-    for arg in args:
-        key = arg.split("=", 1)[0]
-        if "=" in arg and not arg.startswith(("-", "+", "~", "hydra.", "hydra/")) and key not in known:
-            return f"{arg}: unknown key (known: {', '.join(sorted(known))})"
-    return None
-
-
 if __name__ == "__main__":
-    if (problem := _unknown_override(sys.argv[1:])) is not None:
-        print(f"config error: {problem}", file=sys.stderr)
-        sys.exit(2)
+    if (problem := unknown_override(sys.argv[1:], {f.name for f in fields(ExportConfig)} | {f"index.{f.name}" for f in fields(IndexConfig)})) is not None:
+        exit_config_error(problem)
     main()

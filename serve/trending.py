@@ -36,18 +36,13 @@ from dataclasses import asdict, dataclass, fields
 import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
-from towers.config import _help
+from towers.config import ConfigError, _help, exit_config_error, to_typed, unknown_override
 
 log = logging.getLogger("twotower.trending")
 DAY = 86_400
 _LOOPBACK_NAMES = ("localhost",)
 _POST_CHUNK = 1000          # items per POST /v1/items (the server accepts up to 10,000)
-
-
-class ConfigError(ValueError):
-    """An invalid trending config; the message is one line naming the key and its value."""
 
 
 class TrendingError(RuntimeError):
@@ -142,12 +137,7 @@ def validate(cfg: DictConfig | dict) -> TrendingConfig:
     """Schema and value checks, before any JAX work. Raises `ConfigError` (one line)."""
     raw = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
     raw.pop("hydra", None)
-    try:
-        c = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrendingConfig), raw))
-    except OmegaConfBaseException as e:
-        key = getattr(e, "full_key", None) or "?"
-        why = "unknown key" if "not in" in str(e) or "Key '" in str(e) else str(e).splitlines()[0]
-        raise ConfigError(f"{key}={OmegaConf.select(OmegaConf.create(raw), key)!r}: {why}") from None
+    c = to_typed(TrendingConfig, raw)
     exists = lambda p: p is None or pathlib.Path(p).exists()  # noqa: E731
     checks = [("run_dir", c.run_dir, c.run_dir is not None, "is required: python -m serve.trending run_dir=PATH"),
               ("run_dir", c.run_dir, c.run_dir is None or pathlib.Path(c.run_dir).is_dir(), "no such directory"),
@@ -374,8 +364,7 @@ def main(cfg: DictConfig) -> None:
     try:
         c = validate(cfg)
     except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        sys.exit(2)
+        exit_config_error(e)
     from data.errors import DataError
     from serve.manifest import IndexLoadError
     from towers.restore import RestoreError
@@ -389,18 +378,7 @@ def main(cfg: DictConfig) -> None:
     print(f"trending: {s['trending']} items ({s['new']} new) at now={s['now']:.0f}; top: {top}; -> {where}")
 
 
-def _unknown_override(args: list[str]) -> str | None:
-    """The first `key=value` argument naming no schema key (Hydra's own error is several lines)."""
-    known = {f.name for f in fields(TrendingConfig)}
-    for arg in args:
-        key = arg.split("=", 1)[0]
-        if "=" in arg and not arg.startswith(("-", "+", "~", "hydra.", "hydra/")) and key not in known:
-            return f"{arg}: unknown key (known: {', '.join(sorted(known))})"
-    return None
-
-
 if __name__ == "__main__":
-    if (problem := _unknown_override(sys.argv[1:])) is not None:
-        print(f"config error: {problem}", file=sys.stderr)
-        sys.exit(2)
+    if (problem := unknown_override(sys.argv[1:], {f.name for f in fields(TrendingConfig)})) is not None:
+        exit_config_error(problem)
     main()

@@ -5,6 +5,7 @@ Also the two helpers every command's schema uses (train, eval, export): `_help` 
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 
 from omegaconf import OmegaConf
@@ -13,6 +14,24 @@ from omegaconf.errors import OmegaConfBaseException
 
 class ConfigError(ValueError):
     """An invalid config; the message is one line naming the key and the value."""
+
+
+def exit_config_error(e: Exception):
+    """What every command does with an invalid config: one line on stderr, exit status 2."""
+    print(f"config error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+def unknown_override(args: list[str], known: set[str]) -> str | None:
+    """The first plain `key=value` argument naming no known key, as a message; None when all are known.
+
+    Checked before Hydra parses the command line, whose own error for such a key is several lines and exit 1.
+    """
+    for arg in args:
+        key = arg.split("=", 1)[0]
+        if "=" in arg and not arg.startswith(("-", "+", "~", "hydra.", "hydra/")) and key not in known:
+            return f"{arg}: unknown key (known: {', '.join(sorted(known))})"
+    return None
 
 
 def to_typed(schema, raw: dict):

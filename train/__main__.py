@@ -4,7 +4,6 @@ The run directory (checkpoints, metrics, TensorBoard, logs, vocabularies, final 
 `hydra.run.dir=PATH` puts it where you want. Re-running with the same run dir resumes.
 """
 import os
-import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -12,6 +11,7 @@ import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
+from towers.config import exit_config_error  # noqa: E402
 from train.config import ConfigError, validate  # noqa: E402
 
 
@@ -20,15 +20,13 @@ def main(cfg: DictConfig) -> None:
     try:
         c = validate(cfg)
     except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        sys.exit(2)
+        exit_config_error(e)
     from train.loop import run  # JAX is imported only after the config is known to be valid
 
     try:
         run(c, HydraConfig.get().runtime.output_dir)
     except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        sys.exit(2)
+        exit_config_error(e)
 
 
 if __name__ == "__main__":
