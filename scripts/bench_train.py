@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -73,7 +74,9 @@ def time_training(overrides: list[str], steps: int, warmup: int, table_rows: int
     step = statistics.median(step_times)
     prep = statistics.median(input_times)
     b = c.train.global_batch_size
-    return {"step_ms": step * 1e3, "examples_per_s": b / step, "input_ms": prep * 1e3,
+    # Peak resident memory of this process so far (it only grows: run one case alone to read its own peak).
+    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+    return {"step_ms": step * 1e3, "examples_per_s": b / step, "input_ms": prep * 1e3, "peak_rss_gb": peak_gb,
             "batch": b, "devices": len(devices), "rows": {"user": ds.num_users, "item": ds.num_items}}
 
 
