@@ -1,4 +1,5 @@
-"""From a source's raw columns to a `Dataset`: filter, build vocabularies, align features, split, count.
+"""From a source's raw columns to a `Dataset`: filter, build vocabularies, align features, split (holding
+out cold items when asked), count.
 
 Every source returns a `RawLog` (raw ids, timestamps, optional given test split, optional feature tables) and
 `assemble` does the rest the same way for all of them. It keeps the books: `stats["rows_read"]` always equals
@@ -139,6 +140,18 @@ def _split(user, item, ts, is_test, cfg: DataConfig, num_users: int, stats: dict
     return train_idx, valid_idx, test_idx
 
 
+def _cold_split(user, item, ts, parts, cfg: DataConfig, num_items: int, stats: dict):
+    """Holds the cold items (`cold_item_fraction`) out of train and valid; returns (parts, cold item rows)."""
+    cold = splitlib.pick_cold_items(item, num_items, cfg.cold_item_fraction, cfg.cold_item_seed)
+    if cold.size == 0:
+        return parts, cold
+    train_idx, valid_idx, test_idx, moved = splitlib.hold_out_items(user, item, ts, *parts, cold)
+    # Moved rows stay counted (now as test), so rows_read still equals filtered + train + valid + test.
+    stats.update(cold_items=int(cold.size), cold_item_rows_moved_to_test=moved,
+                 cold_item_test_rows=int(np.isin(item[test_idx], cold).sum()))
+    return (train_idx, valid_idx, test_idx), cold
+
+
 def _columns(raw: RawLog, cfg: DataConfig):
     """Checked raw columns, the stats so far, and the mask of rows that survive duplicates/user filters."""
     user_raw = as_id_array(raw.user, "user ids")
@@ -183,14 +196,15 @@ def assemble(raw: RawLog, cfg: DataConfig) -> Dataset:
     item_vocab = _vocab_for(item_raw, raw.item_table if raw.item_catalog else None, "item")
     user, item = user_vocab.lookup(user_raw), item_vocab.lookup(item_raw)
     is_test = None if raw.is_test is None else np.asarray(raw.is_test, dtype=bool)[keep]
-    train_idx, valid_idx, test_idx = _split(user, item, ts, is_test, cfg, len(user_vocab), stats)
+    parts = _split(user, item, ts, is_test, cfg, len(user_vocab), stats)
+    (train_idx, valid_idx, test_idx), cold = _cold_split(user, item, ts, parts, cfg, len(item_vocab), stats)
     take = lambda idx: None if idx is None else Interactions(user[idx], item[idx], ts[idx])  # noqa: E731
     user_features, user_specs = align_features(raw.user_table, user_vocab, "user", stats)
     item_features, item_specs = align_features(raw.item_table, item_vocab, "item", stats)
     ds = Dataset(name=cfg.name or raw.name, train=take(train_idx), test=take(test_idx), valid=take(valid_idx),
                  user_vocab=user_vocab, item_vocab=item_vocab, user_features=user_features,
                  item_features=item_features, user_feature_specs=user_specs, item_feature_specs=item_specs,
-                 stats=stats, feature_vocabs=dict(raw.feature_vocabs))
+                 stats=stats, feature_vocabs=dict(raw.feature_vocabs), cold_items=cold)
     _finish_stats(ds, stats)
     ds.validate()
     return ds

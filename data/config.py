@@ -64,6 +64,10 @@ class DataConfig:
     valid_fraction: float = _key(0.0, "per user, carve floor(f*n_train) (at least 1) of the latest train "
                                       "interactions as validation; 0 = no validation split")
     split_seed: int = _key(0, "seed of the tie-break between interactions with equal timestamps")
+    cold_item_fraction: float = _key(0.0, "cold-start protocol: this share of the items with interactions is "
+                                          "held out of train and valid entirely; all their interactions go "
+                                          "to test (Dataset.cold_items lists them); 0 = off")
+    cold_item_seed: int = _key(0, "seed of the permutation that picks the cold items")
     min_user_interactions: int = _key(1, "drop users with fewer interactions (counted in stats)")
     drop_duplicates: bool = _key(False, "drop repeated (user, item) pairs, keeping the earliest (counted); "
                                         "false keeps them as separate interactions")
@@ -151,6 +155,8 @@ def _check_ranges(c: DataConfig) -> None:
                                           f"{c.history_mode!r}")
     need(0.0 <= c.test_fraction < 1.0, f"data.test_fraction must be in [0, 1), got {c.test_fraction}")
     need(0.0 <= c.valid_fraction < 1.0, f"data.valid_fraction must be in [0, 1), got {c.valid_fraction}")
+    need(0.0 <= c.cold_item_fraction < 1.0, f"data.cold_item_fraction must be in [0, 1) (a share of the items "
+                                            f"held out of training), got {c.cold_item_fraction}")
     need(c.min_user_interactions >= 1, f"data.min_user_interactions must be >= 1, got {c.min_user_interactions}")
     need(c.history_len >= 0, f"data.history_len must be >= 0, got {c.history_len}")
     need(c.title_vocab_size >= 2 and c.title_max_len >= 1 and c.multihot_max_len >= 1,

@@ -8,6 +8,10 @@ Rules (also in the README):
   so at least one train interaction remains; their last n_test interactions are test. A user with a single
   interaction keeps it in train. test_fraction = 0 gives no test rows.
 * Validation: the same rule with `valid_fraction`, applied to each user's train part (its latest interactions).
+* Cold items (`cold_item_fraction` f > 0): of the A items with at least one interaction, C = clip(floor(f * A),
+  1, A - 1) chosen by a permutation seeded with `cold_item_seed` are held out of training entirely. The split
+  above runs first; then every train and valid row of a cold item moves to test, so the warm test rows are
+  the same as without cold items and only train (and valid) shrink.
 """
 from __future__ import annotations
 
@@ -121,3 +125,50 @@ def count_duplicates(user: np.ndarray, item: np.ndarray, num_items: int) -> int:
         return 0
     key = np.sort(user.astype(np.int64) * num_items + item)
     return int(np.count_nonzero(key[1:] == key[:-1]))
+
+
+def pick_cold_items(item: np.ndarray, num_items: int, fraction: float, seed: int) -> np.ndarray:
+    """The items held out of training entirely (cold-start protocol).
+
+    Args:
+      item: int [N] item rows of every interaction that survived the filters.
+      num_items: bound of the item rows.
+      fraction: share of the items with at least one interaction to hold out, in [0, 1).
+      seed: seed of the permutation that picks them.
+
+    Returns:
+      int32 [C] sorted item rows: C = clip(floor(fraction * A), 1, A - 1) of the A items with interactions
+      (`tail_counts` of A), so at least one item stays warm; empty when fraction is 0 or A < 2.
+    """
+    active = np.flatnonzero(np.bincount(item, minlength=num_items) > 0)
+    num_cold = int(tail_counts(np.array([active.size]), fraction)[0])
+    perm = np.random.default_rng(seed).permutation(active.size)
+    return np.sort(active[perm[:num_cold]]).astype(np.int32)
+
+
+def hold_out_items(user: np.ndarray, item: np.ndarray, ts: np.ndarray, train_idx: np.ndarray,
+                   valid_idx: np.ndarray | None, test_idx: np.ndarray, cold_items: np.ndarray):
+    """Moves every train and valid row of `cold_items` into test.
+
+    Args:
+      user, item, ts: [N] columns the index arrays point into.
+      train_idx, valid_idx, test_idx: row indices of each split (valid may be None), each in (user, time) order.
+      cold_items: int [C] item rows to hold out.
+
+    Returns:
+      (train_idx, valid_idx, test_idx, moved): the new splits, test still in (user, time) order (a moved row
+      follows a test row of the same user and timestamp), and how many rows moved.
+    """
+    moved = []
+    kept = []
+    for idx in (train_idx, valid_idx):
+        if idx is None:
+            kept.append(None)
+            continue
+        cold = np.isin(item[idx], cold_items)
+        kept.append(idx[~cold])
+        moved.append(idx[cold])
+    merged = np.concatenate([test_idx, *moved])
+    # Stable ordering keeps ties in input order, so the split stays reproducible without a seed.
+    test_idx = merged[canonical_order(user[merged], ts[merged], tie_seed=None)]
+    return kept[0], kept[1], test_idx, int(sum(m.size for m in moved))

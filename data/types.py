@@ -180,7 +180,9 @@ class Dataset:
     `user_features[name]` is indexed by user row (length `num_users`), `item_features[name]` by item row.
     `feature_vocabs` maps a feature name to the `Vocab` of its raw values (e.g. genre names, title tokens) so
     new items can be featurised the same way at serving time. `stats` holds counts reported to the user: rows
-    read, rows filtered by reason, duplicates, split sizes.
+    read, rows filtered by reason, duplicates, split sizes. `cold_items` (int32 [C], sorted) are the items held
+    out of training entirely by `cold_item_fraction`: they keep their vocabulary rows and features, have no
+    train or valid interactions, and all their interactions are in test.
     """
 
     name: str
@@ -195,6 +197,7 @@ class Dataset:
     item_feature_specs: list[FeatureSpec]
     stats: dict
     feature_vocabs: dict[str, Vocab] = field(default_factory=dict)
+    cold_items: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
     _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
@@ -260,6 +263,7 @@ class Dataset:
                 if arr.size and (arr.min() < 0 or arr.max() >= hi):
                     raise DataError(f"{self.name} {split}.{col} rows must lie in [0, {hi}), got "
                                     f"[{arr.min()}, {arr.max()}]")
+        self._validate_cold_items()
         for side, specs, feats, rows in (("user", self.user_feature_specs, self.user_features, self.num_users),
                                          ("item", self.item_feature_specs, self.item_features, self.num_items)):
             if sorted(s.name for s in specs) != sorted(feats):
@@ -267,6 +271,18 @@ class Dataset:
                                 f"feature arrays {sorted(feats)}")
             for spec in specs:
                 spec.check(feats[spec.name], rows, f"{self.name} {side}")
+
+    def _validate_cold_items(self) -> None:
+        cold = np.asarray(self.cold_items)
+        if cold.ndim != 1 or (cold.size and (cold.min() < 0 or cold.max() >= self.num_items
+                                             or np.any(cold[1:] <= cold[:-1]))):
+            raise DataError(f"{self.name} cold_items must be sorted distinct item rows in [0, {self.num_items}), "
+                            f"got shape {cold.shape}")
+        for split in ("train", "valid"):
+            inter = getattr(self, split)
+            if cold.size and inter is not None and np.isin(inter.item, cold).any():
+                raise DataError(f"{self.name} {split} holds interactions of cold items; cold items must be held "
+                                "out of training entirely")
 
     def replace(self, **changes) -> "Dataset":
         """A copy with some fields changed (caches are not carried over)."""

@@ -1,8 +1,9 @@
 """Approximate top-k with ScaNN for the evaluation run, and the overlap of approximate with exact results.
 
-The index follows ScaNN's guidance: a k-means tree with about sqrt(N) leaves, anisotropic asymmetric hashing
-(2 dimensions per block, threshold 0.2) and exact re-scoring of the best candidates. Below
-``brute_force_below`` items a brute-force searcher is used: it is faster there, and ScaNN's tree needs more
+The searcher is configured and built by the serving index's rule (`serve.index.scann_settings` and
+`build_scann_searcher`: a k-means tree with about sqrt(N) leaves, anisotropic asymmetric hashing and exact
+re-scoring of the best candidates), so the ANN metrics measure the index that serving would build. Below
+``brute_force_below`` items ScaNN's brute-force scorer is used: it is faster there, and the tree needs more
 items than leaves.
 
 Searching with exclusions: the index knows nothing of a user's training items, so each user asks for k plus the
@@ -12,15 +13,20 @@ number of items they exclude and the excluded ones are dropped afterwards. Users
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 
 import numpy as np
 
 from eval.metrics import PAD, csr_pairs, sorted_unique
+from serve.index import build_scann_searcher, scann_settings
 
 INSTALL_HINT = ("ScaNN is needed for the ANN metrics: `pip install 'scann>=1.4.2'` (Linux wheels for x86-64 "
                 "and arm64, no TensorFlow needed), or run with ann.enabled=false")
+
+
+# The settings recorded in the report (training sample size and threads do not change what is measured).
+_REPORTED = ("mode", "num_leaves", "num_leaves_to_search", "dimensions_per_block",
+             "anisotropic_quantization_threshold", "reorder")
 
 
 @dataclasses.dataclass
@@ -67,32 +73,23 @@ def build_index(item_emb, k: int = 100, *, brute_force_below: int = 20_000, num_
     Returns:
       the built ``AnnIndex``.
     """
-    scann = _import_scann()
+    _import_scann()  # first, for the hint that names ann.enabled=false
     db = np.ascontiguousarray(item_emb, dtype=np.float32)
     if db.ndim != 2 or db.shape[0] < 1:
         raise ValueError(f"item_emb must be a non-empty [N, D] array, got shape {db.shape}")
     n = db.shape[0]
     k = max(1, min(int(k), n))
     t0 = time.perf_counter()
-    builder = scann.scann_ops_pybind.builder(db, k, "dot_product")
-    if n < brute_force_below:
-        searcher = builder.score_brute_force().build()
-        params = {"mode": "brute_force"}
-    else:
-        leaves = num_leaves or max(2, round(math.sqrt(n)))
-        if leaves >= n:
-            raise ValueError(f"ann.num_leaves={leaves} must be smaller than the {n} items; lower it or raise "
-                             "ann.brute_force_below so this corpus is searched by brute force")
-        search = num_leaves_to_search or max(1, math.ceil(leaves / 10))
-        reorder = reorder or 4 * k
-        searcher = (builder.tree(num_leaves=leaves, num_leaves_to_search=min(search, leaves),
-                                 training_sample_size=min(training_sample_size, n))
-                    .score_ah(dimensions_per_block,
-                              anisotropic_quantization_threshold=anisotropic_quantization_threshold)
-                    .reorder(reorder).build())
-        params = {"mode": "tree_ah", "num_leaves": leaves, "num_leaves_to_search": min(search, leaves),
-                  "dimensions_per_block": dimensions_per_block,
-                  "anisotropic_quantization_threshold": anisotropic_quantization_threshold, "reorder": reorder}
+    try:
+        settings = scann_settings(n, num_leaves=num_leaves, num_leaves_to_search=num_leaves_to_search,
+                                  dimensions_per_block=dimensions_per_block,
+                                  anisotropic_quantization_threshold=anisotropic_quantization_threshold,
+                                  reorder=reorder or 4 * k, training_sample_size=training_sample_size,
+                                  brute_force_below=brute_force_below)
+    except ValueError as e:
+        raise ValueError(f"ann: {e} (ann.num_leaves, ann.brute_force_below)") from None
+    searcher = build_scann_searcher(db, settings, k)
+    params = {key: settings[key] for key in _REPORTED if key in settings}
     return AnnIndex(searcher, n, params, round(time.perf_counter() - t0, 3))
 
 

@@ -1,5 +1,7 @@
 """Top-k retrieval backends behind one interface, `TopK`: `BruteForce` (exact, numpy, the reference) and
 `ScaNNIndex` (ScaNN tree + asymmetric hashing + exact reordering; exact below a corpus size).
+`scann_settings` and `build_scann_searcher` are the one place that says how ScaNN is configured; the
+evaluation's ANN metrics (`eval.ann`) build their searcher with them too.
 
 Both keep the item embeddings and ids themselves, in "slot" order: slot i holds `ids[i]`. ScaNN numbers its
 datapoints the same way (checked on scann 1.4.2: an insert appends a slot; deleting slot s moves the last
@@ -359,6 +361,68 @@ def _import_scann():
     return scann_ops_pybind
 
 
+def scann_settings(num_items: int, *, num_leaves: int | None = None, num_leaves_to_search: int | None = None,
+                   dimensions_per_block: int = 2, anisotropic_quantization_threshold: float = 0.2,
+                   reorder: int = 100, training_sample_size: int = 100_000, brute_force_below: int = 20_000,
+                   training_threads: int = 0) -> dict:
+    """How ScaNN is configured for a corpus of `num_items`: the one rule the serving index and evaluation share.
+
+    Args:
+      num_items: N, the corpus size.
+      num_leaves: k-means tree leaves; None = round(sqrt(N)) (at least 2).
+      num_leaves_to_search: leaves scanned per query; None = ceil(num_leaves / 10); capped at num_leaves.
+      dimensions_per_block, anisotropic_quantization_threshold: asymmetric-hashing settings.
+      reorder: candidates rescored exactly (the searcher's default; searches may pass their own).
+      training_sample_size: points sampled to train the tree and the AH codebooks (capped at N).
+      brute_force_below: corpora smaller than this get {"mode": "brute_force"}.
+      training_threads: threads for training; 0 = all cores.
+
+    Returns:
+      {"mode": "brute_force"}, or {"mode": "tree_ah", "num_leaves", "num_leaves_to_search",
+      "dimensions_per_block", "anisotropic_quantization_threshold", "reorder", "training_sample_size",
+      "training_threads"} for `build_scann_searcher`.
+
+    Raises:
+      ValueError: a tree with at least as many leaves as items.
+    """
+    if num_items < brute_force_below:
+        return {"mode": "brute_force"}
+    leaves = num_leaves or max(2, round(math.sqrt(num_items)))
+    if leaves >= num_items:
+        raise ValueError(f"num_leaves={leaves} must be smaller than the {num_items} items; lower num_leaves or "
+                         "raise brute_force_below so this corpus is searched by brute force")
+    search = min(leaves, num_leaves_to_search or max(1, math.ceil(leaves / 10)))
+    return {"mode": "tree_ah", "num_leaves": leaves, "num_leaves_to_search": search,
+            "dimensions_per_block": dimensions_per_block,
+            "anisotropic_quantization_threshold": anisotropic_quantization_threshold, "reorder": reorder,
+            "training_sample_size": min(num_items, training_sample_size), "training_threads": training_threads}
+
+
+def build_scann_searcher(db: np.ndarray, settings: dict, num_neighbors: int = 10):
+    """A dot-product ScaNN searcher over `db` as `scann_settings` describes it.
+
+    Args:
+      db: float32 [N, D] item embeddings, C-contiguous; row n is datapoint n.
+      settings: from `scann_settings(N, ...)`. "tree_ah": k-means tree, anisotropic AH, exact reordering;
+        "brute_force": ScaNN's brute-force scorer (for callers that want a ScaNN searcher at any size;
+        `ScaNNIndex` searches such corpora with numpy instead).
+      num_neighbors: the searcher's default k (searches usually pass their own).
+
+    Returns:
+      a ``scann_ops_pybind.ScannSearcher``.
+    """
+    builder = _import_scann().builder(db, num_neighbors, "dot_product")
+    if settings["mode"] == "brute_force":
+        return builder.score_brute_force().build()
+    s = settings
+    return (builder.tree(num_leaves=s["num_leaves"], num_leaves_to_search=s["num_leaves_to_search"],
+                         training_sample_size=s["training_sample_size"])
+            .score_ah(s["dimensions_per_block"],
+                      anisotropic_quantization_threshold=s["anisotropic_quantization_threshold"],
+                      training_sample_size=s["training_sample_size"])
+            .reorder(s["reorder"]).set_n_training_threads(s["training_threads"]).build())
+
+
 class ScaNNIndex(TopK):
     """ScaNN: k-means tree (about sqrt(N) leaves), anisotropic asymmetric hashing, exact reordering.
 
@@ -414,22 +478,13 @@ class ScaNNIndex(TopK):
         return index
 
     def _backend_build(self, leaves_to_search: int | None = None) -> None:
-        c, n = self.config, self._n
         self._searcher, self.num_leaves, self.num_leaves_to_search = None, None, None
-        if n < c["brute_force_below"]:
+        config = {**self.config, "num_leaves_to_search": leaves_to_search or self.config["num_leaves_to_search"]}
+        settings = scann_settings(self._n, **config)
+        if settings["mode"] == "brute_force":
             return
-        self.num_leaves = c["num_leaves"] or max(1, round(math.sqrt(n)))
-        self.num_leaves_to_search = min(self.num_leaves, leaves_to_search or c["num_leaves_to_search"] or
-                                        max(1, math.ceil(self.num_leaves / 10)))
-        db = self._emb[:n]
-        self._searcher = (
-            _import_scann().builder(db, 10, "dot_product")
-            .tree(num_leaves=self.num_leaves, num_leaves_to_search=self.num_leaves_to_search,
-                  training_sample_size=min(n, c["training_sample_size"]))
-            .score_ah(c["dimensions_per_block"],
-                      anisotropic_quantization_threshold=c["anisotropic_quantization_threshold"],
-                      training_sample_size=min(n, c["training_sample_size"]))
-            .reorder(c["reorder"]).set_n_training_threads(c["training_threads"]).build())
+        self.num_leaves, self.num_leaves_to_search = settings["num_leaves"], settings["num_leaves_to_search"]
+        self._searcher = build_scann_searcher(self._emb[:self._n], settings)
 
     def _backend_ann(self, q, fetch, leaves):
         leaves = self.num_leaves_to_search if leaves is None else min(self.num_leaves, 4 * leaves)

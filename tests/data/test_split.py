@@ -5,7 +5,8 @@ import pytest
 from data.assemble import RawLog, assemble
 from data.config import resolve_config
 from data.errors import DataError
-from data.split import canonical_order, tail_counts
+from data.load import load
+from data.split import canonical_order, hold_out_items, pick_cold_items, tail_counts
 
 # user A: five items, three tied at t=2; B: one item; C: two; D: three, all at t=0.
 USERS = ["A"] * 5 + ["B"] + ["C"] * 2 + ["D"] * 3
@@ -104,3 +105,59 @@ def test_given_split_keeps_file_order_for_ties():
     assert ds.item_vocab.raw_ids[ds.test.item].tolist() == [0, 4]
     with pytest.raises(DataError, match="no test split"):
         assemble(RawLog("g", users, items), resolve_config({"source": "synthetic", "split": "given"}))
+
+
+def test_cold_items_are_a_seeded_share_of_the_items_with_interactions():
+    item = np.array([0, 0, 2, 3, 3, 5, 6, 7, 8, 9, 9, 9])  # 8 active items of 12; 1, 4, 10, 11 have none
+    cold = pick_cold_items(item, 12, 0.3, seed=4)
+    assert cold.dtype == np.int32 and cold.tolist() == sorted(set(cold.tolist())) and cold.size == 2  # floor(2.4)
+    assert set(cold.tolist()) <= {0, 2, 3, 5, 6, 7, 8, 9}
+    np.testing.assert_array_equal(cold, pick_cold_items(item, 12, 0.3, seed=4))
+    assert len({tuple(pick_cold_items(item, 12, 0.3, seed=s)) for s in range(10)}) > 1
+    assert pick_cold_items(item, 12, 0.01, seed=0).size == 1  # any positive share holds out at least one
+    assert pick_cold_items(item, 12, 0.99, seed=0).size == 7  # and leaves at least one warm item
+    assert pick_cold_items(item, 12, 0.0, seed=0).size == 0
+
+
+def test_hold_out_items_moves_train_and_valid_rows_to_test_in_time_order():
+    user = np.array([0, 0, 0, 0, 1, 1])
+    item = np.array([5, 6, 5, 7, 6, 6])
+    ts = np.array([1, 2, 3, 4, 1, 9])
+    train, valid, test, moved = hold_out_items(user, item, ts, np.array([0, 1, 4]), np.array([2]),
+                                               np.array([3, 5]), np.array([5]))
+    assert (train.tolist(), valid.tolist(), moved) == ([1, 4], [], 2)
+    assert test.tolist() == [0, 2, 3, 5]  # user 0 at t=1, 3, 4, then user 1
+
+
+def test_cold_item_split_holds_items_out_of_training_and_keeps_the_books():
+    kw = dict(source="synthetic", num_users=300, num_items=200, interactions_per_user=8, num_clusters=4,
+              valid_fraction=0.2)
+    warm = load(kw)
+    ds = load({**kw, "cold_item_fraction": 0.25, "cold_item_seed": 1})
+    cold = ds.cold_items
+    active = np.unique(np.concatenate([warm.train.item, warm.valid.item, warm.test.item]))
+    assert cold.size == int(0.25 * active.size) and np.isin(cold, active).all()
+    assert not np.isin(ds.train.item, cold).any() and not np.isin(ds.valid.item, cold).any()
+    assert ds.item_counts()[cold].sum() == 0 and ds.num_items == warm.num_items  # vocabulary keeps them
+    moved = np.isin(warm.train.item, cold).sum() + np.isin(warm.valid.item, cold).sum()
+    assert ds.stats["cold_item_rows_moved_to_test"] == moved > 0
+    assert ds.stats["cold_item_test_rows"] == moved + np.isin(warm.test.item, cold).sum() == \
+        np.isin(ds.test.item, cold).sum()
+    assert len(ds.train) + len(ds.valid) + len(ds.test) == ds.stats["rows_read"] == len(warm.train) + \
+        len(warm.valid) + len(warm.test)
+    # The rest is the split without cold items, less the cold rows; test stays in (user, time) order.
+    for split in ("train", "valid", "test"):
+        got, want = getattr(ds, split), getattr(warm, split)
+        np.testing.assert_array_equal(got.item[~np.isin(got.item, cold)], want.item[~np.isin(want.item, cold)])
+    key = ds.test.user.astype(np.int64) * (1 << 40) + ds.test.timestamp
+    assert (np.diff(key) >= 0).all()
+    assert warm.cold_items.size == 0 and "cold_items" not in warm.stats
+
+
+def test_a_cold_item_in_train_is_rejected_and_the_fraction_is_range_checked():
+    ds = _load(test_fraction=0.4, cold_item_fraction=0.2)
+    assert ds.stats["cold_items"] == 1
+    with pytest.raises(DataError, match="cold items must be held out"):
+        ds.replace(cold_items=np.unique(ds.train.item)[:1].astype(np.int32)).validate()
+    with pytest.raises(DataError, match="cold_item_fraction must be in"):
+        _load(cold_item_fraction=1.0)

@@ -1,9 +1,11 @@
-"""ScaNN search for evaluation: recall against exact top-k, exclusions, and the overlap metric."""
+"""ScaNN search for evaluation: recall against exact top-k, exclusions, the overlap metric, and that the
+searcher is the one the serving index builds."""
 import numpy as np
 import pytest
 
 from eval.ann import ann_topk, build_index, overlap_at_k
 from eval.topk import exact_topk
+from serve.index import ScaNNIndex
 
 pytest.importorskip("scann")
 
@@ -64,6 +66,25 @@ def test_results_missing_from_the_probed_leaves_are_padding_not_item_0():
     for row in approx:
         real = row[row >= 0]
         assert len(set(real.tolist())) == real.size and (row[real.size:] == -1).all()
+
+
+def test_eval_builds_the_index_serving_builds_for_the_same_corpus():
+    rng = np.random.default_rng(3)
+    items = _clustered(rng, 3000, 8, 30)
+    # (settings, expected tree): round(sqrt(3000)) = 55 leaves, ceil(55 / 10) = 6 searched; None = exact.
+    cases = [({"brute_force_below": 1000}, (55, 6)), ({"brute_force_below": 1000, "num_leaves": 40}, (40, 4)),
+             ({"brute_force_below": 5000}, None)]
+    for kw, tree in cases:
+        served = ScaNNIndex(**kw).index(items, np.arange(3000))
+        params = build_index(items, 10, **kw).params
+        assert params["mode"] == served.params()["mode"] == ("brute_force" if tree is None else "tree_ah"), kw
+        if tree is not None:
+            assert (params["num_leaves"], params["num_leaves_to_search"]) == tree
+            assert (served.num_leaves, served.num_leaves_to_search) == tree
+    with pytest.raises(ValueError, match=r"ann: num_leaves=100 must be smaller than the 100 items.*brute_force"):
+        build_index(items[:100], 10, brute_force_below=10, num_leaves=100)
+    with pytest.raises(ValueError, match="num_leaves=100 must be smaller than the 100 items"):
+        ScaNNIndex(brute_force_below=10, num_leaves=100).index(items[:100], np.arange(100))
 
 
 def test_overlap_at_k_by_hand():
