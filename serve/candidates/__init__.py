@@ -1,0 +1,331 @@
+"""Batch candidate generation: every user of a trained run (or a list of users) -> top-k unseen items ->
+Parquet shards. `python -m serve.candidates` (`__main__.py`) and the Beam pipeline (`beam.py`) both run
+`load_job` once per process and `run_shard` once per shard; `run` is the single-process driver.
+
+Output: `<out>/part-SSSSS-of-NNNNN.parquet`, one file per shard, with the columns
+
+    user_id    string               the user's raw id as in the run's vocabulary
+    item_ids   list<int64|string>   raw item ids (the index's id kind), best first
+    scores     list<float32>        dot-product scores, descending; ties by item slot ascending
+
+and the job's identity in the file's key-value metadata (`twotower.model_version`, `twotower.index_version`,
+`twotower.k`, ...). A user gets min(k, unseen items) items. Users are split into `num_shards` contiguous ranges
+of their sorted vocabulary rows, so the split depends only on the user set. A shard is written under a
+temporary name and renamed into place, so a shard file is either absent or complete; a re-run skips complete
+shards (after checking that they belong to the same job) and redoes the others, which yields the same bytes
+as an uninterrupted run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+import pathlib
+import re
+import time
+import uuid
+
+import numpy as np
+
+from serve.candidates.config import CandidatesConfig, validate
+from serve.candidates.search import Corpus, SearchStats, default_overfetch, seen_csr, topk_unseen
+
+log = logging.getLogger("twotower.candidates")
+FORMAT_VERSION = "1"
+_SHARD_NAME = re.compile(r"part-(\d{5})-of-(\d{5})\.parquet")
+
+
+class CandidatesError(RuntimeError):
+    """The job cannot run as asked: missing or mismatched index, unknown users, foreign shards in out."""
+
+
+@dataclasses.dataclass
+class Job:
+    """Everything a worker needs to write any shard; built once per process by `load_job`."""
+    config: CandidatesConfig
+    trained: object                  # towers.restore.TrainedModel
+    ds: object                       # data.types.Dataset the run was trained on
+    corpus: Corpus
+    users: np.ndarray                # int32[U] user rows of the job, sorted, distinct
+    slot_of_row: np.ndarray          # int64[num item rows]: corpus slot of each vocabulary item, -1 if absent
+    overfetch: int
+    metadata: dict                   # str -> str: the job's identity, written into every shard
+
+    @property
+    def out(self) -> pathlib.Path:
+        return pathlib.Path(self.config.out)
+
+
+# ------------------------------------------------------------------------------------------------ loading
+def _check_vocabs(trained, ds) -> None:
+    for side in ("user", "item"):
+        saved, loaded = getattr(trained, f"{side}_vocab").raw_ids, getattr(ds, f"{side}_vocab").raw_ids
+        if saved.dtype.kind != loaded.dtype.kind or not np.array_equal(saved, loaded):
+            raise CandidatesError(f"the dataset reloaded from {trained.run_dir}/config.yaml has {len(loaded)} {side} "
+                                  f"ids but the run's vocab/{side}.npy has {len(saved)} (or another order): the "
+                                  "data changed since training; generate candidates from the data the model saw")
+
+
+def _load_index(c: CandidatesConfig, trained):
+    from serve.manifest import IndexLoadError, load_index
+
+    index_dir = pathlib.Path(c.index_dir or pathlib.Path(c.run_dir) / "export" / trained.model_version)
+    try:
+        index, _ = load_index(index_dir, model_version=trained.model_version)
+    except IndexLoadError as e:
+        raise CandidatesError(f"index_dir={index_dir}: {e}. Export this checkpoint first (python -m serve.export "
+                              f"run_dir={c.run_dir}) or pass index_dir= of its export") from None
+    version = hashlib.sha256((index_dir / "manifest.json").read_bytes()).hexdigest()[:16]
+    return index, version
+
+
+def read_users(path, vocab, *, skip_unknown: bool) -> np.ndarray:
+    """User rows of a file of raw ids (one per line; blank lines ignored), sorted and distinct.
+
+    Raises:
+      CandidatesError: ids the vocabulary lacks (their count and the first examples), unless `skip_unknown`.
+    """
+    from serve.model import as_id_kind
+
+    kind = "str" if vocab.raw_ids.dtype.kind == "U" else "int"
+    lines = [line.strip() for line in pathlib.Path(path).read_text(encoding="utf-8").splitlines()]
+    lines = [line for line in lines if line]
+    keys = [as_id_kind(line, kind) for line in lines]
+    known = [key for key in keys if key is not None]
+    rows = vocab.lookup(np.asarray(known), missing="minus_one") if known else np.zeros(0, np.int32)
+    unknown = [line for line, key in zip(lines, keys) if key is None]
+    unknown += [str(key) for key, row in zip(known, rows.tolist()) if row < 0]
+    if unknown:
+        msg = (f"users={path}: {len(unknown)} of {len(lines)} ids are not users of the run's vocabulary, e.g. "
+               f"{unknown[:5]}")
+        if not skip_unknown:
+            raise CandidatesError(f"{msg}; fix the file or pass skip_unknown_users=true to skip them")
+        log.warning("%s; skipped (skip_unknown_users=true)", msg)
+    return np.unique(rows[rows >= 0]).astype(np.int32)
+
+
+def _seen_sources(c: CandidatesConfig, ds) -> list:
+    missing = [s for s in c.exclude_splits if getattr(ds, s) is None]
+    if missing:
+        raise CandidatesError(f"exclude_splits={c.exclude_splits}: the dataset has no {missing} split")
+    return [ds.split_csr(s) for s in c.exclude_splits]
+
+
+def load_job(c: CandidatesConfig) -> Job:
+    """Restores the towers, reloads their data, loads the index (its model version must be the run's) and
+    resolves the users. Raises `CandidatesError` or `towers.restore.RestoreError`."""
+    from data.load import load
+    from towers.restore import load_trained
+
+    trained = load_trained(c.run_dir, c.step)
+    ds = load(trained.config["data"])
+    _check_vocabs(trained, ds)
+    index, index_version = _load_index(c, trained)
+    corpus = Corpus(index, c.search, user_block=c.user_block, item_block=c.item_block)
+    try:
+        tuned = corpus.tune(c.leaves_to_search, c.reorder)
+    except ValueError as e:
+        raise CandidatesError(f"leaves_to_search={c.leaves_to_search}, reorder={c.reorder}: {e}") from None
+    vocab_kind, index_kind = trained.item_vocab.raw_ids.dtype.kind == "U", index.id_kind == "str"
+    if vocab_kind != index_kind:
+        raise CandidatesError(f"the index holds {index.id_kind} item ids but the run's items are "
+                              f"{trained.item_vocab.raw_ids.dtype} ids; export the index from this run")
+    if c.k > corpus.num_items:
+        raise CandidatesError(f"k={c.k} is larger than the index ({corpus.num_items} items)")
+    users = (np.arange(ds.num_users, dtype=np.int32) if c.users is None
+             else read_users(c.users, trained.user_vocab, skip_unknown=c.skip_unknown_users))
+    counts = sum((np.diff(indptr) for indptr, _ in _seen_sources(c, ds)), np.zeros(ds.num_users, np.int64))
+    overfetch = c.overfetch if c.overfetch is not None else default_overfetch(counts)
+    identity = {"model_version": trained.model_version, "index_version": index_version, "overfetch": overfetch,
+                "search": "exact" if corpus.exact else "index",
+                "scann": ",".join(f"{k}={v}" for k, v in tuned.items()) or "-"}
+    return Job(c, trained, ds, corpus, users, corpus.slots_of(trained.item_vocab.raw_ids), overfetch,
+               _metadata(c, users, identity))
+
+
+def _metadata(c: CandidatesConfig, users: np.ndarray, identity: dict) -> dict:
+    """The job's identity as Parquet key-value metadata: what a shard's rows depend on, nothing that varies
+    between runs of the same job (no times, no paths), so a resumed job writes the same bytes."""
+    fields = {"format_version": FORMAT_VERSION, **identity, "k": c.k, "num_shards": c.num_shards,
+              "exclude_splits": ",".join(c.exclude_splits), "max_fetch": c.max_fetch,
+              "users": "all" if c.users is None else hashlib.sha256(users.tobytes()).hexdigest()[:16],
+              "num_users": len(users)}
+    return {f"twotower.{k}": str(v) for k, v in fields.items()}
+
+
+# ----------------------------------------------------------------------------------------------- one chunk
+def shard_users(users: np.ndarray, num_shards: int, shard_index: int) -> np.ndarray:
+    """Shard `shard_index` of `num_shards` contiguous, near-equal ranges of `users` (int[U]) -> int[~U/S]."""
+    n = len(users)
+    return users[n * shard_index // num_shards: n * (shard_index + 1) // num_shards]
+
+
+def embed_user_rows(job: Job, rows: np.ndarray) -> np.ndarray:
+    """float32[Q, D] user embeddings, in tower calls of exactly `batch_size` users (one compiled shape)."""
+    from data.batching import user_history
+    from towers.embed import embed_users
+    from towers.two_tower import feature_names
+
+    t, size = job.trained, job.config.batch_size
+    padded = np.full(-(-len(rows) // size) * size, -1, np.int32)
+    padded[:len(rows)] = rows
+    gather = np.maximum(padded, 0)          # padding rows read user 0's features; their outputs are dropped
+    feats = {k: job.ds.user_features[k][gather] for k in feature_names(t.model)[0]}
+    history = None
+    if t.model.user.use_history:
+        history = user_history(job.ds, gather, int(t.config["data"].get("history_len", 0)))
+        history[len(rows):] = -1
+    table = t.tables.get("user") if t.model.user.use_id else None
+    emb = embed_users(t.graphdef, t.params, table, t.tables.get("item"), padded, feats, history, batch_size=size)
+    return emb[:len(rows)]
+
+
+def candidates_for(job: Job, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, SearchStats]:
+    """Top-k unseen items of the users `rows` (int[Q]): (scores float32[Q, k], slots int64[Q, k], stats)."""
+    ex_indptr, ex_slots = seen_csr(_seen_sources(job.config, job.ds), rows, job.slot_of_row)
+    emb = embed_user_rows(job, rows)
+    return topk_unseen(job.corpus, emb, job.config.k, ex_indptr, ex_slots, overfetch=job.overfetch,
+                       max_fetch=job.config.max_fetch)
+
+
+def _arrow_schema(job: Job, shard_index: int, num_users: int):
+    import pyarrow as pa
+
+    item_type = pa.string() if job.corpus.index.id_kind == "str" else pa.int64()
+    meta = {**job.metadata, "twotower.shard_index": str(shard_index), "twotower.shard_users": str(num_users)}
+    return pa.schema([("user_id", pa.string()), ("item_ids", pa.list_(item_type)),
+                      ("scores", pa.list_(pa.float32()))], metadata=meta)
+
+
+def chunk_table(job: Job, rows: np.ndarray, schema):
+    """The Arrow table of the users `rows`, and the search stats."""
+    import pyarrow as pa
+
+    scores, slots, stats = candidates_for(job, rows)
+    keep = slots >= 0                        # only the tail past a user's eligible items is -1
+    offsets = np.zeros(len(rows) + 1, np.int32)
+    np.cumsum(keep.sum(axis=1), out=offsets[1:])
+    user_ids = job.trained.user_vocab.raw_ids[rows].astype(str)
+    item_ids = job.corpus.ids[slots[keep]]
+    columns = [pa.array(user_ids, pa.string()),
+               pa.ListArray.from_arrays(pa.array(offsets), pa.array(item_ids, schema.field("item_ids").type.value_type)),
+               pa.ListArray.from_arrays(pa.array(offsets), pa.array(scores[keep], pa.float32()))]
+    return pa.Table.from_arrays(columns, schema=schema), stats
+
+
+# ---------------------------------------------------------------------------------------------- one shard
+def shard_path(out, shard_index: int, num_shards: int) -> pathlib.Path:
+    """`<out>/part-SSSSS-of-NNNNN.parquet`."""
+    return pathlib.Path(out) / f"part-{shard_index:05d}-of-{num_shards:05d}.parquet"
+
+
+def _check_complete(job: Job, path: pathlib.Path) -> None:
+    """A shard already in place must be this job's; anything else would mix two jobs in one output."""
+    import pyarrow.parquet as pq
+
+    try:
+        meta = {k.decode(): v.decode() for k, v in (pq.read_schema(path).metadata or {}).items()}
+    except Exception as e:  # noqa: BLE001 - any unreadable file
+        raise CandidatesError(f"{path} exists but cannot be read ({e}); delete it and re-run") from None
+    diff = {k: (meta.get(k), v) for k, v in job.metadata.items() if meta.get(k) != v}
+    if diff:
+        shown = ", ".join(f"{k}: {old!r} there, {new!r} now" for k, (old, new) in sorted(diff.items())[:4])
+        raise CandidatesError(f"{path} was written by another job ({shown}); use another out= or delete {job.out}")
+
+
+def _fsync(path: pathlib.Path, directory: bool = False) -> None:
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def run_shard(job: Job, shard_index: int, progress=None) -> dict:
+    """Writes shard `shard_index`, unless a complete shard of this job is already there.
+
+    Stale temporary files of the shard (from a killed run) are removed first: do not run one shard in two
+    processes at once. Returns {"shard", "path", "users", "skipped", "stats": SearchStats}.
+    """
+    import pyarrow.parquet as pq
+
+    c = job.config
+    path, users = shard_path(c.out, shard_index, c.num_shards), shard_users(job.users, c.num_shards, shard_index)
+    result = {"shard": shard_index, "path": path, "users": len(users), "skipped": path.exists(),
+              "stats": SearchStats()}
+    if path.exists():
+        _check_complete(job, path)
+        return result
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):
+        stale.unlink(missing_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    schema = _arrow_schema(job, shard_index, len(users))
+    try:
+        with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+            for a in range(0, len(users), c.chunk_users):
+                rows = users[a:a + c.chunk_users]
+                table, stats = chunk_table(job, rows, schema)
+                writer.write_table(table)
+                result["stats"].add(stats)
+                if progress is not None:
+                    progress.update(len(rows))
+        _fsync(tmp)
+        os.replace(tmp, path)
+        _fsync(path.parent, directory=True)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return result
+
+
+# ------------------------------------------------------------------------------------------- whole job
+def check_out_dir(c: CandidatesConfig) -> None:
+    """Refuses an out directory holding shards of a different shard count (two jobs would mix); runs before
+    anything is loaded. Shards of the same count are checked against the job when they are reached."""
+    out = pathlib.Path(c.out)
+    for p in out.glob("part-*-of-*.parquet") if out.is_dir() else []:
+        m = _SHARD_NAME.fullmatch(p.name)
+        if m and int(m.group(2)) != c.num_shards:
+            raise CandidatesError(f"out={out} holds {p.name}, a shard of a {int(m.group(2))}-shard job, but "
+                                  f"num_shards={c.num_shards}; use another out= or delete it")
+
+
+def run(cfg) -> dict:
+    """Runs the job's shards (`shard_index`, or all) in this process, with a tqdm bar of users/s.
+
+    Returns {"out", "shards", "written", "skipped", "users", "seconds", "users_per_s", "stats"}.
+    Raises:
+      ConfigError: invalid config. CandidatesError / towers.restore.RestoreError: the job cannot run.
+    """
+    from tqdm import tqdm
+
+    c = cfg if isinstance(cfg, CandidatesConfig) else validate(cfg)
+    logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every restore step at INFO
+    t0 = time.perf_counter()
+    check_out_dir(c)
+    job = load_job(c)
+    shards = [c.shard_index] if c.shard_index is not None else list(range(c.num_shards))
+    todo = sum(len(shard_users(job.users, c.num_shards, s)) for s in shards
+               if not shard_path(c.out, s, c.num_shards).exists())
+    log.info("%d users in %d shard(s) of %d, %d to search (%s search, k=%d, overfetch %d) -> %s", len(job.users),
+             len(shards), c.num_shards, todo, job.metadata["twotower.search"], c.k, job.overfetch, c.out)
+    t1, stats = time.perf_counter(), SearchStats()
+    with tqdm(total=todo, unit="users", dynamic_ncols=True, disable=not c.progress) as bar:
+        results = [run_shard(job, s, bar) for s in shards]
+    for r in results:
+        stats.add(r["stats"])
+    seconds = time.perf_counter() - t1
+    summary = {"out": pathlib.Path(c.out), "shards": [str(r["path"]) for r in results],
+               "written": sum(not r["skipped"] for r in results), "skipped": sum(r["skipped"] for r in results),
+               "users": stats.users, "seconds": round(time.perf_counter() - t0, 3),
+               "users_per_s": round(stats.users / max(seconds, 1e-9), 1), "stats": dataclasses.asdict(stats)}
+    log.info("wrote %d shard(s), skipped %d complete; %d users at %.0f users/s (widened %d, exact fallback %d, "
+             "fewer than k unseen items %d)", summary["written"], summary["skipped"], stats.users,
+             summary["users_per_s"], stats.widened, stats.exact_fallback, stats.short)
+    return summary
+
+
+__all__ = ["CandidatesConfig", "CandidatesError", "Corpus", "Job", "SearchStats", "candidates_for", "chunk_table",
+           "check_out_dir", "embed_user_rows", "load_job", "read_users", "run", "run_shard", "shard_path",
+           "shard_users", "topk_unseen", "validate"]
