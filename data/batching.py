@@ -121,6 +121,12 @@ class Batches:
         counts = np.diff(self._indptr)
         self._users = np.repeat(np.arange(ds.num_users, dtype=np.int32), counts)
         self._logq = ds.item_log_prob()
+        # Uniform negatives come from the items training may see: cold items (held out of training entirely)
+        # are never drawn, so nothing about them leaks into the towers. The step's uniform log q uses this size.
+        cold = np.asarray(getattr(ds, "cold_items", ()), np.int32)
+        everything = np.arange(ds.num_items, dtype=np.int32)
+        self._negative_pool = None if cold.size == 0 else np.setdiff1d(everything, cold)
+        self.num_negative_candidates = ds.num_items if self._negative_pool is None else len(self._negative_pool)
         self._epoch, self._position = 0, 0
         self._perms: dict[int, np.ndarray] = {}
 
@@ -166,7 +172,9 @@ class Batches:
         rng = np.random.default_rng([self.seed, self._epoch, self._position, 1])
         ex = self._take_examples().astype(np.int64)
         user, item = self._users[ex], self._items[ex]
-        neg = rng.integers(0, self.ds.num_items, self.num_negatives).astype(np.int32)
+        neg = rng.integers(0, self.num_negative_candidates, self.num_negatives).astype(np.int32)
+        if self._negative_pool is not None:
+            neg = self._negative_pool[neg]
         return {
             "user": user,
             "item": item,

@@ -129,3 +129,15 @@ def test_user_history_is_latest_train_items(ds):
         expected = lists[u][::-1][:20]
         assert row.tolist() == expected + [-1] * (20 - len(expected))
     assert user_history(ds, users, 0).shape == (3, 0)
+
+
+def test_cold_items_are_never_drawn_as_negatives():
+    cold_ds = load({"source": "synthetic", "num_users": 300, "num_items": 200, "interactions_per_user": 15,
+                    "seed": 3, "cold_item_fraction": 0.2})
+    cold = set(cold_ds.cold_items.tolist())
+    assert len(cold) == 40
+    b = Batches(cold_ds, batch_size=64, num_negatives=256, history_len=0)
+    assert b.num_negative_candidates == 160
+    drawn = np.concatenate([b.next_batch()["neg_item"] for _ in range(20)])
+    assert not cold & set(drawn.tolist())
+    assert len(set(drawn.tolist())) > 150  # still uniform over every warm item
