@@ -11,7 +11,7 @@ from data.batching import user_history
 from eval.baselines import most_popular_topk
 from eval.metrics import evaluate_rankings
 from eval.topk import exact_topk
-from towers.embed import embed_items, embed_users
+from towers.embed import embed_items, embed_users, trained_item_rows
 from towers.two_tower import feature_names
 
 
@@ -41,7 +41,8 @@ def model_embeddings(model_parts: dict, ds, users: np.ndarray, history_len: int)
     """
     graphdef, params, tables, model = (model_parts[k] for k in ("graphdef", "params", "tables", "model"))
     user_names, item_names = feature_names(model)
-    items = np.arange(ds.num_items, dtype=np.int32)
+    # Items without training interactions (cold items) embed from features alone: their ID rows never trained.
+    items = trained_item_rows(np.arange(ds.num_items, dtype=np.int32), ds.item_counts())
     item_table = tables.get("item") if model.item.use_id else None
     item_emb = embed_items(graphdef, params, item_table, items, {k: ds.item_features[k] for k in item_names})
     history = user_history(ds, users, history_len) if model.user.use_history else None

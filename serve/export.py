@@ -97,10 +97,11 @@ def _load_model_and_data(c: ExportConfig):
 
 def item_embeddings(trained, ds, batch_size: int) -> np.ndarray:
     """float32[N, D]: every item through the item tower, in chunks (with progress lines)."""
-    from towers.embed import embed_items
+    from towers.embed import embed_items, trained_item_rows
     from towers.two_tower import feature_names
 
     n, names = ds.num_items, feature_names(trained.model)[1]
+    counts = ds.item_counts()
     table = trained.tables.get("item") if trained.model.item.use_id else None
     chunk, out, t0 = batch_size * 16, [], time.perf_counter()
     for a in range(0, n, chunk):
@@ -109,7 +110,8 @@ def item_embeddings(trained, ds, batch_size: int) -> np.ndarray:
         size = len(rows) if n < batch_size else max(len(rows), batch_size)
         padded = np.concatenate([rows, np.full(size - len(rows), -1, np.int32)])
         feats = {k: ds.item_features[k][np.maximum(padded, 0)] for k in names}
-        out.append(embed_items(trained.graphdef, trained.params, table, padded, feats,
+        # Items with no training interactions embed from features alone (their ID rows never trained).
+        out.append(embed_items(trained.graphdef, trained.params, table, trained_item_rows(padded, counts), feats,
                                batch_size=batch_size)[:len(rows)])
         done = a + len(rows)
         log.info("embedded %d/%d items (%.0f items/s)", done, n, done / max(time.perf_counter() - t0, 1e-9))

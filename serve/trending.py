@@ -272,7 +272,7 @@ def trending_items(c: TrendingConfig, log_: Log, item_vocab) -> dict:
 
 def embed_trending(trained, ds, log_: Log, picked: dict, batch_size: int) -> np.ndarray:
     """float32[K, D]: known items through their ID row and training features, new items from log features."""
-    from towers.embed import embed_items
+    from towers.embed import embed_items, trained_item_rows
     from towers.two_tower import feature_names
 
     rows, names = picked["rows"], feature_names(trained.model)[1]
@@ -287,7 +287,8 @@ def embed_trending(trained, ds, log_: Log, picked: dict, batch_size: int) -> np.
             values[new] = fresh[s.name]
         feats[s.name] = values
     table = trained.tables.get("item") if trained.model.item.use_id else None
-    return embed_items(trained.graphdef, trained.params, table, rows, feats,
+    # Known items that never trained (no training interactions) embed from features alone, like new ones.
+    return embed_items(trained.graphdef, trained.params, table, trained_item_rows(rows, ds.item_counts()), feats,
                        batch_size=min(batch_size, max(len(rows), 1))).astype(np.float32)
 
 
