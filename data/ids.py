@@ -84,3 +84,42 @@ def factorize(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             return uniques, table[values - lo].astype(np.int32)
     uniques = sorted_unique(values)
     return uniques, np.searchsorted(uniques, values).astype(np.int32)
+
+
+# splitmix64's finaliser constants: a bijective mix of 64 bits in which every input bit affects every output bit.
+_MIX1, _MIX2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_FNV_OFFSET, _FNV_PRIME = np.uint64(0xCBF29CE484222325), np.uint64(0x100000001B3)
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    x = x ^ (x >> np.uint64(30))
+    x = x * _MIX1
+    x = x ^ (x >> np.uint64(27))
+    x = x * _MIX2
+    return x ^ (x >> np.uint64(31))
+
+
+def hash_ids(values, seed: int = 0) -> np.ndarray:
+    """A stable 64-bit hash of raw ids: the same on every machine, process and run (unlike Python's `hash`).
+
+    Integer ids are mixed directly; string ids are first folded code point by code point (FNV-1a), ignoring
+    the NUL padding of fixed-width arrays, so "ab" hashes the same in a `<U2` and a `<U40` array.
+
+    Args:
+      values: int or str raw ids, shape [n] (see `as_id_array`).
+      seed: selects an independent hash function.
+    Returns:
+      uint64 [n].
+    """
+    arr = as_id_array(values, "hashed ids")
+    if arr.dtype.kind == "i":
+        h = arr.view(np.uint64)
+    else:
+        codes = arr.view(np.uint32).reshape(arr.shape[0], -1) if arr.size else np.zeros((0, 1), np.uint32)
+        h = np.full(arr.shape[0], _FNV_OFFSET, np.uint64)
+        for j in range(codes.shape[1]):
+            c = codes[:, j].astype(np.uint64)
+            h = np.where(c != 0, (h ^ c) * _FNV_PRIME, h)
+    salt = _mix64(np.asarray([seed % (1 << 64)], np.uint64) + _GOLDEN)
+    return _mix64(h ^ salt)

@@ -66,6 +66,27 @@ class TowerConfig:
     cross_rank: int | None = _help(None, "low-rank factorisation of each cross layer's weight; null = full rank")
     id_dropout: float = _help(0.0, "training only: probability of zeroing an example's ID row, so the tower "
                                    "learns to embed from features alone (fresh items, unseen users)")
+    combine: str = _help("concat", "how the ID row and the history mean meet: concat (then the projection) or "
+                                   "sum (one id_dim vector: with no features or hidden layers and id_dim == "
+                                   "output_dim the user tower is MF plus a SimpleX-style history term)")
+    table: "IdTableConfig" = field(default_factory=lambda: IdTableConfig(),
+                                   metadata={"help": "this tower's ID table (the item table also serves the "
+                                                     "user's history)"})
+
+
+@dataclass
+class IdTableConfig:
+    """How ids become rows of one ID table, where its first values come from, and whether it trains."""
+    hash_buckets: int | None = _help(None, "hash raw ids into this many rows: memory is bounded whatever the id "
+                                           "space, and ids unseen in training still get a row; null = one row "
+                                           "per vocabulary id")
+    num_hashes: int = _help(1, "with hash_buckets: 1, or 2 hashes whose rows are summed, so two ids share "
+                               "their whole embedding only when both hashes collide")
+    hash_seed: int = _help(0, "seed of the hash functions (part of the model: keep it to serve the run)")
+    pretrained: str | None = _help(None, "initialise from another run's directory (its latest checkpoint) or a "
+                                         ".npy of [n, id_dim] embeddings; rows are matched by raw id")
+    pretrained_ids: str | None = _help(None, ".npy of the n raw ids of a .npy `pretrained` table")
+    freeze: bool = _help(False, "no optimizer updates to this table (e.g. a pre-trained one)")
 
 
 @dataclass

@@ -2,6 +2,10 @@
 towers' parameters and ID tables from the latest (or a given) Orbax checkpoint.
 
 Eval, export and serving use this; it needs nothing from `train/` (optimizer state is not restored).
+`TrainedModel.tables` is indexed by vocabulary row whatever the table's layout: a hashed table is turned into
+its per-id embeddings (`towers.id_tables.vocab_view`), and the padding rows of a table that was split over
+devices are dropped. The tables as trained stay in `id_tables`, and `id_embeddings` embeds any raw id, with
+a hashed table also ids that were never in the vocabulary.
 """
 from __future__ import annotations
 
@@ -10,12 +14,14 @@ import json
 import pathlib
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 from omegaconf import OmegaConf
 
 from data.types import FeatureSpec, Vocab
 from towers.config import ModelConfig
+from towers.id_tables import IdHashing, hashings, vocab_view
 from towers.two_tower import TwoTower, as_config
 
 
@@ -38,6 +44,25 @@ class TrainedModel:
     feature_vocabs: dict[str, Vocab]
     user_specs: list[FeatureSpec]
     item_specs: list[FeatureSpec]
+    id_tables: dict[str, jax.Array] = dataclasses.field(default_factory=dict)   # tables as trained
+    hashing: dict[str, IdHashing] = dataclasses.field(default_factory=dict)     # hashed tables only
+
+    def id_embeddings(self, table: str, raw_ids) -> np.ndarray:
+        """ID embeddings of raw ids, for `towers.embed` (as a table indexed by `np.arange(n)`).
+
+        Args:
+          table: "user" or "item".
+          raw_ids: [n] raw ids of the vocabulary's kind.
+        Returns:
+          float32 [n, id_dim]. A hashed table embeds every id, unseen ones too (through their hashed rows);
+          otherwise an id missing from the vocabulary gets zeros (its tower then embeds it from features).
+        """
+        if table in self.hashing:
+            return vocab_view(self.id_tables[table], self.hashing[table].rows(raw_ids))
+        vocab = self.user_vocab if table == "user" else self.item_vocab
+        rows = vocab.lookup(np.asarray(raw_ids), missing="minus_one")
+        emb = np.asarray(self.tables[table][jax.numpy.asarray(np.maximum(rows, 0))])   # gathers n rows only
+        return np.where((rows >= 0)[:, None], emb, 0.0).astype(np.float32)
 
     @property
     def model_version(self) -> str:
@@ -81,13 +106,25 @@ def load_trained(run_dir: str | pathlib.Path, step: int | None = None) -> Traine
         nnx.replace_by_pure_dict(abstract_params, pure)
     except Exception as e:  # noqa: BLE001 - shape/key mismatch between config and checkpoint
         raise RestoreError(f"checkpoint {run_dir}/ckpt/{step} does not match the towers of config.yaml: {e}") from e
-    tables = {k: jax.numpy.asarray(v) for k, v in raw["tables"].items()}
-    for name, vocab in (("user", user_vocab), ("item", item_vocab)):
-        if name in tables and tables[name].shape[0] != len(vocab):
-            raise RestoreError(f"{name} table has {tables[name].shape[0]} rows but vocab/{name}.npy has "
-                               f"{len(vocab)} ids")
+    id_tables = {k: jax.numpy.asarray(v) for k, v in raw["tables"].items()}
+    hashing = hashings(config["model"])
+    tables = {name: _by_vocab_row(name, table, {"user": user_vocab, "item": item_vocab}[name], hashing.get(name))
+              for name, table in id_tables.items()}
     return TrainedModel(run_dir, step, config, model, graphdef, abstract_params, tables, user_vocab, item_vocab,
-                        feature_vocabs, user_specs, item_specs)
+                        feature_vocabs, user_specs, item_specs, id_tables, hashing)
+
+
+def _by_vocab_row(name: str, table: jax.Array, vocab: Vocab, hashing: IdHashing | None) -> jax.Array:
+    """A trained table as [len(vocab), id_dim], row i = the embedding of vocabulary id i."""
+    rows = table.shape[0]
+    if hashing is not None:
+        if rows < hashing.buckets:
+            raise RestoreError(f"{name} table has {rows} rows but config.yaml hashes into {hashing.buckets}")
+        return jax.numpy.asarray(vocab_view(table, hashing.rows(vocab.raw_ids)))
+    if rows < len(vocab):
+        raise RestoreError(f"{name} table has {rows} rows but vocab/{name}.npy has {len(vocab)} ids")
+    # Rows past the vocabulary pad a table split over devices to equal shards; they were never trained.
+    return table if rows == len(vocab) else table[:len(vocab)]
 
 
 def _unwrap_values(tree):
@@ -109,7 +146,10 @@ def _restore_state(ckpt_dir: pathlib.Path, step: int | None) -> tuple[int, dict]
         elif step not in steps:
             raise RestoreError(f"no checkpoint for step {step} in {ckpt_dir}; available: {steps}")
         try:
-            out = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+            # The saved layout when its devices exist, else everything on one device (e.g. serving a run that
+            # split its tables over several).
+            restore = ocp.args.StandardRestore(fallback_sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+            out = mgr.restore(step, args=ocp.args.Composite(state=restore))
         except Exception as e:  # noqa: BLE001
             raise RestoreError(f"checkpoint {ckpt_dir}/{step} cannot be read: {str(e).splitlines()[0][:300]}") from e
     state = out["state"]

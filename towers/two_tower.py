@@ -40,8 +40,11 @@ class Tower(nnx.Module):
         self.use_history = bool(getattr(cfg, "use_history", False))
         self.id_dropout = float(cfg.id_dropout)
         self.normalize = normalize
+        if cfg.combine not in ("concat", "sum"):
+            raise ValueError(f"combine={cfg.combine!r}: expected concat or sum")
+        self.sum_id_history = cfg.combine == "sum" and self.use_id and self.use_history
         self.features = FeatureEmbedder(specs, feature_dim, rngs=rngs)
-        in_dim = id_dim * (self.use_id + self.use_history) + feature_dim * len(specs)
+        in_dim = id_dim * (self.use_id + self.use_history - self.sum_id_history) + feature_dim * len(specs)
         if in_dim == 0:
             raise ValueError("a tower needs at least one input: enable use_id, use_history or side features")
         self.cross = CrossNetwork(in_dim, cfg.cross_layers, rank=cfg.cross_rank, rngs=rngs) \
@@ -72,7 +75,11 @@ class Tower(nnx.Module):
                 id_emb = id_emb * keep.astype(id_emb.dtype)
             parts.append(id_emb)
         if self.use_history:
-            parts.append(masked_mean(history_emb, history_mask))
+            pooled = masked_mean(history_emb, history_mask)
+            if self.sum_id_history:
+                parts[-1] = parts[-1] + pooled
+            else:
+                parts.append(pooled)
         if len(self.features):
             f = self.features(feats)
             parts.append(f.reshape(f.shape[0], f.shape[1] * f.shape[2]))

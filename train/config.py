@@ -50,15 +50,33 @@ class OptimizerConfig:
 
 
 @dataclass
+class DistributedConfig:
+    coordinator_address: str | None = _help(None, "host:port of process 0's coordinator; null = "
+                                                  "$JAX_COORDINATOR_ADDRESS, and no multi-process run if unset")
+    num_processes: int | None = _help(None, "processes in the run; null = $JAX_NUM_PROCESSES (default 1)")
+    process_id: int | None = _help(None, "this process's index; null = $JAX_PROCESS_ID")
+
+
+@dataclass
 class TrainLoopConfig:
     global_batch_size: int = _help(1024, "examples per step over all devices")
     total_steps: int | None = _help(None, "steps to train; null = num_epochs over the training split")
     num_epochs: float = _help(1.0, "epochs when total_steps is null")
-    launcher: str = _help("pmap", "pmap (data-parallel over local devices) | shard_map | jit (one device)")
+    launcher: str = _help("pmap", "pmap (data-parallel, replicated state) | shard_map (on the `mesh`) | jit "
+                                  "(GSPMD on the `mesh`); shard_map and jit can split the ID tables")
     num_devices: int | None = _help(None, "devices to use; null = all local devices")
     log_every_steps: int = _help(100, "write metrics (JSON lines, TensorBoard) every N steps")
     progress: bool = _help(True, "show a progress bar with steps/s and examples/s")
     prefetch: int = _help(2, "batches prepared ahead in a background thread")
+    distributed: DistributedConfig = field(default_factory=DistributedConfig,
+                                           metadata={"help": "multi-process (multi-host) set-up"})
+
+
+@dataclass
+class MeshConfig:
+    data: int = _help(-1, "devices along the data axis (replicas of the ID tables); -1 = the devices left over")
+    model: int = _help(1, "devices along the model axis: ID tables are split by rows over it; -1 = the devices "
+                          "left over; 1 = tables replicated")
 
 
 @dataclass
@@ -87,6 +105,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig, metadata={"help": "sampled softmax"})
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig, metadata={"help": "optimizers"})
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig, metadata={"help": "the loop"})
+    mesh: MeshConfig = field(default_factory=MeshConfig, metadata={"help": "device mesh (data, model)"})
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig, metadata={"help": "Orbax"})
     eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "end-of-run evaluation"})
 
@@ -96,6 +115,8 @@ _CHOICES = {
     "optimizer.dense.schedule": ("constant", "cosine"),
     "optimizer.sparse.name": ("rowwise_adagrad", "lazy_adam", "sgd"),
     "train.launcher": ("pmap", "shard_map", "jit"),
+    "model.user.combine": ("concat", "sum"),
+    "model.item.combine": ("concat", "sum"),
 }
 
 
@@ -138,18 +159,61 @@ def validate(cfg: DictConfig | dict, *, num_devices: int | None = None) -> Confi
         _fail("data.history_len", c.data.history_len, "must be > 0 when model.user.use_history is true")
     if any(k <= 0 for k in c.eval.ks):
         _fail("eval.ks", list(c.eval.ks), "every k must be > 0")
+    _check_tables(c)
+    _check_mesh(c)
     if num_devices is not None:
         check_devices(c, num_devices)
     return c
 
 
+def _check_tables(c: Config) -> None:
+    for tower in ("user", "item"):
+        t = getattr(c.model, tower).table
+        key = f"model.{tower}.table"
+        if t.hash_buckets is not None and t.hash_buckets <= 0:
+            _fail(f"{key}.hash_buckets", t.hash_buckets, "must be > 0 (or null for one row per vocabulary id)")
+        if t.num_hashes not in (1, 2):
+            _fail(f"{key}.num_hashes", t.num_hashes, "must be 1 or 2")
+        if t.pretrained and t.hash_buckets:
+            _fail(f"{key}.pretrained", t.pretrained, "a hashed table cannot be matched by raw id; set "
+                                                     f"{key}.hash_buckets=null to start from a pre-trained table")
+        if t.pretrained and t.pretrained.endswith(".npy") and not t.pretrained_ids:
+            _fail(f"{key}.pretrained_ids", t.pretrained_ids, "a .npy pre-trained table needs the .npy of its raw "
+                                                             "ids (one per row)")
+
+
+def _check_mesh(c: Config) -> None:
+    for axis in ("data", "model"):
+        size = getattr(c.mesh, axis)
+        if size == 0 or size < -1:
+            _fail(f"mesh.{axis}", size, "must be a device count >= 1, or -1 for the devices left over")
+    if c.mesh.data == -1 and c.mesh.model == -1:
+        _fail("mesh.model", -1, "only one mesh axis can be -1; give the other a size")
+    if c.train.launcher == "pmap" and c.mesh.model != 1:
+        _fail("mesh.model", c.mesh.model, "pmap replicates the state and cannot split tables; use "
+                                          "train.launcher=shard_map (or jit) with this mesh")
+
+
+def mesh_shape(c: Config, num_devices: int) -> tuple[int, int]:
+    """(data, model) sizes of the mesh over `num_devices` devices, -1 resolved. Raises `ConfigError`."""
+    data, model = c.mesh.data, c.mesh.model
+    if data == -1:
+        data = num_devices // model if model > 0 and num_devices % model == 0 else 0
+    if model == -1:
+        model = num_devices // data if num_devices % data == 0 else 0
+    if data * model != num_devices:
+        _fail("mesh", f"data={c.mesh.data}, model={c.mesh.model}",
+              f"the mesh axes must multiply to the {num_devices} devices in use (set train.num_devices or the "
+              "mesh sizes)")
+    return data, model
+
+
 def check_devices(c: Config, num_devices: int) -> None:
-    """Batch and negatives must split evenly over the data-parallel devices."""
+    """The devices exist, the mesh covers them, and batch and negatives split evenly over them."""
     n = c.train.num_devices or num_devices
     if c.train.num_devices is not None and c.train.num_devices > num_devices:
-        _fail("train.num_devices", c.train.num_devices, f"only {num_devices} local devices are available")
-    if c.train.launcher == "jit" and c.train.num_devices not in (None, 1):
-        _fail("train.launcher", c.train.launcher, "runs on one device; set train.num_devices=1 or use pmap")
+        _fail("train.num_devices", c.train.num_devices, f"only {num_devices} devices are available")
+    mesh_shape(c, n)
     if c.train.global_batch_size % n:
         _fail("train.global_batch_size", c.train.global_batch_size, f"must be divisible by the {n} devices")
     if c.loss.num_negatives % n:

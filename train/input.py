@@ -43,29 +43,43 @@ def unique_rows(ids: np.ndarray, cap: int) -> tuple[np.ndarray, np.ndarray, np.n
     return padded, valid, inverse.reshape(ids.shape)
 
 
-def prepare(batch: dict, *, use_user_table: bool, use_item_table: bool, use_history: bool) -> tuple[dict, dict]:
+def _table_rows(rows: np.ndarray, row_map: np.ndarray | None) -> np.ndarray:
+    """Vocabulary rows -> table rows: unchanged, or [..., K] hashed rows (padding -1 stays -1)."""
+    if row_map is None:
+        return rows
+    return np.where((rows >= 0)[..., None], row_map[np.maximum(rows, 0)], -1)
+
+
+def prepare(batch: dict, *, use_user_table: bool, use_item_table: bool, use_history: bool,
+            row_maps: dict[str, np.ndarray] | None = None) -> tuple[dict, dict]:
     """Splits a global batch into per-example arrays (sharded over devices) and shared arrays (replicated).
 
+    Args:
+      batch: a `data.batching.Batches` batch (vocabulary rows).
+      row_maps: {table: int32[vocab, K]} for hashed tables (`towers.id_tables.IdHashing.rows` of the
+        vocabulary): such a table's `*_idx` arrays get a trailing axis of size K, the id's K rows.
     Returns:
       local: {"user", "item", "neg_item", "user_idx", "item_idx", "neg_idx", "history_idx", "history_mask",
               "user_feat", "item_feat", "neg_item_feat", "item_logq", "mask"} with leading dim B (or M).
       shared: {"user_uniq", "user_valid", "item_uniq", "item_valid"} (only for tables in use).
     """
+    maps = row_maps or {}
     B, M = len(batch["user"]), len(batch["neg_item"])
     local = {k: batch[k] for k in ("user", "item", "neg_item", "user_feat", "item_feat", "neg_item_feat",
                                    "item_logq")}
     local["mask"] = np.ones(B, np.float32)
     shared = {}
     if use_user_table:
-        shared["user_uniq"], shared["user_valid"], local["user_idx"] = unique_rows(batch["user"], B)
+        ids = _table_rows(batch["user"], maps.get("user"))
+        shared["user_uniq"], shared["user_valid"], local["user_idx"] = unique_rows(ids, ids.size)
     if use_item_table:
         hist = batch["history"] if use_history else np.zeros((B, 0), np.int32)
-        ids = np.concatenate([batch["item"], batch["neg_item"], hist.reshape(-1)])
-        uniq, valid, inv = unique_rows(ids, B + M + hist.size)
+        ids = _table_rows(np.concatenate([batch["item"], batch["neg_item"], hist.reshape(-1)]), maps.get("item"))
+        uniq, valid, inv = unique_rows(ids, ids.size)
         shared["item_uniq"], shared["item_valid"] = uniq, valid
         local["item_idx"], local["neg_idx"] = inv[:B], inv[B:B + M]
         if use_history:
-            local["history_idx"] = inv[B + M:].reshape(hist.shape)
+            local["history_idx"] = inv[B + M:].reshape(hist.shape + inv.shape[1:])
             local["history_mask"] = hist >= 0
     return local, shared
 

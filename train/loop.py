@@ -1,6 +1,10 @@
 """Set-up and the outer training loop: `run(cfg, run_dir)` is the one entry point `python -m train` and the
-tests call. Each section is a named function: load data, build the model, create or restore the state, train,
-evaluate."""
+tests call. Each section is a named function: join the processes, load data and map ids to table rows, build
+the model and the mesh, restore or create the state, train, evaluate.
+
+In a multi-process run (see `train/distributed.py`) every process runs all of this; only process 0 writes
+the run's files other than checkpoints, and evaluates.
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -15,16 +19,20 @@ import numpy as np
 from flax import nnx
 from omegaconf import OmegaConf
 
-from data.load import load as load_dataset
 from data.batching import Batches
+from data.load import load as load_dataset
+from towers.id_tables import TABLE_TOWERS, hashings, vocab_view
 from towers.two_tower import TwoTower
 from train import config as config_lib
+from train import distributed
 from train.checkpoint import Checkpointer
 from train.input import Prefetcher, prepare
+from train.mesh import padded_rows, table_bytes_per_device
 from train.metrics_writer import MetricWriter
 from train.parallel import Launcher
-from train.sparse import make_sparse_optimizer
-from train.state import abstract_state, dense_optimizer, init_state, table_sizes
+from train.pretrained import pretrained_overrides
+from train.sparse import FrozenTable, make_sparse_optimizer
+from train.state import dense_optimizer, init_state, table_sizes
 from train.step import StepConfig, make_step
 
 log = logging.getLogger("twotower.train")
@@ -35,6 +43,11 @@ class TrainingDiverged(RuntimeError):
 
 
 # ---------------------------------------------------------------- data
+
+def negative_pool_size(ds) -> int:
+    """How many items uniform negatives are drawn from (`data.Batches`): every item but the cold ones."""
+    return ds.num_items - len(getattr(ds, "cold_items", ()))
+
 def load_data(c: config_lib.Config):
     t0 = time.perf_counter()
     ds = load_dataset(c.data)
@@ -61,12 +74,36 @@ def save_artifacts(run_dir: pathlib.Path, cfg, ds) -> None:
     (run_dir / "data_stats.json").write_text(json.dumps(ds.stats, indent=2, default=str))
 
 
+def id_row_maps(c: config_lib.Config, ds, run_dir: pathlib.Path | None = None) -> dict[str, np.ndarray]:
+    """Vocabulary rows -> rows of each hashed table, built from the vocabularies' raw ids.
+
+    Logs each hashed table's collision rate and, when `run_dir` is given, saves the report to `hashing.json`.
+
+    Returns:
+      {table: int32[vocab, num_hashes]} for the hashed tables only (see `train.input.prepare`).
+    """
+    vocabs = {"user": ds.user_vocab, "item": ds.item_vocab}
+    maps, reports = {}, {}
+    for name, hashing in hashings(c.model).items():
+        raw = vocabs[name].raw_ids
+        maps[name] = hashing.rows(raw)
+        reports[name] = hashing.collision_report(raw, maps[name])
+        r = reports[name]
+        log.info("%s ids hashed into %d rows (%d hash(es)): %.4g%% of the %d ids share their whole embedding with "
+                 "another id (%.4g%% expected at random; per hash %s%%), %d rows used", name, r["buckets"],
+                 r["num_hashes"], 100 * r["collision_rate"], r["ids"], 100 * r["expected_collision_rate"],
+                 "/".join(f"{100 * x:.3g}" for x in r["collision_rate_per_hash"]), r["rows_used"])
+    if reports and run_dir is not None:
+        (pathlib.Path(run_dir) / "hashing.json").write_text(json.dumps(reports, indent=2))
+    return maps
+
+
 # ---------------------------------------------------------------- model and state
 def select_devices(c: config_lib.Config) -> list:
-    devices = jax.local_devices()
+    """The devices of the mesh: `train.num_devices` of them, or all (of every process in a multi-process run)."""
+    devices = jax.devices() if c.train.launcher != "pmap" else jax.local_devices()
     config_lib.check_devices(c, len(devices))
-    n = 1 if c.train.launcher == "jit" else (c.train.num_devices or len(devices))
-    return devices[:n]
+    return devices[:c.train.num_devices or len(devices)]
 
 
 def total_steps(c: config_lib.Config, num_train: int) -> int:
@@ -75,41 +112,82 @@ def total_steps(c: config_lib.Config, num_train: int) -> int:
     return max(1, math.ceil(c.train.num_epochs * num_train / c.train.global_batch_size))
 
 
-def build(c: config_lib.Config, ds, steps: int, devices: list, table_rows: int | None = None):
-    """Model, optimizers, launcher and a fresh (host-side) state.
+@dataclasses.dataclass
+class Parts:
+    """What training needs besides the state; built before the state exists, so a resumed run restores
+    straight into the launcher's layout without creating a fresh state first."""
+    model: TwoTower
+    graphdef: object
+    launcher: Launcher
+    step_cfg: StepConfig
+    dense_tx: object
+    sparse_opts: dict
+    sizes: dict[str, int]
+
+
+def build_parts(c: config_lib.Config, ds, steps: int, devices: list, table_rows: int | None = None) -> Parts:
+    """Model, optimizers and launcher on a (data, model) mesh from `mesh.*`.
 
     `table_rows` (benchmarks only) gives every ID table at least that many rows, beyond the vocabulary.
     """
     model = TwoTower(c.model, ds.user_feature_specs, ds.item_feature_specs, rngs=nnx.Rngs(c.seed))
     graphdef, _ = nnx.split(model)
     dense_tx = dense_optimizer(c, steps)
-    sizes = table_sizes(c, ds.num_users, ds.num_items)
+    _, model_axis = config_lib.mesh_shape(c, len(devices))
+    sizes = table_sizes(c, ds.num_users, ds.num_items, model_axis)
     if table_rows:
-        sizes = {name: max(rows, table_rows) for name, rows in sizes.items()}
-    sparse_opts = {name: make_sparse_optimizer(c.optimizer.sparse.name,
-                                               learning_rate=c.optimizer.sparse.learning_rate)
+        sizes = {name: padded_rows(max(rows, table_rows), model_axis) for name, rows in sizes.items()}
+    sparse_opts = {name: FrozenTable() if getattr(c.model, TABLE_TOWERS[name]).table.freeze else
+                   make_sparse_optimizer(c.optimizer.sparse.name, learning_rate=c.optimizer.sparse.learning_rate)
                    for name in sizes}
     step_cfg = StepConfig(
         temperature=c.loss.temperature, global_batch=c.train.global_batch_size,
-        global_negatives=c.loss.num_negatives, num_items=ds.num_items, logq_correction=c.loss.logq_correction,
+        global_negatives=c.loss.num_negatives, num_items=negative_pool_size(ds), logq_correction=c.loss.logq_correction,
         remove_accidental_hits=c.loss.remove_accidental_hits, embedding_l2=c.loss.embedding_l2,
         use_user_table="user" in sizes, use_item_table="item" in sizes, use_history=c.model.user.use_history)
     step_fn = make_step(graphdef=graphdef, cfg=step_cfg, dense_tx=dense_tx, sparse_opts=sparse_opts)
-    launcher = Launcher(c.train.launcher, step_fn, devices)
-    state = init_state(c, model, sizes, dense_tx, sparse_opts, c.seed)
-    return model, graphdef, launcher, state, step_cfg
+    launcher = Launcher(c.train.launcher, step_fn, devices, model=model_axis)
+    return Parts(model, graphdef, launcher, step_cfg, dense_tx, sparse_opts, sizes)
 
 
-def restore_or_init(ckpt: Checkpointer, state: dict, batches: Batches, resume: bool) -> dict:
-    if not resume:
-        return state
-    restored = ckpt.restore_latest(abstract_state(state))
-    if restored is None:
-        return state
-    step, state, extra = restored
-    batches.restore(extra["data"])
-    log.info("resumed from %s at step %d", ckpt.directory, step)
-    return state
+def create_state(c: config_lib.Config, parts: Parts, *, overrides: dict | None = None,
+                 abstract: bool = False) -> dict:
+    """A fresh state in the launcher's layout (tables drawn shard by shard on their devices), or with
+    `abstract` its shape/sharding twin, the target a checkpoint restores into."""
+    state = init_state(c, parts.model, parts.sizes, parts.dense_tx, parts.sparse_opts, c.seed,
+                       table_sharding=parts.launcher.table_sharding, overrides=overrides, abstract=abstract)
+    return parts.launcher.abstract_state(state) if abstract else parts.launcher.put_state(state)
+
+
+def build(c: config_lib.Config, ds, steps: int, devices: list, table_rows: int | None = None):
+    """Model, optimizers, launcher and a fresh state already on the devices (no pre-trained rows).
+
+    Returns:
+      (model, graphdef, launcher, state, step_cfg).
+    """
+    parts = build_parts(c, ds, steps, devices, table_rows)
+    return parts.model, parts.graphdef, parts.launcher, create_state(c, parts), parts.step_cfg
+
+
+def fresh_state(c: config_lib.Config, parts: Parts, ds, run_dir: pathlib.Path | None) -> dict:
+    """A fresh state with any pre-trained table rows (matched by raw id, reported to `pretrained.json`)."""
+    vocabs = {"user": ds.user_vocab, "item": ds.item_vocab}
+    overrides = pretrained_overrides(c, vocabs, set(parts.sizes), run_dir)
+    return create_state(c, parts, overrides=overrides)
+
+
+def restore_or_init(c: config_lib.Config, ckpt: Checkpointer, parts: Parts, ds, batches: Batches,
+                    run_dir: pathlib.Path | None) -> dict:
+    """The latest checkpoint, restored straight into the launcher's layout (split tables arrive split), or a
+    fresh state when there is none or `checkpoint.resume` is false."""
+    if c.checkpoint.resume:
+        restored = ckpt.restore_latest(create_state(c, parts, abstract=True))
+        if restored is not None:
+            step, state, extra = restored
+            batches.restore(extra["data"])
+            log.info("resumed from %s at step %d", ckpt.directory, step)
+            return state
+    return fresh_state(c, parts, ds, run_dir)
 
 
 def write_untrained_run(c: config_lib.Config, run_dir: str | pathlib.Path, *, step: int = 0):
@@ -121,11 +199,13 @@ def write_untrained_run(c: config_lib.Config, run_dir: str | pathlib.Path, *, st
     run_dir = pathlib.Path(run_dir).absolute()
     ds = load_data(c)
     save_artifacts(run_dir, c, ds)
-    model, _, _, state, _ = build(c, ds, max(step, 1), select_devices(c))
+    id_row_maps(c, ds, run_dir)
+    parts = build_parts(c, ds, max(step, 1), select_devices(c))
+    state = fresh_state(c, parts, ds, run_dir)
     ckpt = Checkpointer(run_dir / "ckpt", every_steps=1, max_to_keep=1, async_save=False)
     ckpt.save(step, state, {"data": {}}, force=True)
     ckpt.close()
-    return ds, model, state
+    return ds, parts.model, state
 
 
 # ---------------------------------------------------------------- loop
@@ -142,9 +222,12 @@ def _summarise(window: list[dict], step: int, seconds: float, batch: int) -> dic
     return out
 
 
-def train_loop(c, launcher, dev_state, batches, ckpt, writer, start: int, steps: int, step_cfg):
+def train_loop(c, launcher, dev_state, batches, ckpt, writer, start: int, steps: int, step_cfg,
+               row_maps: dict | None = None):
+    """Steps `start+1 .. steps`: prefetched batches, metrics every `log_every_steps` (to `writer` unless it is
+    None, as on processes other than 0), checkpoints on the cadence and at the end."""
     use = dict(use_user_table=step_cfg.use_user_table, use_item_table=step_cfg.use_item_table,
-               use_history=step_cfg.use_history)
+               use_history=step_cfg.use_history, row_maps=row_maps)
 
     def source():
         while True:
@@ -153,7 +236,7 @@ def train_loop(c, launcher, dev_state, batches, ckpt, writer, start: int, steps:
 
     feed = Prefetcher(source(), lambda bs: (prepare(bs[0], **use), bs[1]), depth=c.train.prefetch)
     bar = None
-    if c.train.progress:
+    if c.train.progress and distributed.is_primary():
         from tqdm import tqdm
         bar = tqdm(total=steps, initial=start, unit="step", dynamic_ncols=True)
     window, t_window, last = [], time.perf_counter(), {}
@@ -164,7 +247,8 @@ def train_loop(c, launcher, dev_state, batches, ckpt, writer, start: int, steps:
             window.append(metrics)
             if step % c.train.log_every_steps == 0 or step == steps:
                 last = _summarise(window, step, time.perf_counter() - t_window, c.train.global_batch_size)
-                writer.write(step, last)
+                if writer is not None:
+                    writer.write(step, last)
                 window, t_window = [], time.perf_counter()
                 if bar is not None:
                     bar.set_postfix(loss=f"{last['train/loss']:.4f}",
@@ -186,46 +270,67 @@ def run(cfg, run_dir: str | pathlib.Path) -> dict:
     c = cfg if isinstance(cfg, config_lib.Config) else config_lib.validate(cfg)
     logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every save step at INFO
     run_dir = pathlib.Path(run_dir).absolute()
+    distributed.initialize(c.train.distributed, c.train.launcher)   # before anything touches a device
+    primary = distributed.is_primary()
     devices = select_devices(c)
     ds = load_data(c)
-    save_artifacts(run_dir, c, ds)
+    if primary:
+        save_artifacts(run_dir, c, ds)
+    row_maps = id_row_maps(c, ds, run_dir if primary else None)
     steps = total_steps(c, len(ds.train))
-    model, graphdef, launcher, state, step_cfg = build(c, ds, steps, devices)
+    parts = build_parts(c, ds, steps, devices)
     batches = Batches(ds, batch_size=c.train.global_batch_size, num_negatives=c.loss.num_negatives,
                       history_len=c.data.history_len if c.model.user.use_history else 0,
                       history_mode=c.data.history_mode, seed=c.seed)
     ckpt = Checkpointer(run_dir / "ckpt", every_steps=c.checkpoint.every_steps,
                         max_to_keep=c.checkpoint.max_to_keep, async_save=c.checkpoint.async_save)
-    state = restore_or_init(ckpt, state, batches, c.checkpoint.resume)
-    start = int(jax.device_get(state["step"]))
-    log.info("training %d steps (from step %d) on %d %s device(s) with %s, global batch %d", steps, start,
-             len(devices), devices[0].platform, c.train.launcher, c.train.global_batch_size)
-    writer = MetricWriter(run_dir)
-    dev_state = launcher.put_state(state)
-    del state
+    dev_state = restore_or_init(c, ckpt, parts, ds, batches, run_dir if primary else None)
+    start = int(jax.device_get(dev_state["step"]))
+    launcher = parts.launcher
+    log.info("training %d steps (from step %d) on %d %s device(s) in %d process(es) with %s, mesh data=%d x "
+             "model=%d, global batch %d; ID table bytes per device: %s", steps, start, len(devices),
+             devices[0].platform, jax.process_count(), c.train.launcher, launcher.n // launcher.model_size,
+             launcher.model_size, c.train.global_batch_size, table_bytes_per_device(dev_state["tables"]))
+    writer = MetricWriter(run_dir) if primary else None
     last = {}
     try:
         if start < steps:
-            dev_state, last = train_loop(c, launcher, dev_state, batches, ckpt, writer, start, steps, step_cfg)
+            dev_state, last = train_loop(c, launcher, dev_state, batches, ckpt, writer, start, steps,
+                                         parts.step_cfg, row_maps)
     finally:
         ckpt.close()
     state = launcher.get_state(dev_state)
     result = {"steps": steps, "train": last}
     if c.eval.at_end:
-        result["eval"] = final_eval(c, model, graphdef, state, ds)
-        writer.write(steps, {f"eval/{name}/{k}": v for name in ("model", "most_popular")
-                             for k, v in result["eval"][name].items()})
-        (run_dir / "final_metrics.json").write_text(json.dumps(result, indent=2))
-        print_report(result["eval"], c.eval.ks)
-    writer.close()
+        ev = final_eval(c, parts.model, parts.graphdef, state, ds, row_maps)   # every process joins the gather
+        if primary:
+            result["eval"] = ev
+            writer.write(steps, {f"eval/{name}/{k}": v for name in ("model", "most_popular")
+                                 for k, v in ev[name].items()})
+            (run_dir / "final_metrics.json").write_text(json.dumps(result, indent=2))
+            print_report(ev, c.eval.ks)
+    if writer is not None:
+        writer.close()
     return result
 
 
-def final_eval(c, model, graphdef, state, ds) -> dict:
+def final_eval(c, model, graphdef, state, ds, row_maps: dict | None = None) -> dict | None:
+    """Held-out metrics of the trained towers and of most-popular (None on processes other than 0).
+
+    Hashed tables are first turned into per-id embeddings (`towers.id_tables.vocab_view`), so evaluation
+    indexes every table by vocabulary row.
+    """
     from eval.holdout import evaluate, heldout_users, model_embeddings
 
+    params, tables = distributed.host_copy((state["params"], state["tables"]))
+    if not distributed.is_primary():
+        return None
+    tables = {name: vocab_view(t, row_maps[name]) if name in (row_maps or {}) else t for name, t in tables.items()}
+    # Inference runs on one device: inputs replicated over a mesh would make every device embed every item,
+    # and host (numpy) tables would be copied to the device again for every batch.
+    params, tables = jax.device_put((params, tables), jax.local_devices()[0])
     users = heldout_users(ds, max_users=c.eval.max_users, seed=c.eval.seed)
-    parts = {"graphdef": graphdef, "params": state["params"], "tables": state["tables"], "model": model}
+    parts = {"graphdef": graphdef, "params": params, "tables": tables, "model": model}
     user_emb, item_emb = model_embeddings(parts, ds, users, c.data.history_len)
     return evaluate(user_emb, item_emb, ds, users, list(c.eval.ks), user_block=c.eval.user_block,
                     item_block=c.eval.item_block)

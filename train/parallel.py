@@ -1,10 +1,13 @@
 """Launchers: the same per-device step under `jax.pmap` (default), `jax.shard_map` on a mesh, or `jax.jit`.
 
-A launcher owns where the state lives and how a host batch reaches the devices. Under pmap and shard_map the
-state is one global array per leaf, replicated over a 1-D `data` mesh (pmap with `in_axes=None` and
-`out_axes=None` for it, so there is no per-device leading axis and a checkpoint holds one copy); examples are
-split over the devices along their first axis. Shared arrays (the de-duplicated table rows) are replicated.
-The state is donated: tables are updated in place, never copied per step.
+A launcher owns where the state lives and how a host batch reaches the devices; `train/mesh.py` says where
+each part goes. Under pmap the state is one global array per leaf, replicated (pmap with `in_axes=None` and
+`out_axes=None` for it, so there is no per-device leading axis and a checkpoint holds one copy). Under
+shard_map and jit the state lives on a (data, model) mesh: replicated when `mesh.model` is 1, ID tables split
+by rows over `model` otherwise. shard_map runs the per-device body with explicit collectives (the step
+assembles table rows with a psum over `model`); jit runs the same body written for one device and lets GSPMD
+partition it. Examples are split over all devices along their first axis; the shared arrays (the
+de-duplicated table rows) are replicated. The state is donated: tables are updated in place, never copied.
 """
 from __future__ import annotations
 
@@ -12,51 +15,86 @@ import functools
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-AXIS = "data"
+from train.mesh import BATCH_AXES, DATA, MODEL, make_mesh, put_global, state_shardings, state_specs
+
+AXIS = DATA  # pmap's axis name
 
 
 class Launcher:
-    """Runs `step(state, local, shared, axis_name=...)` on `devices` in the chosen way."""
+    """Runs `step(state, local, shared, axis_name=..., table_axis=...)` on `devices` in the chosen way.
 
-    def __init__(self, kind: str, step, devices: list):
+    Args:
+      kind: "pmap" | "shard_map" | "jit".
+      step: the per-device step (`train.step.make_step(...)`).
+      devices: the devices, in mesh order (all processes' devices in a multi-process run).
+      model: size of the mesh's `model` axis (tables are split over it when > 1); `data` is the rest.
+    """
+
+    def __init__(self, kind: str, step, devices: list, *, model: int = 1):
         self.kind, self.devices, self.n = kind, list(devices), len(devices)
-        if kind == "jit" and self.n != 1:
-            raise ValueError(f"launcher 'jit' runs on one device, got {self.n}")
-        self.mesh = Mesh(np.array(self.devices), (AXIS,))
-        self.batch_sharding = NamedSharding(self.mesh, P(AXIS))
+        if self.n % model:
+            raise ValueError(f"mesh.model={model} does not divide the {self.n} devices")
+        if kind == "pmap" and model != 1:
+            raise ValueError("pmap replicates the state; use train.launcher=shard_map or jit to split tables")
+        self.model_size, self.sharded = model, model > 1
+        self.mesh = make_mesh(self.devices, self.n // model, model)
+        self.batch_sharding = NamedSharding(self.mesh, P(BATCH_AXES))
         self.replicated = NamedSharding(self.mesh, P())
+        self.state_sharding = state_shardings(self.mesh, self.sharded)
+        self.table_sharding = self.state_sharding["tables"]
+        specs = state_specs(self.sharded)
         if kind == "pmap":
             self._fn = jax.pmap(functools.partial(step, axis_name=AXIS), axis_name=AXIS, devices=self.devices,
                                 in_axes=(None, 0, None), out_axes=(None, None), donate_argnums=(0,))
         elif kind == "shard_map":
-            body = jax.shard_map(functools.partial(step, axis_name=AXIS), mesh=self.mesh,
-                                 in_specs=(P(), P(AXIS), P()), out_specs=(P(), P()))
+            body = jax.shard_map(
+                functools.partial(step, axis_name=BATCH_AXES, table_axis=MODEL if self.sharded else None),
+                mesh=self.mesh, in_specs=(specs, P(BATCH_AXES), P()), out_specs=(specs, P()))
             self._fn = jax.jit(body, donate_argnums=(0,))
         elif kind == "jit":
-            self._fn = jax.jit(functools.partial(step, axis_name=None), donate_argnums=(0,))
+            self._fn = jax.jit(functools.partial(step, axis_name=None), donate_argnums=(0,),
+                               in_shardings=(self.state_sharding, self.batch_sharding, self.replicated),
+                               out_shardings=(self.state_sharding, self.replicated))
         else:
             raise ValueError(f"unknown launcher {kind!r}: expected pmap, shard_map or jit")
 
-    def put_state(self, state):
-        """Places a single-copy state where the step expects it (donating the input: no second copy)."""
-        target = self.devices[0] if self.kind == "jit" else self.replicated
-        return jax.device_put(state, target, donate=True)
+    def put_state(self, state: dict) -> dict:
+        """Places a single-copy state where the step expects it; leaves already there are kept as they are.
+
+        In one process, other leaves are moved with donation (no second copy of a table). In several, every
+        process holds the same host value of each such leaf and places its own shards of it.
+        """
+        def one(x, sharding):
+            if getattr(x, "sharding", None) == sharding:
+                return x
+            if jax.process_count() > 1:
+                return put_global(np.asarray(x), sharding)
+            return jax.device_put(x, sharding, donate=True)
+
+        return {key: jax.tree.map(functools.partial(one, sharding=self.state_sharding[key]), sub)
+                for key, sub in state.items()}
+
+    def abstract_state(self, state: dict) -> dict:
+        """Shape/dtype twin of `state` with the launcher's shardings: the target Orbax restores straight into,
+        so restored tables arrive already split (no full copy on one device)."""
+        return {key: jax.tree.map(lambda x, s=self.state_sharding[key]: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                                                           sharding=s), sub)
+                for key, sub in state.items()}
 
     def get_state(self, dev_state):
-        """The state as global arrays (each leaf fully replicated): what checkpoints and evaluation read."""
+        """The state as global arrays: what checkpoints and evaluation read."""
         return dev_state
 
     def put_batch(self, local: dict, shared: dict):
+        """Host arrays of one global batch -> device arrays: `local` split over the devices, `shared` on all."""
         if self.kind == "pmap":
             n = self.n
             local = jax.tree.map(lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:]), local)
             return jax.device_put(local, self.batch_sharding), jax.device_put(shared, self.devices[0])
-        if self.kind == "shard_map":
-            return jax.device_put(local, self.batch_sharding), jax.device_put(shared, self.replicated)
-        return jax.device_put((local, shared), self.devices[0])
+        return put_global(local, self.batch_sharding), put_global(shared, self.replicated)
 
     def __call__(self, dev_state, local, shared):
         return self._fn(dev_state, local, shared)

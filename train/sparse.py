@@ -175,6 +175,20 @@ class LazyAdam(_RowwiseOptimizer):
         return new_w, {"m": m, "v": v, "count": count}
 
 
+class FrozenTable:
+    """A table that does not train (`model.<tower>.table.freeze`): no state, and `update` returns the table
+    untouched, so under donation the step hands the same buffer back and the table stays bit-identical."""
+
+    def init(self, table):
+        return {}
+
+    def update(self, table, state, rows, grads, valid, step):
+        return table, state
+
+    def dense_reference_update(self, table, state, full_grad, step):
+        return table, state
+
+
 _OPTIMIZERS = {"rowwise_adagrad": RowwiseAdagrad, "lazy_adam": LazyAdam, "sgd": RowwiseSGD}
 
 

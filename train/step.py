@@ -1,13 +1,18 @@
 """One pure training step, written per device with an optional named axis.
 
 `train_step(state, local, shared, ...)` runs unchanged under `jax.pmap` (the default launcher), under
-`jax.shard_map` on a mesh and under plain `jax.jit` (see `train/parallel.py`):
+`jax.shard_map` on a (data, model) mesh and under `jax.jit` (see `train/parallel.py`):
 
-1. gather the touched ID-table rows (`shared`, de-duplicated over the global batch on the host);
+1. gather the touched ID-table rows (`shared`, de-duplicated over the global batch on the host); with
+   `table_axis` set, each device holds a row shard of every table, looks up the rows it owns and a psum over
+   `table_axis` assembles them;
 2. run both towers; the loss all-gathers item embeddings across devices (cross-device negatives);
 3. differentiate w.r.t. the dense parameters and the gathered rows, sum the gradients over devices;
 4. update dense parameters with optax and the tables row-sparsely (only touched rows are written, in place
-   when the state is donated).
+   when the state is donated; a device writes only the rows of its own shard; a frozen table is not written).
+
+An id's table rows arrive as `*_idx` indices into the gathered rows. A hashed table gives each id K rows (a
+trailing axis of size K on its `*_idx`), summed into one embedding here.
 
 Metrics come back as sums and counts; the host divides.
 """
@@ -44,7 +49,7 @@ def _psum(x, axis_name):
     return jax.lax.psum(x, axis_name) if axis_name else x
 
 
-def as_varying(tree, axis_name: str | None):
+def as_varying(tree, axis_name: str | tuple[str, ...] | None):
     """Marks replicated values as per-device before differentiating them.
 
     Under `shard_map`, differentiating an axis-invariant input inside the body already sums its gradient over
@@ -53,12 +58,52 @@ def as_varying(tree, axis_name: str | None):
     """
     if not axis_name:
         return tree
+    axes = (axis_name,) if isinstance(axis_name, str) else tuple(axis_name)
 
     def one(x):
-        return x if axis_name in getattr(jax.typeof(x), "vma", frozenset()) \
-            else jax.lax.pcast(x, axis_name, to="varying")
+        missing = tuple(a for a in axes if a not in getattr(jax.typeof(x), "vma", frozenset()))
+        return jax.lax.pcast(x, missing, to="varying") if missing else x
 
     return jax.tree.map(one, tree)
+
+
+def shard_rows(table: jax.Array, rows: jax.Array, table_axis: str) -> tuple[jax.Array, jax.Array]:
+    """Where global table rows fall in this device's row shard.
+
+    Args:
+      table: [shard_rows, dim] this device's shard (shard s holds global rows s*shard_rows ...).
+      rows: int[U] global row ids.
+      table_axis: the mesh axis the table is split over.
+    Returns:
+      (local int[U]: the row inside the shard, or shard_rows (out of bounds) when another shard owns it,
+       owned bool[U]).
+    """
+    size = table.shape[0]
+    local = rows - jax.lax.axis_index(table_axis) * size
+    owned = (local >= 0) & (local < size)
+    return jnp.where(owned, local, size), owned
+
+
+def gather_rows(table: jax.Array, rows: jax.Array, table_axis: str | None) -> jax.Array:
+    """table[rows] for a whole table, or for a table split by rows over `table_axis`.
+
+    Args:
+      table: [num_rows, dim], or this device's [num_rows / n, dim] shard when `table_axis` is set.
+      rows: int[U] global row ids (the same on every device).
+    Returns:
+      [U, dim] the rows, the same on every device: each shard contributes the rows it owns (zeros for the
+      others) and a psum over `table_axis` adds them up, so only [U, dim] crosses devices.
+    """
+    if table_axis is None:
+        return table[rows]
+    local, _ = shard_rows(table, rows, table_axis)
+    return jax.lax.psum(table.at[local].get(mode="fill", fill_value=0), table_axis)
+
+
+def _rows_of(rows: jax.Array, idx: jax.Array, base_ndim: int) -> jax.Array:
+    """rows[idx], summing an id's K hashed rows when `idx` has the extra trailing axis of a hashed table."""
+    out = rows[idx]
+    return out.sum(axis=-2) if idx.ndim > base_ndim else out
 
 
 def candidate_logq(local: dict, cfg: StepConfig) -> tuple[jax.Array, jax.Array]:
@@ -77,12 +122,12 @@ def tower_inputs(params_rows: dict, local: dict, cfg: StepConfig) -> dict:
     user_rows, item_rows = params_rows.get("user"), params_rows.get("item")
     out = {}
     if cfg.use_user_table:
-        out["user_id"] = user_rows[local["user_idx"]]
+        out["user_id"] = _rows_of(user_rows, local["user_idx"], 1)
     if cfg.use_item_table:
-        out["item_id"] = item_rows[local["item_idx"]]
-        out["neg_id"] = item_rows[local["neg_idx"]]
+        out["item_id"] = _rows_of(item_rows, local["item_idx"], 1)
+        out["neg_id"] = _rows_of(item_rows, local["neg_idx"], 1)
         if cfg.use_history:
-            out["history"] = item_rows[local["history_idx"]]
+            out["history"] = _rows_of(item_rows, local["history_idx"], 2)
     return out
 
 
@@ -116,13 +161,21 @@ def loss_fn(params, rows: dict, local: dict, rng: jax.Array, *, graphdef, cfg: S
 
 def train_step(state: dict, local: dict, shared: dict, *, graphdef, cfg: StepConfig,
                dense_tx: optax.GradientTransformation, sparse_opts: dict[str, Any],
-               axis_name: str | None = None) -> tuple[dict, dict]:
-    """One optimisation step. `state` = {params, opt_state, tables, table_opt, step, rng}."""
+               axis_name: str | tuple[str, ...] | None = None,
+               table_axis: str | None = None) -> tuple[dict, dict]:
+    """One optimisation step. `state` = {params, opt_state, tables, table_opt, step, rng}.
+
+    Args:
+      axis_name: the mapped axis (or axes) the examples are split over; None for one device or GSPMD.
+      table_axis: the mesh axis the tables are split over by rows (shard_map with `mesh.model` > 1), or None
+        when every device holds whole tables.
+    """
     step = state["step"]
     rng = jax.random.fold_in(state["rng"], step)  # a fresh key per step, same on resume
     if axis_name:
         rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))  # different dropout per device
-    rows = {name: state["tables"][name][shared[f"{name}_uniq"]] for name in state["tables"]}
+    rows = {name: gather_rows(state["tables"][name], shared[f"{name}_uniq"], table_axis)
+            for name in state["tables"]}
     grad_fn = jax.grad(loss_fn, argnums=(0, 1), has_aux=True)
     (g_params, g_rows), metrics = grad_fn(as_varying(state["params"], axis_name), as_varying(rows, axis_name),
                                           local, rng, graphdef=graphdef, cfg=cfg, axis_name=axis_name)
@@ -131,9 +184,12 @@ def train_step(state: dict, local: dict, shared: dict, *, graphdef, cfg: StepCon
     params = optax.apply_updates(state["params"], updates)
     tables, table_opt = {}, {}
     for name, opt in sparse_opts.items():
-        tables[name], table_opt[name] = opt.update(
-            state["tables"][name], state["table_opt"][name], shared[f"{name}_uniq"], g_rows[name],
-            shared[f"{name}_valid"], step)
+        table, uniq, valid = state["tables"][name], shared[f"{name}_uniq"], shared[f"{name}_valid"]
+        if table_axis is not None:  # write only this shard's rows; the other shards write theirs
+            uniq, owned = shard_rows(table, uniq, table_axis)
+            valid = valid & owned
+        tables[name], table_opt[name] = opt.update(table, state["table_opt"][name], uniq, g_rows[name], valid,
+                                                   step)
     metrics = _psum(metrics, axis_name)
     metrics["grad_norm_sq"] = optax.tree_utils.tree_norm(g_params, squared=True)
     new_state = dict(state, params=params, opt_state=opt_state, tables=tables, table_opt=table_opt,

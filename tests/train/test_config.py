@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from tests.helpers import CONFIGS, REPO, compose_cfg
-from train.config import ConfigError, check_against_data, check_devices, describe, validate
+from train.config import ConfigError, check_against_data, check_devices, describe, mesh_shape, validate
 
 EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
 NEEDS_PATH = {"movielens": "ml-100k", "lightgcn": "gowalla"}
@@ -56,6 +56,29 @@ def test_batch_must_divide_over_devices():
     with pytest.raises(ConfigError, match=r"train\.global_batch_size=1022.*4 devices"):
         check_devices(c, 4)
     check_devices(c, 2)
+
+
+def test_mesh_sizes_resolve_against_the_devices():
+    assert mesh_shape(validate(compose_cfg()), 4) == (4, 1)
+    assert mesh_shape(validate(compose_cfg("mesh=sharded", "train.launcher=shard_map")), 4) == (1, 4)
+    assert mesh_shape(validate(compose_cfg("mesh.data=2", "mesh.model=2", "train.launcher=jit")), 4) == (2, 2)
+    c = validate(compose_cfg("mesh.data=3", "train.launcher=shard_map"))
+    with pytest.raises(ConfigError, match=r"mesh=.*multiply to the 4 devices"):
+        check_devices(c, 4)
+
+
+@pytest.mark.parametrize("overrides,key", [
+    (["mesh=sharded"], "mesh.model"),                                   # pmap cannot split tables
+    (["mesh.data=-1", "mesh.model=-1", "train.launcher=jit"], "mesh.model"),
+    (["mesh.model=0", "train.launcher=jit"], "mesh.model"),
+    (["model.item.table.num_hashes=3"], "model.item.table.num_hashes"),
+    (["model.user.table.hash_buckets=0"], "model.user.table.hash_buckets"),
+    (["model.item.table.hash_buckets=100", "model.item.table.pretrained=/runs/a"], "model.item.table.pretrained"),
+    (["model.item.table.pretrained=/x/emb.npy"], "model.item.table.pretrained_ids"),
+])
+def test_bad_mesh_and_table_settings(overrides, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        validate(compose_cfg(*overrides))
 
 
 def test_k_larger_than_corpus():
