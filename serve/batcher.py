@@ -5,13 +5,19 @@
 or until `max_batch` items are queued, calls `fn(items)` once and resolves every item's future with its
 result. With `adaptive` (the default) the worker skips the wait when nothing else is queued and its last
 batch held a single item: at low load a lone request pays no batching delay, while under load requests queue
-up during each call and the wait fills the next batch. An exception from `fn` fails every future of that batch (the worker itself keeps running), so one
-bad batch never stops the service.
+up during each call and the wait fills the next batch. An exception from `fn` fails every future of that
+batch (the worker itself keeps running), so one bad batch never stops the service.
+
+`submit_async(item)`, called on an event loop, returns an `asyncio.Future` instead: the worker resolves all
+of a batch's asyncio futures with one `call_soon_threadsafe` per loop, so an event loop serving many
+requests is woken once per batch rather than once per request (and no `concurrent.futures.Future` is
+wrapped for each). Cancelled futures of either kind (callers that gave up) are dropped before the call.
 
 The server uses it to turn concurrent `/v1/topk` requests into one user-tower call and one index search.
 """
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import logging
 import queue
@@ -53,11 +59,21 @@ class MicroBatcher:
 
     def submit(self, item) -> concurrent.futures.Future:
         """Queues `item`; the returned future resolves to `fn`'s result for it (or its exception)."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._put(item, future)
+        return future
+
+    def submit_async(self, item) -> asyncio.Future:
+        """`submit` for a coroutine on the running event loop: the returned asyncio future resolves (on that
+        loop) to `fn`'s result for `item`. Cancelling it drops the item if its batch has not started."""
+        future = asyncio.get_running_loop().create_future()
+        self._put(item, future)
+        return future
+
+    def _put(self, item, future) -> None:
         if self._closed:
             raise BatcherClosed("the batcher is closed; the server is shutting down")
-        future: concurrent.futures.Future = concurrent.futures.Future()
         self._queue.put((item, future))
-        return future
 
     def close(self, timeout: float = 5.0) -> None:
         """Stops the worker after the items already queued are answered."""
@@ -90,7 +106,7 @@ class MicroBatcher:
             batch, stop = self._collect(first)
             self._last_size = len(batch)
             # Callers that gave up (cancelled futures) are dropped before the expensive call.
-            live = [(item, fut) for item, fut in batch if fut.set_running_or_notify_cancel()]
+            live = [(item, fut) for item, fut in batch if _start(fut)]
             if not live:
                 continue
             if self._on_batch is not None:
@@ -101,11 +117,40 @@ class MicroBatcher:
                     raise RuntimeError(f"batch function returned {len(results)} results for {len(live)} items")
             except Exception as e:  # noqa: BLE001 - fail this batch's callers, keep serving the next one
                 log.exception("batched call failed for %d items", len(live))
-                for _, fut in live:
-                    fut.set_exception(e)
-                continue
-            for (_, fut), result in zip(live, results):
-                if isinstance(result, BaseException):
-                    fut.set_exception(result)
-                else:
-                    fut.set_result(result)
+                results = [e] * len(live)
+            _deliver([fut for _, fut in live], results)
+
+
+def _start(future) -> bool:
+    """Marks a future as running; False when its caller already cancelled it."""
+    if isinstance(future, asyncio.Future):
+        return not future.done()   # read off-loop: a cancel racing with this is caught again in _resolve
+    return future.set_running_or_notify_cancel()
+
+
+def _deliver(futures: list, results: Sequence[Any]) -> None:
+    """Resolves each future with its result (an exception instance fails it); asyncio futures in one
+    callback per event loop."""
+    by_loop: dict = {}
+    for fut, result in zip(futures, results):
+        if isinstance(fut, asyncio.Future):
+            by_loop.setdefault(fut.get_loop(), []).append((fut, result))
+        elif isinstance(result, BaseException):
+            fut.set_exception(result)
+        else:
+            fut.set_result(result)
+    for loop, pairs in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_resolve, pairs)
+        except RuntimeError:   # the loop was closed: nobody is waiting any more
+            pass
+
+
+def _resolve(pairs: list) -> None:
+    for fut, result in pairs:
+        if fut.done():   # cancelled (e.g. timed out) after its batch started
+            continue
+        if isinstance(result, BaseException):
+            fut.set_exception(result)
+        else:
+            fut.set_result(result)

@@ -89,6 +89,13 @@ def _as_ids(ids, n: int, what: str) -> np.ndarray:
     return arr
 
 
+def _best_first(scores: np.ndarray) -> bool:
+    """Whether float32 [Q, k] ANN scores are all present (no NaN padding) and non-increasing along each row:
+    then a stable sort by score keeps every row as it is."""
+    return scores.dtype == np.float32 and bool((scores[:, 1:] <= scores[:, :-1]).all()) and \
+        not np.isnan(scores[:, :1]).any()
+
+
 class TopK:
     """Maximum-inner-product top-k over a mutable item corpus.
 
@@ -290,6 +297,8 @@ class TopK:
         todo = np.arange(len(q))
         for _ in range(_WIDEN_ROUNDS + 1):
             cand_s, cand_i, leaves = self._backend_ann(q[todo], fetch, leaves)
+            if not ex_rows.size and fetch == k and _best_first(cand_s):
+                return cand_s, cand_i   # the common case: what the general path below would return as is
             valid = ~np.isnan(cand_s)
             if ex_rows.size:
                 pair_keys = ex_rows * self._n + ex_slots

@@ -4,6 +4,7 @@ vocabularies; `ClientError` carries a 4xx status and reason for any bad request.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 
 import numpy as np
@@ -46,12 +47,24 @@ def _is_number(v) -> bool:
 
 @dataclasses.dataclass
 class Query:
-    """One top-k request, encoded: user row (-1 = unknown), one row of each user feature, history rows."""
+    """One top-k request, encoded: user row (-1 = unknown), one row of each user feature, history rows.
+    `feats` / `history` None for a known user = their stored ones (gathered per batch by `embed_queries`)."""
     row: int
-    feats: dict
+    feats: dict | None
     history: np.ndarray | None
     k: int
     exclude: list
+
+
+def _stack(queries: list[Query], own: list, fetch, pad: int, filler=None) -> np.ndarray:
+    """One tower input for a batch, [len(queries) + pad, ...]: each query's own array, or where that is None
+    the stored one of its user row, from one `fetch(rows)` call for all of them; padded with `filler` or a
+    copy of the first query's array."""
+    missing = [q.row for q, part in zip(queries, own) if part is None]
+    if missing:
+        stored = iter(fetch(np.asarray(missing, np.int64)))
+        own = [next(stored) if part is None else part for part in own]
+    return np.stack(own + [own[0] if filler is None else filler] * pad)
 
 
 class Model:
@@ -81,6 +94,7 @@ class Model:
         self.user_table = t.tables.get("user") if t.model.user.use_id else None
         self.item_table = t.tables.get("item")
         self.output_dim = int(t.config["model"]["output_dim"])
+        self._forward = None
 
     # ------------------------------------------------------------------------------------------ features
     def _code(self, name: str, value) -> int:
@@ -134,7 +148,12 @@ class Model:
 
     # ------------------------------------------------------------------------------------------- queries
     def make_query(self, req, index_id_kind: str) -> Query:
-        """Validates and encodes a `TopKRequest` (raises `ClientError`)."""
+        """Validates and encodes a `TopKRequest` (raises `ClientError`).
+
+        A known user's stored features and history are not copied here: the query marks them (None) and
+        `embed_queries` gathers them for the whole batch at once, which costs a fraction of per-request
+        lookups on the event loop.
+        """
         key = None if req.user_id is None else as_id_kind(req.user_id, self.user_id_kind)
         row = -1 if key is None else int(self.trained.user_vocab.lookup(np.asarray([key]), missing="minus_one")[0])
         hist_rows = None
@@ -146,18 +165,17 @@ class Model:
             raise ClientError(422, "unknown user and no features/history: give user_id of a trained user, or "
                                    f"features (this tower reads {self.user_names}) or history "
                                    f"({'used' if self.use_history else 'not used'} by this tower)")
-        feats = self.features(self.user_names, self.ds.user_features, row, req.features)
+        feats = None if row >= 0 and req.features is None else \
+            self.features(self.user_names, self.ds.user_features, row, req.features)
         history = None
-        if self.use_history:
-            if hist_rows is None:
-                hist_rows = (self._user_history(self.ds, np.asarray([row]), self.history_len)[0] if row >= 0
-                             else np.zeros(0, np.int32))
+        if self.use_history and not (row >= 0 and hist_rows is None):
             history = np.full(self.history_len, -1, np.int32)
-            kept = hist_rows[hist_rows >= 0][:self.history_len]
+            kept = hist_rows[:self.history_len] if hist_rows is not None else []
             history[:len(kept)] = kept
         exclude = [e for e in (as_id_kind(v, index_id_kind) for v in (req.exclude or [])) if e is not None]
         if req.exclude_seen:
-            seen = list(hist_rows) if hist_rows is not None else []
+            # A known user's stored history is among their training items, so those cover it.
+            seen = hist_rows.tolist() if hist_rows is not None else []
             if row >= 0:
                 indptr, items = self.ds.train_csr()
                 seen += items[indptr[row]:indptr[row + 1]].tolist()
@@ -167,20 +185,47 @@ class Model:
     def _bucket(self, n: int) -> int:
         return next((b for b in self.batch_sizes if b >= n), self.batch_sizes[-1])
 
-    def embed_queries(self, queries: list[Query]) -> np.ndarray:
-        """float32[len(queries), D] in one user-tower call, padded to a compiled batch size."""
-        from towers.embed import embed_users
+    def _user_forward(self):
+        """The user tower as one jitted call over pre-flattened parameters, built on first use.
 
-        size = self._bucket(len(queries))
-        pad = size - len(queries)
+        `towers.embed.embed_users` takes the graph definition as a static argument and the parameters as an
+        `nnx.State`: each call hashes the one and flattens the other in Python, which costs more than the
+        tower itself at serving batch sizes. Here both happen once (the graph definition is closed over, the
+        parameters become a flat list of arrays), and the towers' own forward function runs inside.
+        """
+        if self._forward is None:
+            import jax
+
+            from towers.embed import _user_fn   # the exact forward `embed_users` runs, for identical answers
+
+            t = self.trained
+            leaves, treedef = jax.tree.flatten(t.params)
+            graphdef = t.graphdef
+
+            def forward(leaves, user_table, item_table, ids, history, feats):
+                return _user_fn(graphdef, jax.tree.unflatten(treedef, leaves), user_table, item_table, ids,
+                                history, feats)
+
+            self._forward = functools.partial(jax.jit(forward), leaves, self.user_table, self.item_table)
+        return self._forward
+
+    def embed_queries(self, queries: list[Query]) -> np.ndarray:
+        """float32[len(queries), D] in one user-tower call, padded to a compiled batch size. Stored features
+        and histories of known users (None in their queries) are gathered for the batch in one go."""
+        cap = self.batch_sizes[-1]
+        if len(queries) > cap:
+            return np.concatenate([self.embed_queries(queries[a:a + cap]) for a in range(0, len(queries), cap)])
+        pad = self._bucket(len(queries)) - len(queries)
         rows = np.asarray([q.row for q in queries] + [-1] * pad, np.int32)
-        feats = {n: np.stack([q.feats[n] for q in queries] + [queries[0].feats[n]] * pad)
+        feats = {n: _stack(queries, [None if q.feats is None else q.feats[n] for q in queries],
+                           lambda r, n=n: self.ds.user_features[n][r], pad)
                  for n in self.user_names}
-        history = None if not self.use_history else np.stack([q.history for q in queries] +
-                                                             [np.full(self.history_len, -1, np.int32)] * pad)
-        t = self.trained
-        return embed_users(t.graphdef, t.params, self.user_table, self.item_table, rows, feats, history,
-                           batch_size=size)[:len(queries)]
+        history = None
+        if self.use_history:
+            history = _stack(queries, [q.history for q in queries],
+                             lambda r: self._user_history(self.ds, r, self.history_len), pad,
+                             np.full(self.history_len, -1, np.int32))
+        return np.asarray(self._user_forward()(rows, history, feats))[:len(queries)]
 
     def item_embeddings(self, items, id_kind: str, dim: int) -> tuple[list, np.ndarray]:
         """Upsert items -> (ids of `id_kind`, float32[M, dim]): explicit embeddings as given, features through

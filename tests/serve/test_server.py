@@ -1,6 +1,7 @@
 """The HTTP top-k server over a real (tiny) run and export, through real HTTP on 127.0.0.1: answers equal exact
 search on the towers' embeddings, micro-batching, upsert/delete, hot reload under load, version refusal,
 malformed and fuzzed input (never a 5xx), metrics, and no training code in the server process."""
+import asyncio
 import concurrent.futures
 import http.client
 import json
@@ -18,6 +19,7 @@ import uvicorn
 from serve.__main__ import ConfigError, parse_args
 from serve.batcher import MicroBatcher
 from serve.manifest import load_index, write_index
+from serve.schemas import TopKRequest
 from serve.server import create_app
 from tests.helpers import REPO, smoke_cfg
 from tests.serve.test_export import export_cfg
@@ -212,6 +214,68 @@ def test_reload_swaps_under_load_and_refuses_another_model(run, client):
     assert client.call("POST", "/v1/index:reload", {"index_dir": str(run["out"])})[0] == 200
 
 
+def raw_topk(client, body: bytes, content_type: str | None):
+    """POST /v1/topk -> (status, content-type, body bytes), the body sent as given."""
+    conn = http.client.HTTPConnection("127.0.0.1", client.port, timeout=30)
+    conn.request("POST", "/v1/topk", body=body, headers={"Content-Type": content_type} if content_type else {})
+    resp = conn.getresponse()
+    out = resp.status, resp.getheader("content-type"), resp.read()
+    conn.close()
+    return out
+
+
+def test_fast_path_answers_exactly_as_the_fastapi_route(run, client):
+    """application/json top-k bodies are answered by the guard middleware, other JSON media types by the
+    FastAPI route: the same status and bytes for answers, client errors and invalid bodies."""
+    raw = run["ds"].user_vocab.raw_ids.tolist()
+    bodies = [{"user_id": raw[2], "k": 7}, {"user_id": raw[7], "k": 3, "exclude_seen": True, "exclude": [1, "x"]},
+              {"user_id": "nobody", "features": {"segment": 1}, "history": [5, 7], "k": 4},
+              {"user_id": 1, "k": 10**6}, {"user_id": "nobody", "k": 5}, {"user_id": 1, "k": "10"}]
+    for body in bodies:
+        data = json.dumps(body).encode()
+        fast = raw_topk(client, data, "application/json; charset=utf-8")
+        assert fast == raw_topk(client, data, "application/vnd.api+json"), body
+        assert fast[0] in (200, 422) and fast[1] == "application/json"
+    assert raw_topk(client, json.dumps(bodies[0]).encode(), None)[0] == 422   # FastAPI refuses a body without type
+    # Without the FastAPI route only the fast path can answer: valid JSON bodies still get 200.
+    routes = client.app.router.routes
+    route = next(r for r in routes if getattr(r, "path", None) == "/v1/topk")
+    routes.remove(route)
+    try:
+        assert raw_topk(client, json.dumps(bodies[0]).encode(), "application/json")[0] == 200
+        assert raw_topk(client, json.dumps(bodies[0]).encode(), "application/vnd.api+json")[0] == 404
+    finally:
+        routes.append(route)
+
+
+def test_a_mixed_batch_embeds_each_query_as_alone(run, client):
+    """Stored features and histories gathered per batch: known users next to users described in the request."""
+    model, raw = client.app.state.server.model, run["ds"].user_vocab.raw_ids.tolist()
+    bodies = [{"user_id": raw[0]}, {"user_id": "nobody", "features": {"segment": 2}, "history": [5, 7]},
+              {"user_id": raw[1]}, {"user_id": raw[4], "history": [9]}, {"user_id": raw[5], "features": {"segment": 1}},
+              {"user_id": raw[2]}]
+    queries = [model.make_query(TopKRequest(k=1, **b), "int") for b in bodies]
+    together = model.embed_queries(queries)
+    alone = np.concatenate([model.embed_queries([q]) for q in queries])
+    np.testing.assert_allclose(together, alone, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(together[[0, 2, 5]], user_embeddings(run, [0, 1, 2]), rtol=1e-5, atol=1e-6)
+
+
+def test_exclude_seen_drops_exactly_a_known_users_training_items(run, client):
+    """A user with fewer training items than the history length: only those items are excluded (the padding
+    of their stored history is no item)."""
+    ds = run["ds"]
+    indptr, items = ds.train_csr()
+    user = int(np.flatnonzero(np.diff(indptr) < run["history_len"])[0])
+    seen = set(ds.item_vocab.raw_ids[items[indptr[user]:indptr[user + 1]]].tolist())
+    held = set(client.app.state.server.current[0].ids().tolist())
+    want = held - seen
+    assert ds.item_vocab.raw_ids[-1].item() in want   # the item a -1 history row would have named
+    status, got = client.call("POST", "/v1/topk", {"user_id": int(ds.user_vocab.raw_ids[user]), "k": len(held),
+                                                   "exclude_seen": True})
+    assert status == 200 and {it["id"] for it in got["items"]} == want and len(got["items"]) == len(want)
+
+
 @pytest.mark.parametrize("method,path,body,status,reason", [
     ("POST", "/v1/topk", {"user_id": 1, "k": 0}, 422, "greater than or equal to 1"),
     ("POST", "/v1/topk", {"user_id": 1, "k": 10**6}, 422, "exceeds the corpus size"),
@@ -340,6 +404,31 @@ def test_micro_batcher_batches_and_isolates_failures():
     gate.set()
     assert [f.result(5) for f in futures] == [0, 2, 4, 6, 8, 10] and len(calls) <= 3 and max(map(len, calls)) >= 5
     adaptive.close()
+
+
+def test_micro_batcher_resolves_asyncio_futures_once_per_batch():
+    calls = []
+
+    def fn(items):
+        calls.append(list(items))
+        return [ValueError(f"odd {x}") if x % 2 else 10 * x for x in items]
+
+    batcher = MicroBatcher(fn, max_batch=8, max_wait_s=0.2, adaptive=False)
+
+    async def main():
+        loop, wakeups = asyncio.get_running_loop(), []
+        threadsafe = loop.call_soon_threadsafe
+        loop.call_soon_threadsafe = lambda *a, **kw: (wakeups.append(a[0]), threadsafe(*a, **kw))[1]
+        futures = [batcher.submit_async(i) for i in range(6)]
+        gave_up = batcher.submit_async(99)
+        gave_up.cancel()   # a caller that gave up before the batch ran: never computed
+        return await asyncio.gather(*futures, return_exceptions=True), len(wakeups)
+
+    with asyncio.Runner(loop_factory=asyncio.SelectorEventLoop) as runner:
+        results, wakeups = runner.run(main())
+    batcher.close()
+    assert results[0::2] == [0, 20, 40] and [str(e) for e in results[1::2]] == ["odd 1", "odd 3", "odd 5"]
+    assert calls == [[0, 1, 2, 3, 4, 5]] and wakeups == 1
 
 
 def test_cli_config_errors_are_one_line(tmp_path):
