@@ -88,6 +88,15 @@ def _sample_offsets(others: np.ndarray, h: int, rng: np.random.Generator) -> np.
     return out
 
 
+def negative_pool(ds: Dataset) -> np.ndarray:
+    """int32 item rows that uniform negatives are drawn from: every item except the cold ones.
+
+    Cold items (held out of training entirely) are never drawn, so nothing about them leaks into the towers;
+    the step's uniform log q is log(M / len(pool)).
+    """
+    return np.setdiff1d(np.arange(ds.num_items, dtype=np.int32), np.asarray(ds.cold_items, np.int32))
+
+
 class Batches:
     """Infinite, resumable iterator of fixed-shape training batches.
 
@@ -121,12 +130,8 @@ class Batches:
         counts = np.diff(self._indptr)
         self._users = np.repeat(np.arange(ds.num_users, dtype=np.int32), counts)
         self._logq = ds.item_log_prob()
-        # Uniform negatives come from the items training may see: cold items (held out of training entirely)
-        # are never drawn, so nothing about them leaks into the towers. The step's uniform log q uses this size.
-        cold = np.asarray(getattr(ds, "cold_items", ()), np.int32)
-        everything = np.arange(ds.num_items, dtype=np.int32)
-        self._negative_pool = None if cold.size == 0 else np.setdiff1d(everything, cold)
-        self.num_negative_candidates = ds.num_items if self._negative_pool is None else len(self._negative_pool)
+        self._negative_pool = negative_pool(ds)
+        self.num_negative_candidates = len(self._negative_pool)
         self._epoch, self._position = 0, 0
         self._perms: dict[int, np.ndarray] = {}
 
@@ -172,9 +177,7 @@ class Batches:
         rng = np.random.default_rng([self.seed, self._epoch, self._position, 1])
         ex = self._take_examples().astype(np.int64)
         user, item = self._users[ex], self._items[ex]
-        neg = rng.integers(0, self.num_negative_candidates, self.num_negatives).astype(np.int32)
-        if self._negative_pool is not None:
-            neg = self._negative_pool[neg]
+        neg = self._negative_pool[rng.integers(0, self.num_negative_candidates, self.num_negatives)]
         return {
             "user": user,
             "item": item,

@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 from omegaconf import OmegaConf
 
-from data.batching import Batches
+from data.batching import Batches, negative_pool
 from data.load import load as load_dataset
 from towers.id_tables import TABLE_TOWERS, hashings, vocab_view
 from towers.two_tower import TwoTower
@@ -43,10 +43,6 @@ class TrainingDiverged(RuntimeError):
 
 
 # ---------------------------------------------------------------- data
-
-def negative_pool_size(ds) -> int:
-    """How many items uniform negatives are drawn from (`data.Batches`): every item but the cold ones."""
-    return ds.num_items - len(getattr(ds, "cold_items", ()))
 
 def load_data(c: config_lib.Config):
     t0 = time.perf_counter()
@@ -142,7 +138,8 @@ def build_parts(c: config_lib.Config, ds, steps: int, devices: list, table_rows:
                    for name in sizes}
     step_cfg = StepConfig(
         temperature=c.loss.temperature, global_batch=c.train.global_batch_size,
-        global_negatives=c.loss.num_negatives, num_items=negative_pool_size(ds), logq_correction=c.loss.logq_correction,
+        global_negatives=c.loss.num_negatives, num_items=len(negative_pool(ds)),
+        logq_correction=c.loss.logq_correction,
         remove_accidental_hits=c.loss.remove_accidental_hits, embedding_l2=c.loss.embedding_l2,
         use_user_table="user" in sizes, use_item_table="item" in sizes, use_history=c.model.user.use_history)
     step_fn = make_step(graphdef=graphdef, cfg=step_cfg, dense_tx=dense_tx, sparse_opts=sparse_opts)
