@@ -212,7 +212,12 @@ def main(cfg: DictConfig) -> None:
         sys.exit(1)
 
 
+def known_keys() -> set[str]:
+    """Every key `python -m serve.export` accepts on its command line."""
+    return {f.name for f in fields(ExportConfig)} | {f"index.{f.name}" for f in fields(IndexConfig)}
+
+
 if __name__ == "__main__":
-    if (problem := unknown_override(sys.argv[1:], {f.name for f in fields(ExportConfig)} | {f"index.{f.name}" for f in fields(IndexConfig)})) is not None:
+    if (problem := unknown_override(sys.argv[1:], known_keys())) is not None:
         exit_config_error(problem)
     main()
