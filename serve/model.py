@@ -48,12 +48,14 @@ def _is_number(v) -> bool:
 @dataclasses.dataclass
 class Query:
     """One top-k request, encoded: user row (-1 = unknown), one row of each user feature, history rows.
-    `feats` / `history` None for a known user = their stored ones (gathered per batch by `embed_queries`)."""
+    `feats` / `history` None for a known user = their stored ones (gathered per batch by `embed_queries`).
+    `id_emb`: the ID embedding of a user id outside the vocabulary of a hashed user table (its hashed rows)."""
     row: int
     feats: dict | None
     history: np.ndarray | None
     k: int
     exclude: list
+    id_emb: np.ndarray | None = None
 
 
 def _stack(queries: list[Query], own: list, fetch, pad: int, filler=None) -> np.ndarray:
@@ -92,6 +94,9 @@ class Model:
         self.item_id_kind = "str" if t.item_vocab.raw_ids.dtype.kind == "U" else "int"
         self.user_id_kind = "str" if t.user_vocab.raw_ids.dtype.kind == "U" else "int"
         self.user_table = t.tables.get("user") if t.model.user.use_id else None
+        # Hashed tables give every raw id an embedding: unseen user ids and upserted item ids included.
+        self.user_hashed = self.user_table is not None and "user" in t.hashing
+        self.item_hashed = t.model.item.use_id and "item" in t.hashing
         self.item_table = t.tables.get("item")
         self.output_dim = int(t.config["model"]["output_dim"])
         self._forward = None
@@ -156,12 +161,16 @@ class Model:
         """
         key = None if req.user_id is None else as_id_kind(req.user_id, self.user_id_kind)
         row = -1 if key is None else int(self.trained.user_vocab.lookup(np.asarray([key]), missing="minus_one")[0])
+        id_emb = None
+        if row < 0 and key is not None and self.user_hashed:
+            id_emb = self.trained.id_embeddings("user", np.asarray([key]))[0]
         hist_rows = None
         if req.history is not None:
             keys = [h for h in (as_id_kind(v, self.item_id_kind) for v in req.history) if h is not None]
             rows = self.trained.item_vocab.lookup(np.asarray(keys), missing="minus_one") if keys else np.zeros(0)
             hist_rows = np.asarray(rows[rows >= 0], np.int32)
-        if row < 0 and not ((req.features and self.user_names) or (req.history and self.use_history)):
+        if row < 0 and id_emb is None and not ((req.features and self.user_names) or
+                                               (req.history and self.use_history)):
             raise ClientError(422, "unknown user and no features/history: give user_id of a trained user, or "
                                    f"features (this tower reads {self.user_names}) or history "
                                    f"({'used' if self.use_history else 'not used'} by this tower)")
@@ -180,7 +189,7 @@ class Model:
                 indptr, items = self.ds.train_csr()
                 seen += items[indptr[row]:indptr[row + 1]].tolist()
             exclude += self.trained.item_vocab.raw_ids[np.asarray(seen, np.int64)].tolist() if seen else []
-        return Query(row, feats, history, req.k, exclude)
+        return Query(row, feats, history, req.k, exclude, id_emb)
 
     def _bucket(self, n: int) -> int:
         return next((b for b in self.batch_sizes if b >= n), self.batch_sizes[-1])
@@ -196,15 +205,15 @@ class Model:
         if self._forward is None:
             import jax
 
-            from towers.embed import _user_fn   # the exact forward `embed_users` runs, for identical answers
+            from towers.embed import user_forward   # the forward `embed_users` runs, for identical answers
 
             t = self.trained
             leaves, treedef = jax.tree.flatten(t.params)
             graphdef = t.graphdef
 
-            def forward(leaves, user_table, item_table, ids, history, feats):
-                return _user_fn(graphdef, jax.tree.unflatten(treedef, leaves), user_table, item_table, ids,
-                                history, feats)
+            def forward(leaves, user_table, item_table, ids, history, feats, extra_id_emb):
+                return user_forward(graphdef, jax.tree.unflatten(treedef, leaves), user_table, item_table, ids,
+                                    history, feats, extra_id_emb)
 
             self._forward = functools.partial(jax.jit(forward), leaves, self.user_table, self.item_table)
         return self._forward
@@ -225,11 +234,18 @@ class Model:
             history = _stack(queries, [q.history for q in queries],
                              lambda r: self._user_history(self.ds, r, self.history_len), pad,
                              np.full(self.history_len, -1, np.int32))
-        return np.asarray(self._user_forward()(rows, history, feats))[:len(queries)]
+        extra = None
+        if self.user_hashed:
+            extra = np.zeros((len(rows), self.user_table.shape[1]), np.float32)
+            for j, q in enumerate(queries):
+                if q.id_emb is not None:
+                    extra[j] = q.id_emb
+        return np.asarray(self._user_forward()(rows, history, feats, extra))[:len(queries)]
 
     def item_embeddings(self, items, id_kind: str, dim: int) -> tuple[list, np.ndarray]:
         """Upsert items -> (ids of `id_kind`, float32[M, dim]): explicit embeddings as given, features through
-        the item tower (with the ID row when the id is in the trained vocabulary)."""
+        the item tower (with the ID row when the id is in the trained vocabulary, or for any id when the item
+        table is hashed)."""
         from towers.embed import embed_items
 
         ids = [as_id_kind(it.id, id_kind) for it in items]
@@ -255,6 +271,10 @@ class Model:
             stacked = {n: np.stack([f[n] for f in feats] + [feats[0][n]] * pad) for n in self.item_names}
             t = self.trained
             table = self.item_table if t.model.item.use_id else None
+            if self.item_hashed:   # every id has hashed rows: the tower reads them as a table of these items
+                table = np.zeros((len(rows), self.item_table.shape[1]), np.float32)   # padded: one compile
+                table[:len(by_feat)] = t.id_embeddings("item", np.asarray(keys))
+                rows[:len(by_feat)] = np.arange(len(by_feat))
             emb[by_feat] = embed_items(t.graphdef, t.params, table, rows, stacked, batch_size=size)[:len(by_feat)]
         return ids, emb
 

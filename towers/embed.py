@@ -20,15 +20,30 @@ def _item_fn(graphdef, params, table, ids, feats):
     return model.item(feats, id_emb)
 
 
-@functools.partial(jax.jit, static_argnums=(0,))
-def _user_fn(graphdef, params, user_table, item_table, ids, history, feats):
+def user_forward(graphdef, params, user_table, item_table, ids, history, feats, extra_id_emb=None):
+    """The user tower on table rows: what `embed_users` and the server both run (traceable, not jitted).
+
+    Args:
+      ids: int[B] user-table rows; -1 = no row (the ID embedding is zeros, plus `extra_id_emb`).
+      history: int[B, H] item-table rows, -1 padded, or None.
+      feats: {name: array[B, ...]}.
+      extra_id_emb: float[B, id_dim] added to the ID embedding, or None. The server passes the hashed-row
+        embedding of user ids outside the vocabulary here (with ids -1), so an unseen id still has one.
+    Returns:
+      [B, output_dim]
+    """
     model = nnx.merge(graphdef, params)
     id_emb = None if user_table is None else user_table[jnp.maximum(ids, 0)] * (ids >= 0)[:, None]
+    if extra_id_emb is not None and id_emb is not None:
+        id_emb = id_emb + extra_id_emb
     hist_emb = hist_mask = None
     if history is not None:
         hist_mask = history >= 0
         hist_emb = item_table[jnp.maximum(history, 0)]
     return model.user(feats, id_emb, hist_emb, hist_mask)
+
+
+_user_fn = jax.jit(user_forward, static_argnums=(0,))
 
 
 def _batches(n: int, batch_size: int):
