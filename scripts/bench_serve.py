@@ -14,8 +14,9 @@ parsed as JSON holding k items. It costs the shared CPUs several times less per 
 The report adds the CPU seconds per request of the server process and of the clients, so the server's cost
 can be read apart from the load on the machine.
 
-  python scripts/bench_serve.py                          # 1M x 64, 8 clients, up to 5000 requests / 60 s
-  python scripts/bench_serve.py --items 200000 --clients 16 --requests 3000
+  python scripts/bench_serve.py                          # 1M x 64, 16 clients, up to 10000 requests / 60 s
+  python scripts/bench_serve.py --items 200000 --clients 32 --requests 3000
+  python scripts/bench_serve.py --clients 1 --requests 2000  # single-query latency
   python scripts/bench_serve.py --keep /tmp/bench1m --repeat 3   # reuse the built index across invocations
 """
 from __future__ import annotations
@@ -271,10 +272,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--items", type=int, default=1_000_000)
     p.add_argument("--dim", type=int, default=64)
-    p.add_argument("--clients", type=int, default=8, help="concurrent keep-alive connections")
+    p.add_argument("--clients", type=int, default=16, help="concurrent keep-alive connections (closed loop: "
+                   "each sends its next request when the last is answered)")
     p.add_argument("--client", choices=("sockets", "threads"), default="sockets", help="load generator")
     p.add_argument("--client-procs", type=int, default=1, help="client processes sharing the connections")
-    p.add_argument("--requests", type=int, default=5000, help="stop after this many requests")
+    p.add_argument("--requests", type=int, default=10000, help="stop after this many requests")
     p.add_argument("--duration", type=float, default=60.0, help="stop after this many seconds")
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--repeat", type=int, default=1, help="load runs against the same server")

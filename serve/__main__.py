@@ -44,7 +44,8 @@ def parse_args(args: list[str]) -> dict:
                "must be a non-empty list of positive ints"),
               ("max_wait_ms", isinstance(c["max_wait_ms"], (int, float)) and c["max_wait_ms"] >= 0, "must be >= 0"),
               ("max_body_bytes", isinstance(c["max_body_bytes"], int) and c["max_body_bytes"] > 0, "must be > 0"),
-              ("step", c["step"] is None or isinstance(c["step"], int), "must be an int or null")]
+              ("step", c["step"] is None or isinstance(c["step"], int), "must be an int or null"),
+              ("http", c["http"] in ("auto", "h11", "httptools"), "must be auto, h11 or httptools")]
     for key, ok, why in checks:
         if not ok:
             raise ConfigError(f"{key}={c[key]!r}: {why}")
@@ -75,7 +76,7 @@ def main(argv: list[str]) -> int:
     logging.getLogger("twotower.serve").info("serving %s (%d items, index %s) on http://%s:%d",
                                              state.model.model_version, len(state.current[0]),
                                              state.current[1], c["host"], c["port"])
-    uvicorn.run(app, host=c["host"], port=c["port"], log_level=c["log_level"], access_log=False)
+    uvicorn.run(app, host=c["host"], port=c["port"], log_level=c["log_level"], access_log=False, http=c["http"])
     return 0
 
 

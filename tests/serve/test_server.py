@@ -435,6 +435,7 @@ def test_cli_config_errors_are_one_line(tmp_path):
     assert parse_args([f"run_dir={tmp_path}", "port=9000"])["port"] == 9000
     for args, message in ((["colour=red"], "colour=red: unknown key"), ([], "run_dir=None: is required"),
                           ([f"run_dir={tmp_path}", "port=70000"], "port=70000: must be an int"),
-                          ([f"run_dir={tmp_path}", "batch_sizes=[0]"], "batch_sizes=[0]")):
+                          ([f"run_dir={tmp_path}", "batch_sizes=[0]"], "batch_sizes=[0]"),
+                          ([f"run_dir={tmp_path}", "http=spdy"], "http='spdy': must be auto, h11 or httptools")):
         with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
             parse_args(args)
