@@ -110,7 +110,7 @@ class Batches:
 
     Each batch: user int32 [B], item int32 [B], neg_item int32 [M], history int32 [B, H],
     user_feat {name: [B, ...]}, item_feat {name: [B, ...]}, neg_item_feat {name: [M, ...]},
-    item_logq float32 [B].
+    item_logq float32 [B], neg_item_logq float32 [M] (log p(item) under the training data).
     """
 
     def __init__(self, ds: Dataset, *, batch_size: int, num_negatives: int, history_len: int,
@@ -187,6 +187,7 @@ class Batches:
             "item_feat": {k: v[item] for k, v in self.ds.item_features.items()},
             "neg_item_feat": {k: v[neg] for k, v in self.ds.item_features.items()},
             "item_logq": self._logq[item],
+            "neg_item_logq": self._logq[neg],
         }
 
     def _history(self, ex: np.ndarray, user: np.ndarray, item: np.ndarray, rng) -> np.ndarray:

@@ -21,6 +21,9 @@ class LossConfig:
     num_negatives: int = _help(1024, "uniformly drawn corpus items per global batch (mixed negative sampling); "
                                      "0 = in-batch negatives only")
     logq_correction: bool = _help(True, "subtract log of each candidate's expected count under its sampler")
+    logq_mixture: bool = _help(False, "log q of every candidate = log of its expected count in the union of the "
+                                      "in-batch and uniform samples (B p + M/N), instead of per source (B p for "
+                                      "in-batch, M/N for uniform; overstates rare in-batch items' correction)")
     remove_accidental_hits: bool = _help(True, "mask candidates equal to the row's positive item")
     embedding_l2: float = _help(0.0, "L2 penalty on the ID-table rows a batch touches (per row, per step)")
 

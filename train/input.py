@@ -60,13 +60,14 @@ def prepare(batch: dict, *, use_user_table: bool, use_item_table: bool, use_hist
         vocabulary): such a table's `*_idx` arrays get a trailing axis of size K, the id's K rows.
     Returns:
       local: {"user", "item", "neg_item", "user_idx", "item_idx", "neg_idx", "history_idx", "history_mask",
-              "user_feat", "item_feat", "neg_item_feat", "item_logq", "mask"} with leading dim B (or M).
+              "user_feat", "item_feat", "neg_item_feat", "item_logq", "neg_item_logq", "mask"} with leading dim B
+              (or M).
       shared: {"user_uniq", "user_valid", "item_uniq", "item_valid"} (only for tables in use).
     """
     maps = row_maps or {}
     B, M = len(batch["user"]), len(batch["neg_item"])
     local = {k: batch[k] for k in ("user", "item", "neg_item", "user_feat", "item_feat", "neg_item_feat",
-                                   "item_logq")}
+                                   "item_logq", "neg_item_logq")}
     local["mask"] = np.ones(B, np.float32)
     shared = {}
     if use_user_table:

@@ -139,7 +139,7 @@ def build_parts(c: config_lib.Config, ds, steps: int, devices: list, table_rows:
     step_cfg = StepConfig(
         temperature=c.loss.temperature, global_batch=c.train.global_batch_size,
         global_negatives=c.loss.num_negatives, num_items=len(negative_pool(ds)),
-        logq_correction=c.loss.logq_correction,
+        logq_correction=c.loss.logq_correction, logq_mixture=c.loss.logq_mixture,
         remove_accidental_hits=c.loss.remove_accidental_hits, embedding_l2=c.loss.embedding_l2,
         use_user_table="user" in sizes, use_item_table="item" in sizes, use_history=c.model.user.use_history)
     step_fn = make_step(graphdef=graphdef, cfg=step_cfg, dense_tx=dense_tx, sparse_opts=sparse_opts)

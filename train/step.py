@@ -43,6 +43,7 @@ class StepConfig:
     use_user_table: bool
     use_item_table: bool
     use_history: bool
+    logq_mixture: bool = False
 
 
 def _psum(x, axis_name):
@@ -107,14 +108,24 @@ def _rows_of(rows: jax.Array, idx: jax.Array, base_ndim: int) -> jax.Array:
 
 
 def candidate_logq(local: dict, cfg: StepConfig) -> tuple[jax.Array, jax.Array]:
-    """log of each candidate's expected count in the candidate set, per source (Yi et al. 2019).
+    """log of each candidate's expected count in the candidate set (Yi et al. 2019).
 
-    In-batch positives were drawn by the data distribution: expected count B_global * p(item).
-    Uniform negatives: M_global / num_items each.
+    In-batch positives were drawn by the data distribution: expected count B_global * p(item). Uniform
+    negatives: M_global / num_items each (num_items = the pool they are drawn from). Per source (the default),
+    each candidate is corrected by its own sampler's count. With `cfg.logq_mixture`, every candidate is
+    corrected by its expected count in the union of both samples, B p(item) + M / num_items: the proposal the
+    candidate set was really drawn from. Per source overstates the correction of a rare item drawn in-batch
+    (log B p alone is very negative, though uniform sampling alone would have drawn it M/N times).
     """
-    pos = jnp.log(float(cfg.global_batch)) + local["item_logq"]
-    neg = jnp.full(local["neg_item"].shape, math.log(max(cfg.global_negatives, 1) / cfg.num_items), jnp.float32)
-    return pos.astype(jnp.float32), neg
+    log_b = jnp.log(float(cfg.global_batch))
+    uniform = math.log(max(cfg.global_negatives, 1) / cfg.num_items)
+    pos = log_b + local["item_logq"]
+    neg = jnp.full(local["neg_item"].shape, uniform, jnp.float32)
+    if cfg.logq_mixture and cfg.global_negatives:
+        # Every in-batch item is a training item, so it is in the uniform pool too (cold items are neither).
+        pos = jnp.logaddexp(pos, uniform)
+        neg = jnp.logaddexp(log_b + local["neg_item_logq"], uniform)
+    return pos.astype(jnp.float32), neg.astype(jnp.float32)
 
 
 def tower_inputs(params_rows: dict, local: dict, cfg: StepConfig) -> dict:

@@ -26,6 +26,7 @@ def test_shapes_dtypes_and_gathers(ds, m, h):
     assert batch["history"].shape == (32, h) and batch["history"].dtype == np.int32
     assert batch["item_logq"].dtype == np.float32
     np.testing.assert_array_equal(batch["item_logq"], ds.item_log_prob()[batch["item"]])
+    np.testing.assert_array_equal(batch["neg_item_logq"], ds.item_log_prob()[batch["neg_item"]])
     for key, side, rows in (("user_feat", ds.user_features, batch["user"]),
                             ("item_feat", ds.item_features, batch["item"]),
                             ("neg_item_feat", ds.item_features, batch["neg_item"])):

@@ -289,3 +289,26 @@ def test_shard_map_matches_single_device_loss():
     sharded = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P("data"), out_specs=P()))(*args)
     for got, want in zip(sharded, single):
         np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_mixture_logq_is_the_expected_count_in_both_samples():
+    from train.step import StepConfig, candidate_logq
+
+    B, M, N = 8, 4, 50
+    p_pos = np.array([0.5, 0.2, 0.1, 0.05, 0.05, 0.05, 0.025, 0.025])
+    p_neg = np.array([0.5, 1e-4, 0.01, 0.2])
+    local = {"item_logq": jnp.log(jnp.asarray(p_pos, jnp.float32)),
+             "neg_item_logq": jnp.log(jnp.asarray(p_neg, jnp.float32)), "neg_item": jnp.zeros(M, jnp.int32)}
+    per_source = StepConfig(1.0, B, M, N, True, True, 0.0, False, True, False)
+    pos, neg = candidate_logq(local, per_source)
+    np.testing.assert_allclose(pos, np.log(B * p_pos), rtol=1e-5)
+    np.testing.assert_allclose(neg, np.full(M, np.log(M / N)), rtol=1e-5)
+    mixture = StepConfig(1.0, B, M, N, True, True, 0.0, False, True, False, logq_mixture=True)
+    pos, neg = candidate_logq(local, mixture)
+    np.testing.assert_allclose(pos, np.log(B * p_pos + M / N), rtol=1e-5)
+    np.testing.assert_allclose(neg, np.log(B * p_neg + M / N), rtol=1e-5)
+    # The rare negative's correction is about the uniform sampler's; a popular one's about the data's.
+    assert abs(float(neg[1]) - np.log(M / N)) < 0.01 and abs(float(neg[0]) - np.log(B * 0.5)) < 0.1
+    # Without uniform negatives the union is the batch alone.
+    pos, _ = candidate_logq(local, StepConfig(1.0, B, 0, N, True, True, 0.0, False, True, False, logq_mixture=True))
+    np.testing.assert_allclose(pos, np.log(B * p_pos), rtol=1e-5)
