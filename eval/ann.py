@@ -18,7 +18,7 @@ import time
 import numpy as np
 
 from eval.metrics import PAD, csr_pairs, sorted_unique
-from serve.index import build_scann_searcher, scann_settings
+from serve.scann_index import build_scann_searcher, scann_settings
 
 INSTALL_HINT = ("ScaNN is needed for the ANN metrics: `pip install 'scann>=1.4.2'` (Linux wheels for x86-64 "
                 "and arm64, no TensorFlow needed), or run with ann.enabled=false")

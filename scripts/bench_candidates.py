@@ -3,7 +3,7 @@
 the exact ones.
 
 The corpus and queries are those of `scripts/bench_serve.py` (clustered unit vectors around 1,000 centres,
-seed 0, the queries drawn with the corpus); the index is a `serve.index.ScaNNIndex` as `python -m serve.export`
+seed 0, the queries drawn with the corpus); the index is a `serve.scann_index.ScaNNIndex` as `python -m serve.export`
 builds it (1,000 leaves), with the leaves searched swept. Each user has seen items (median 20, log-normal,
 capped at 400), half of them among the user's nearest items, so excluding them changes the top-100 and long
 histories take the widened-fetch and exact-fallback paths of `serve.candidates.search.topk_unseen`, the
@@ -72,7 +72,7 @@ def recall(got: np.ndarray, want: np.ndarray) -> float:
 
 def main() -> None:
     from serve.candidates.search import Corpus, default_overfetch, topk_unseen
-    from serve.index import ScaNNIndex
+    from serve.scann_index import ScaNNIndex
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--items", type=int, default=1_000_000)

@@ -56,7 +56,8 @@ def make_run(run_dir: pathlib.Path, dim: int) -> tuple[str, int]:
 def build_index(items: int, dim: int, out: pathlib.Path, model_version: str, queries: int) -> dict:
     """Builds and writes the ScaNN index; measures its recall@10 against exact search on held-out queries."""
     from serve.export import ann_recall
-    from serve.index import BruteForce, ScaNNIndex
+    from serve.index import BruteForce
+    from serve.scann_index import ScaNNIndex
     from serve.manifest import write_index
     from tests.serve.test_index import clustered
 

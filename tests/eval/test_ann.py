@@ -5,7 +5,7 @@ import pytest
 
 from eval.ann import ann_topk, build_index, overlap_at_k
 from eval.topk import exact_topk
-from serve.index import ScaNNIndex
+from serve.scann_index import ScaNNIndex
 
 pytest.importorskip("scann")
 

@@ -14,7 +14,8 @@ import serve.candidates as candidates
 from serve.candidates import CandidatesError, Corpus, shard_path, topk_unseen
 from serve.candidates.config import ConfigError, validate
 from serve.candidates.search import seen_csr
-from serve.index import BruteForce, ScaNNIndex
+from serve.index import BruteForce
+from serve.scann_index import ScaNNIndex
 from tests.helpers import REPO, smoke_cfg
 from tests.serve.test_index import clustered
 

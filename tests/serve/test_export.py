@@ -14,7 +14,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from serve.export import ConfigError, export, tune_recall, validate
-from serve.index import BruteForce, ScaNNIndex
+from serve.index import BruteForce
+from serve.scann_index import ScaNNIndex
 from serve.manifest import IndexLoadError, load_index, write_index
 from tests.helpers import CONFIGS, REPO, smoke_cfg
 from tests.serve.test_index import clustered, reference_topk

@@ -5,7 +5,8 @@ import threading
 import numpy as np
 import pytest
 
-from serve.index import BruteForce, ScaNNIndex, UnknownIdError, make_index
+from serve.index import BruteForce, UnknownIdError, make_index
+from serve.scann_index import ScaNNIndex
 
 
 def clustered(n: int, d: int, rng, clusters: int = 50) -> np.ndarray:

@@ -1,0 +1,197 @@
+"""The ScaNN backend of `serve.index.TopK`: `ScaNNIndex`, and `scann_settings` / `build_scann_searcher`, the one
+place that says how ScaNN is configured for a corpus (the evaluation's ANN metrics, `eval.ann`, build their
+searcher with them too).
+
+ScaNN's datapoints are the index's slots (see `serve.index`), so its own docid pickle is never used.
+"""
+from __future__ import annotations
+
+import math
+import pathlib
+
+import numpy as np
+
+from serve.index import TopK
+
+
+def _import_scann():
+    try:
+        from scann import scann_ops_pybind
+    except ImportError as e:
+        raise ImportError("ScaNNIndex needs the `scann` package (pip install scann>=1.4.2, Linux x86-64); "
+                          "or use BruteForce / index=brute_force") from e
+    return scann_ops_pybind
+
+
+def scann_settings(num_items: int, *, num_leaves: int | None = None, num_leaves_to_search: int | None = None,
+                   dimensions_per_block: int = 2, anisotropic_quantization_threshold: float = 0.2,
+                   reorder: int = 100, training_sample_size: int = 100_000, brute_force_below: int = 20_000,
+                   training_threads: int = 0) -> dict:
+    """How ScaNN is configured for a corpus of `num_items`: the one rule the serving index and evaluation share.
+
+    Args:
+      num_items: N, the corpus size.
+      num_leaves: k-means tree leaves; None = round(sqrt(N)) (at least 2).
+      num_leaves_to_search: leaves scanned per query; None = ceil(num_leaves / 10); capped at num_leaves.
+      dimensions_per_block, anisotropic_quantization_threshold: asymmetric-hashing settings.
+      reorder: candidates rescored exactly (the searcher's default; searches may pass their own).
+      training_sample_size: points sampled to train the tree and the AH codebooks (capped at N).
+      brute_force_below: corpora smaller than this get {"mode": "brute_force"}.
+      training_threads: threads for training; 0 = all cores.
+
+    Returns:
+      {"mode": "brute_force"}, or {"mode": "tree_ah", "num_leaves", "num_leaves_to_search",
+      "dimensions_per_block", "anisotropic_quantization_threshold", "reorder", "training_sample_size",
+      "training_threads"} for `build_scann_searcher`.
+
+    Raises:
+      ValueError: a tree with at least as many leaves as items.
+    """
+    if num_items < brute_force_below:
+        return {"mode": "brute_force"}
+    leaves = num_leaves or max(2, round(math.sqrt(num_items)))
+    if leaves >= num_items:
+        raise ValueError(f"num_leaves={leaves} must be smaller than the {num_items} items; lower num_leaves or "
+                         "raise brute_force_below so this corpus is searched by brute force")
+    search = min(leaves, num_leaves_to_search or max(1, math.ceil(leaves / 10)))
+    return {"mode": "tree_ah", "num_leaves": leaves, "num_leaves_to_search": search,
+            "dimensions_per_block": dimensions_per_block,
+            "anisotropic_quantization_threshold": anisotropic_quantization_threshold, "reorder": reorder,
+            "training_sample_size": min(num_items, training_sample_size), "training_threads": training_threads}
+
+
+def build_scann_searcher(db: np.ndarray, settings: dict, num_neighbors: int = 10):
+    """A dot-product ScaNN searcher over `db` as `scann_settings` describes it.
+
+    Args:
+      db: float32 [N, D] item embeddings, C-contiguous; row n is datapoint n.
+      settings: from `scann_settings(N, ...)`. "tree_ah": k-means tree, anisotropic AH, exact reordering;
+        "brute_force": ScaNN's brute-force scorer (for callers that want a ScaNN searcher at any size;
+        `ScaNNIndex` searches such corpora with numpy instead).
+      num_neighbors: the searcher's default k (searches usually pass their own).
+
+    Returns:
+      a ``scann_ops_pybind.ScannSearcher``.
+    """
+    builder = _import_scann().builder(db, num_neighbors, "dot_product")
+    if settings["mode"] == "brute_force":
+        return builder.score_brute_force().build()
+    s = settings
+    return (builder.tree(num_leaves=s["num_leaves"], num_leaves_to_search=s["num_leaves_to_search"],
+                         training_sample_size=s["training_sample_size"])
+            .score_ah(s["dimensions_per_block"],
+                      anisotropic_quantization_threshold=s["anisotropic_quantization_threshold"],
+                      training_sample_size=s["training_sample_size"])
+            .reorder(s["reorder"]).set_n_training_threads(s["training_threads"]).build())
+
+
+class ScaNNIndex(TopK):
+    """ScaNN: k-means tree (about sqrt(N) leaves), anisotropic asymmetric hashing, exact reordering.
+
+    Corpora below `brute_force_below` items are searched exactly (numpy), where that is as fast; an index
+    built exact stays exact as upserts grow it, until `rebuild()`. Upserts go
+    into ScaNN's incremental mode (new points join their nearest leaf; the partitions are not retrained):
+    after many changes, `rebuild()` (or a fresh export) restores the partition quality.
+
+    Args:
+      num_leaves: tree leaves; None = round(sqrt(N)).
+      num_leaves_to_search: leaves scanned per query; None = ceil(num_leaves / 10). Export tunes it up until
+        the measured recall target is met.
+      dimensions_per_block: AH block size (2 is ScaNN's recommendation for dot product).
+      anisotropic_quantization_threshold: AH noise-shaping threshold (0.2 suits normalised embeddings).
+      reorder: candidates rescored exactly per query for k=10; a search fetching f = k + exclusions
+        candidates rescores f * reorder / 10.
+      training_sample_size: points sampled to train the tree and the AH codebooks.
+      brute_force_below: corpora smaller than this are searched exactly.
+      training_threads: threads for training; 0 = all cores.
+    """
+    kind = "scann"
+    _CONFIG_KEYS = ("num_leaves", "num_leaves_to_search", "dimensions_per_block",
+                    "anisotropic_quantization_threshold", "reorder", "training_sample_size", "brute_force_below",
+                    "training_threads")
+
+    def __init__(self, num_leaves: int | None = None, num_leaves_to_search: int | None = None,
+                 dimensions_per_block: int = 2, anisotropic_quantization_threshold: float = 0.2,
+                 reorder: int = 100, training_sample_size: int = 100_000, brute_force_below: int = 20_000,
+                 training_threads: int = 0):
+        super().__init__()
+        self.config = {k: v for k, v in locals().items() if k in self._CONFIG_KEYS}
+        self.num_leaves, self.num_leaves_to_search = num_leaves, num_leaves_to_search
+        self._searcher = None
+
+    @property
+    def is_exact(self) -> bool:
+        return self._searcher is None
+
+    def params(self) -> dict:
+        return {**super().params(), "config": self.config, "num_leaves": self.num_leaves,
+                "num_leaves_to_search": self.num_leaves_to_search,
+                "mode": "brute_force" if self.is_exact else "tree_ah", "scann_version": _scann_version()}
+
+    def rebuild(self) -> None:
+        """Retrains the partitions and codebooks on the current corpus (seconds to minutes: off the hot path)."""
+        with self._lock.write():
+            self._backend_build(leaves_to_search=self.num_leaves_to_search)
+
+    @classmethod
+    def _from_params(cls, params: dict) -> "ScaNNIndex":
+        index = cls(**params["config"])
+        index.num_leaves, index.num_leaves_to_search = params["num_leaves"], params["num_leaves_to_search"]
+        return index
+
+    def _backend_build(self, leaves_to_search: int | None = None) -> None:
+        self._searcher, self.num_leaves, self.num_leaves_to_search = None, None, None
+        config = {**self.config, "num_leaves_to_search": leaves_to_search or self.config["num_leaves_to_search"]}
+        settings = scann_settings(self._n, **config)
+        if settings["mode"] == "brute_force":
+            return
+        self.num_leaves, self.num_leaves_to_search = settings["num_leaves"], settings["num_leaves_to_search"]
+        self._searcher = build_scann_searcher(self._emb[:self._n], settings)
+
+    def _backend_ann(self, q, fetch, leaves):
+        leaves = self.num_leaves_to_search if leaves is None else min(self.num_leaves, 4 * leaves)
+        # `reorder` is sized for k=10: deeper fetches (large k, many exclusions) rescore proportionally more.
+        pre = max(self.config["reorder"], math.ceil(fetch * self.config["reorder"] / 10))
+        idx, dist = self._searcher.searcher.search_batched(q, fetch, pre, leaves, len(q) >= 256, 256)
+        return dist, idx.astype(np.int64), leaves
+
+    def _backend_upsert(self, replaced, replaced_emb, first_new, new_emb) -> None:
+        if self._searcher is None:
+            return
+        if replaced.size:
+            self._searcher.searcher.upsert(replaced.tolist(), list(replaced_emb), 1)
+        if new_emb.shape[0]:
+            got = self._searcher.searcher.upsert([None] * new_emb.shape[0], list(new_emb), 1)
+            if list(got) != list(range(first_new, first_new + new_emb.shape[0])):
+                raise RuntimeError(f"ScaNN put new items at slots {list(got)[:5]}..., expected {first_new}...: "
+                                   "the index's id mapping is out of step; rebuild the index")
+
+    def _backend_delete(self, slots: list[int]) -> None:
+        if self._searcher is None:
+            return
+        self._searcher.searcher.delete(slots)
+        if self._searcher.searcher.size() != self._n:
+            raise RuntimeError(f"ScaNN holds {self._searcher.searcher.size()} items after delete, the index "
+                               f"{self._n}: the id mapping is out of step; rebuild the index")
+
+    def _backend_save(self, directory: pathlib.Path) -> None:
+        if self._searcher is not None:
+            (directory / "scann").mkdir(exist_ok=True)
+            # Relative asset paths, so the directory can be renamed into place after writing.
+            self._searcher.serialize(str(directory / "scann"), relative_path=True)
+
+    def _backend_load(self, directory: pathlib.Path, params: dict) -> None:
+        if params.get("mode") != "tree_ah":
+            return
+        self._searcher = _import_scann().load_searcher(str(directory / "scann"))
+        if self._searcher.searcher.size() != self._n:
+            raise ValueError(f"{directory}/scann holds {self._searcher.searcher.size()} items but ids.npy "
+                             f"{self._n}; the directory is inconsistent")
+
+
+def _scann_version() -> str | None:
+    try:
+        from importlib.metadata import version
+        return version("scann")
+    except Exception:  # noqa: BLE001 - not installed: the manifest records null
+        return None
