@@ -77,7 +77,8 @@ def test_prepared_batch_reads_each_ids_hashed_rows():
     hist[0, 1:] = -1
     batch = {"user": rng.integers(0, V, B).astype(np.int32), "item": rng.integers(0, V, B).astype(np.int32),
              "neg_item": rng.integers(0, V, M).astype(np.int32), "history": hist,
-             "user_feat": {}, "item_feat": {}, "neg_item_feat": {}, "item_logq": np.zeros(B, np.float32)}
+             "user_feat": {}, "item_feat": {}, "neg_item_feat": {}, "item_logq": np.zeros(B, np.float32),
+             "neg_item_logq": np.zeros(M, np.float32)}
     local, shared = prepare(batch, use_user_table=True, use_item_table=True, use_history=True, row_maps=maps)
     tables = {k: rng.normal(size=(16, 3)).astype(np.float32) for k in ("user", "item")}
     gathered = {k: jnp.asarray(tables[k][shared[f"{k}_uniq"]]) for k in tables}
