@@ -33,7 +33,6 @@ def run_case(rows: int, layout: str, steps: int, warmup: int) -> dict:
     import resource
     import statistics
 
-    import jax
     import numpy as np
     sys.path.insert(0, REPO)
     from data.batching import Batches
@@ -42,6 +41,8 @@ def run_case(rows: int, layout: str, steps: int, warmup: int) -> dict:
     from train.input import prepare
     from train.loop import build, id_row_maps, load_data, select_devices
     from train.mesh import table_bytes_per_device
+
+    from bench_train import time_steps   # this script's directory is on sys.path
 
     c = validate(compose_cfg("+experiment=large_id_emb", "data.num_users=100000", "data.num_items=100000",
                              "data.num_clusters=2000", f"model.user.table.hash_buckets={rows}",
@@ -54,14 +55,7 @@ def run_case(rows: int, layout: str, steps: int, warmup: int) -> dict:
     use = dict(use_user_table=sc.use_user_table, use_item_table=sc.use_item_table, use_history=sc.use_history)
     prepared = [prepare(next(batches), **use, row_maps=maps) for _ in range(min(steps + warmup, 32))]
     mem = launcher._fn.lower(state, *launcher.put_batch(*prepared[0])).compile().memory_analysis()
-    times = []
-    for i in range(steps + warmup):
-        local, shared = launcher.put_batch(*prepared[i % len(prepared)])
-        t0 = time.perf_counter()
-        state, metrics = launcher(state, local, shared)
-        jax.block_until_ready((state, metrics))
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
+    state, times = time_steps(launcher, state, prepared, steps, warmup)
     return {"rows": rows, "layout": layout, "devices": launcher.n, "step_ms": statistics.median(times) * 1e3,
             "step_min_ms": min(times) * 1e3,
             "table_gb_per_device": sum(table_bytes_per_device(state["tables"]).values()) / 1e9,

@@ -42,6 +42,20 @@ def scatter_rows(prepared: tuple[dict, dict], maps: dict[str, np.ndarray]) -> tu
     return local, shared
 
 
+def time_steps(launcher, state, prepared: list, steps: int, warmup: int) -> tuple[object, list[float]]:
+    """Runs `warmup + steps` training steps over the prepared batches (cycled); returns the final state and the
+    wall seconds of each step after the warm-up (host-to-device transfer of the batch not included)."""
+    times = []
+    for i in range(steps + warmup):
+        local, shared = launcher.put_batch(*prepared[i % len(prepared)])
+        t0 = time.perf_counter()
+        state, metrics = launcher(state, local, shared)
+        jax.block_until_ready((state, metrics))
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return state, times
+
+
 def time_training(overrides: list[str], steps: int, warmup: int, table_rows: int | None = None) -> dict:
     """Median step time of the real step (launcher, donation, prefetch-free) for a composed config."""
     c = validate(compose_cfg(*overrides))
@@ -63,14 +77,7 @@ def time_training(overrides: list[str], steps: int, warmup: int, table_rows: int
         input_times.append(time.perf_counter() - t0)
     dev_state = launcher.put_state(state)
     del state
-    step_times = []
-    for i in range(steps + warmup):
-        local, shared = launcher.put_batch(*prepared[i % len(prepared)])
-        t0 = time.perf_counter()
-        dev_state, metrics = launcher(dev_state, local, shared)
-        jax.block_until_ready((dev_state, metrics))
-        if i >= warmup:
-            step_times.append(time.perf_counter() - t0)
+    dev_state, step_times = time_steps(launcher, dev_state, prepared, steps, warmup)
     step = statistics.median(step_times)
     prep = statistics.median(input_times)
     b = c.train.global_batch_size

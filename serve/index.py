@@ -225,10 +225,10 @@ class TopK:
     @staticmethod
     def load(directory) -> "TopK":
         """Reads an index written by `save` (no checksum checks: `serve.manifest.load_index` does those)."""
+        from serve.scann_index import ScaNNIndex   # imports this module: not at the top
+
         d = pathlib.Path(directory)
         params = json.loads((d / "index.json").read_text())
-        from serve.scann_index import ScaNNIndex
-
         classes = {"brute_force": BruteForce, "scann": ScaNNIndex}
         if params.get("type") not in classes:
             raise ValueError(f"{d}/index.json names index type {params.get('type')!r}; known: {sorted(classes)}")
