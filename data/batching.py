@@ -9,10 +9,15 @@ generator seeded by (seed, epoch, position)).
 History rows hold item rows, most recent first, -1 padded at the end. "causal": the up-to-H train items the
 user had just before this interaction; "sample": up to H other train items of the user, drawn without
 replacement. Either way an entry equal to the positive item (a repeated interaction) is removed.
+
+Item audiences (`item_history_len` > 0) hold user rows: up to that many other train users of the positive item
+(never the example's own user) and of each negative, sampled the same way. They let the item tower pool its
+users' ID rows, the item-side half of a one-hop graph aggregation (LightGCN, He et al. 2020).
 """
 from __future__ import annotations
 
 import numpy as np
+import scipy.sparse
 
 from data.config import HISTORY_MODES
 from data.errors import DataError
@@ -48,6 +53,36 @@ def user_history(ds: Dataset, users: np.ndarray, history_len: int) -> np.ndarray
         raise DataError(f"user rows must lie in [0, {ds.num_users}), got [{users.min()}, {users.max()}]")
     end = indptr[users + 1]
     return _last_items(indptr, items, end, end - indptr[users], history_len)
+
+
+def item_audience_mean(ds: Dataset, user_table: np.ndarray, items: np.ndarray | None = None) -> tuple[np.ndarray,
+                                                                                                    np.ndarray]:
+    """Each item's mean user-table row over ALL its train users (for evaluation, export and serving).
+
+    Training pools a sample of up to `item_history_len` users; inference pools every one (the sample mean's
+    expectation).
+
+    Args:
+      ds: the dataset.
+      user_table: float [num_users, d] user ID table (one row per user row).
+      items: int [n] item rows (-1 = an item outside the dataset: no audience), or None for all items.
+
+    Returns:
+      (float32 [n, d] means, bool [n] has-audience); an item without train users gets zeros and False.
+    """
+    indptr, users, _ = ds.item_audience_csr()
+    table = np.asarray(user_table, np.float32)
+    if table.shape[0] < ds.num_users:
+        raise DataError(f"user table has {table.shape[0]} rows but the dataset has {ds.num_users} users")
+    counts = np.diff(indptr)
+    ones = np.ones(len(users), np.float32)
+    sums = scipy.sparse.csr_matrix((ones, users, indptr), shape=(ds.num_items, table.shape[0])) @ table
+    means = (sums / np.maximum(counts, 1)[:, None]).astype(np.float32)
+    if items is None:
+        return means, counts > 0
+    items = np.asarray(items, np.int64)
+    known = items >= 0
+    return means[np.maximum(items, 0)] * known[:, None], (counts[np.maximum(items, 0)] > 0) & known
 
 
 def _drop_positive(hist: np.ndarray, item: np.ndarray) -> np.ndarray:
@@ -107,15 +142,17 @@ class Batches:
       history_len: H, history slots per example (may be 0).
       history_mode: "causal" or "sample" (see module docstring).
       seed: shuffling, negatives and sampled-history seed.
+      item_history_len: HI, audience slots per item (0 = none; see module docstring).
 
     Each batch: user int32 [B], item int32 [B], neg_item int32 [M], history int32 [B, H],
+    item_history int32 [B, HI] and neg_item_history int32 [M, HI] (user rows, -1 padded; only when HI > 0),
     user_feat {name: [B, ...]}, item_feat {name: [B, ...]}, neg_item_feat {name: [M, ...]},
     item_logq float32 [B], neg_item_logq float32 [M] (log p(item) under the training data).
     """
 
     def __init__(self, ds: Dataset, *, batch_size: int, num_negatives: int, history_len: int,
-                 history_mode: str = "causal", seed: int = 0):
-        if batch_size < 1 or num_negatives < 0 or history_len < 0:
+                 history_mode: str = "causal", seed: int = 0, item_history_len: int = 0):
+        if batch_size < 1 or num_negatives < 0 or history_len < 0 or item_history_len < 0:
             raise DataError(f"need batch_size >= 1, num_negatives >= 0, history_len >= 0; got {batch_size}, "
                             f"{num_negatives}, {history_len}")
         if history_mode not in HISTORY_MODES:
@@ -123,6 +160,7 @@ class Batches:
         self.ds = ds
         self.batch_size, self.num_negatives = batch_size, num_negatives
         self.history_len, self.history_mode, self.seed = history_len, history_mode, seed
+        self.item_history_len = item_history_len
         self._indptr, self._items = ds.train_csr()
         self.examples_per_epoch = int(self._items.shape[0])
         if self.examples_per_epoch == 0:
@@ -178,7 +216,7 @@ class Batches:
         ex = self._take_examples().astype(np.int64)
         user, item = self._users[ex], self._items[ex]
         neg = self._negative_pool[rng.integers(0, self.num_negative_candidates, self.num_negatives)]
-        return {
+        batch = {
             "user": user,
             "item": item,
             "neg_item": neg,
@@ -189,6 +227,24 @@ class Batches:
             "item_logq": self._logq[item],
             "neg_item_logq": self._logq[neg],
         }
+        if self.item_history_len:
+            batch["item_history"], batch["neg_item_history"] = self._audiences(ex, user, item, neg, rng)
+        return batch
+
+    def _audiences(self, ex, user, item, neg, rng) -> tuple[np.ndarray, np.ndarray]:
+        """Sampled audiences of the positives (without the example's user) and of the negatives."""
+        indptr, users, slot = self.ds.item_audience_csr()
+        h = self.item_history_len
+        start = indptr[item]
+        offsets = _sample_offsets(indptr[item + 1] - start - 1, h, rng)
+        pos = slot[ex] - start
+        seq = offsets + (offsets >= pos[:, None])  # skip the example's own entry
+        aud = np.where(offsets >= 0, users[np.where(offsets >= 0, start[:, None] + seq, 0)], -1).astype(np.int32)
+        aud = _drop_positive(aud, user)  # a repeated (user, item) pair leaves the user in the audience
+        start = indptr[neg]
+        offsets = _sample_offsets(indptr[neg + 1] - start, h, rng)
+        neg_aud = np.where(offsets >= 0, users[np.where(offsets >= 0, start[:, None] + offsets, 0)], -1)
+        return aud, neg_aud.astype(np.int32)
 
     def _history(self, ex: np.ndarray, user: np.ndarray, item: np.ndarray, rng) -> np.ndarray:
         h = self.history_len

@@ -75,6 +75,8 @@ class DataConfig:
     history_len: int = _key(50, "items of user history per example (0 = none)")
     history_mode: str = _key("causal", "causal: the train items just before the example; sample: random other "
                                        "train items of the user")
+    item_history_len: int = _key(50, "users of the item's audience per example, when model.item.use_history "
+                                     "(a sample of its other train users; inference pools all of them)")
 
 
 def describe() -> str:
@@ -159,6 +161,7 @@ def _check_ranges(c: DataConfig) -> None:
                                             f"held out of training), got {c.cold_item_fraction}")
     need(c.min_user_interactions >= 1, f"data.min_user_interactions must be >= 1, got {c.min_user_interactions}")
     need(c.history_len >= 0, f"data.history_len must be >= 0, got {c.history_len}")
+    need(c.item_history_len >= 0, f"data.item_history_len must be >= 0, got {c.item_history_len}")
     need(c.title_vocab_size >= 2 and c.title_max_len >= 1 and c.multihot_max_len >= 1,
          "data.title_vocab_size must be >= 2 and title_max_len, multihot_max_len >= 1")
     if c.source == "synthetic":

@@ -244,6 +244,25 @@ class Dataset:
         """`split_csr("train")`."""
         return self.split_csr("train")
 
+    def item_audience_csr(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The train split by item: each item's users (its audience), in train-CSR order (cached).
+
+        Returns:
+          (indptr int64 [num_items + 1], users int32 [nnz], slot int64 [nnz]): item i's users are
+          `users[indptr[i]:indptr[i+1]]`, and train example e (an index into `train_csr()`'s items) is entry
+          `slot[e]` of that array.
+        """
+        if "audience" not in self._cache:
+            indptr, items = self.train_csr()
+            owners = np.repeat(np.arange(self.num_users, dtype=np.int32), np.diff(indptr))
+            order = np.argsort(items, kind="stable")
+            item_indptr = np.zeros(self.num_items + 1, np.int64)
+            np.cumsum(np.bincount(items, minlength=self.num_items), out=item_indptr[1:])
+            slot = np.empty(len(items), np.int64)
+            slot[order] = np.arange(len(items))
+            self._cache["audience"] = (item_indptr, owners[order], slot)
+        return self._cache["audience"]
+
     def test_csr(self) -> tuple[np.ndarray, np.ndarray]:
         """`split_csr("test")`."""
         return self.split_csr("test")

@@ -7,7 +7,7 @@ import time
 
 import numpy as np
 
-from data.batching import user_history
+from data.batching import item_audience_mean, user_history
 from eval.baselines import most_popular_topk
 from eval.metrics import evaluate_rankings
 from eval.topk import exact_topk
@@ -44,7 +44,9 @@ def model_embeddings(model_parts: dict, ds, users: np.ndarray, history_len: int)
     # Items without training interactions (cold items) embed from features alone: their ID rows never trained.
     items = trained_item_rows(np.arange(ds.num_items, dtype=np.int32), ds.item_counts())
     item_table = tables.get("item") if model.item.use_id else None
-    item_emb = embed_items(graphdef, params, item_table, items, {k: ds.item_features[k] for k in item_names})
+    audience = item_audience_mean(ds, tables["user"]) if model.item.use_history else None
+    item_emb = embed_items(graphdef, params, item_table, items, {k: ds.item_features[k] for k in item_names},
+                           audience=audience)
     history = user_history(ds, users, history_len) if model.user.use_history else None
     user_table = tables.get("user") if model.user.use_id else None
     user_emb = embed_users(graphdef, params, user_table, tables.get("item"), users,

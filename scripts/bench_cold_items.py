@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-from data.batching import user_history  # noqa: E402
+from data.batching import item_audience_mean, user_history  # noqa: E402
 from eval.metrics import recall_at_k  # noqa: E402
 from towers.embed import embed_items, embed_users, trained_item_rows  # noqa: E402
 from towers.two_tower import feature_names  # noqa: E402
@@ -59,7 +59,10 @@ def _item_embeddings(trained, ds, rows: np.ndarray) -> np.ndarray:
     names = feature_names(trained.model)[1]
     table = trained.tables.get("item") if trained.model.item.use_id else None
     feats = {k: ds.item_features[k][ds.cold_items] for k in names}
-    return embed_items(trained.graphdef, trained.params, table, rows, feats)
+    # Cold items have no train users, so an audience-pooling tower gets an empty audience for each.
+    audience = item_audience_mean(ds, trained.tables["user"], ds.cold_items) if trained.model.item.use_history \
+        else None
+    return embed_items(trained.graphdef, trained.params, table, rows, feats, audience=audience)
 
 
 def cold_item_recall(trained, ds, ks=(20, 100), *, history_len: int = 50) -> dict:

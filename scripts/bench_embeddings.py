@@ -35,11 +35,10 @@ def run_case(rows: int, layout: str, steps: int, warmup: int) -> dict:
 
     import numpy as np
     sys.path.insert(0, REPO)
-    from data.batching import Batches
     from tests.helpers import compose_cfg
     from train.config import validate
     from train.input import prepare
-    from train.loop import build, id_row_maps, load_data, select_devices
+    from train.loop import build, id_row_maps, load_data, make_batches, prepare_kwargs, select_devices
     from train.mesh import table_bytes_per_device
 
     from bench_train import time_steps   # this script's directory is on sys.path
@@ -50,9 +49,8 @@ def run_case(rows: int, layout: str, steps: int, warmup: int) -> dict:
     ds = load_data(c)
     maps = id_row_maps(c, ds)
     _, _, launcher, state, sc = build(c, ds, steps + warmup, select_devices(c))
-    batches = Batches(ds, batch_size=c.train.global_batch_size, num_negatives=c.loss.num_negatives,
-                      history_len=c.data.history_len, history_mode=c.data.history_mode, seed=0)
-    use = dict(use_user_table=sc.use_user_table, use_item_table=sc.use_item_table, use_history=sc.use_history)
+    batches = make_batches(c, ds, seed=0)
+    use = prepare_kwargs(sc)
     prepared = [prepare(next(batches), **use, row_maps=maps) for _ in range(min(steps + warmup, 32))]
     mem = launcher._fn.lower(state, *launcher.put_batch(*prepared[0])).compile().memory_analysis()
     state, times = time_steps(launcher, state, prepared, steps, warmup)

@@ -25,11 +25,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from data.batching import Batches  # noqa: E402
 from tests.helpers import compose_cfg  # noqa: E402
 from train.config import validate  # noqa: E402
 from train.input import prepare  # noqa: E402
-from train.loop import build, load_data, select_devices  # noqa: E402
+from train.loop import build, load_data, make_batches, prepare_kwargs, select_devices  # noqa: E402
 
 
 def scatter_rows(prepared: tuple[dict, dict], maps: dict[str, np.ndarray]) -> tuple[dict, dict]:
@@ -66,10 +65,8 @@ def time_training(overrides: list[str], steps: int, warmup: int, table_rows: int
     maps = {name: rng.choice(t.shape[0], size=n, replace=False)
             for name, t, n in [(k, v, ds.num_users if k == "user" else ds.num_items)
                                for k, v in state["tables"].items()]} if table_rows else {}
-    batches = Batches(ds, batch_size=c.train.global_batch_size, num_negatives=c.loss.num_negatives,
-                      history_len=c.data.history_len if c.model.user.use_history else 0,
-                      history_mode=c.data.history_mode, seed=0)
-    use = dict(use_user_table=sc.use_user_table, use_item_table=sc.use_item_table, use_history=sc.use_history)
+    batches = make_batches(c, ds, seed=0)
+    use = prepare_kwargs(sc)
     prepared, input_times = [], []
     for _ in range(min(steps + warmup, 64)):
         t0 = time.perf_counter()

@@ -97,11 +97,13 @@ def _load_model_and_data(c: ExportConfig):
 
 def item_embeddings(trained, ds, batch_size: int) -> np.ndarray:
     """float32[N, D]: every item through the item tower, in chunks (with progress lines)."""
+    from data.batching import item_audience_mean
     from towers.embed import embed_items, trained_item_rows
     from towers.two_tower import feature_names
 
     n, names = ds.num_items, feature_names(trained.model)[1]
     counts = ds.item_counts()
+    audience = item_audience_mean(ds, trained.tables["user"]) if trained.model.item.use_history else None
     table = trained.tables.get("item") if trained.model.item.use_id else None
     chunk, out, t0 = batch_size * 16, [], time.perf_counter()
     for a in range(0, n, chunk):
@@ -111,8 +113,11 @@ def item_embeddings(trained, ds, batch_size: int) -> np.ndarray:
         padded = np.concatenate([rows, np.full(size - len(rows), -1, np.int32)])
         feats = {k: ds.item_features[k][np.maximum(padded, 0)] for k in names}
         # Items with no training interactions embed from features alone (their ID rows never trained).
+        aud = None if audience is None else tuple(np.concatenate([a[rows], np.zeros((size - len(rows),
+                                                                                            *a.shape[1:]), a.dtype)])
+                                                  for a in audience)
         out.append(embed_items(trained.graphdef, trained.params, table, trained_item_rows(padded, counts), feats,
-                               batch_size=batch_size)[:len(rows)])
+                               batch_size=batch_size, audience=aud)[:len(rows)])
         done = a + len(rows)
         log.info("embedded %d/%d items (%.0f items/s)", done, n, done / max(time.perf_counter() - t0, 1e-9))
     return np.concatenate(out).astype(np.float32)

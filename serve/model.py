@@ -246,6 +246,7 @@ class Model:
         """Upsert items -> (ids of `id_kind`, float32[M, dim]): explicit embeddings as given, features through
         the item tower (with the ID row when the id is in the trained vocabulary, or for any id when the item
         table is hashed)."""
+        from data.batching import item_audience_mean
         from towers.embed import embed_items
 
         ids = [as_id_kind(it.id, id_kind) for it in items]
@@ -263,6 +264,7 @@ class Model:
         if by_feat:
             keys = [ids[j] for j in by_feat]
             rows = self.trained.item_vocab.lookup(np.asarray(keys), missing="minus_one").astype(np.int32)
+            known = rows.copy()
             feats = [self.features(self.item_names, self.ds.item_features, int(r), items[j].features)
                      for j, r in zip(by_feat, rows)]
             size = self._bucket(len(by_feat)) if len(by_feat) <= self.batch_sizes[-1] else self.batch_sizes[-1]
@@ -275,7 +277,12 @@ class Model:
                 table = np.zeros((len(rows), self.item_table.shape[1]), np.float32)   # padded: one compile
                 table[:len(by_feat)] = t.id_embeddings("item", np.asarray(keys))
                 rows[:len(by_feat)] = np.arange(len(by_feat))
-            emb[by_feat] = embed_items(t.graphdef, t.params, table, rows, stacked, batch_size=size)[:len(by_feat)]
+            audience = None
+            if t.model.item.use_history:   # a known item pools its training audience; a new one has none
+                audience = item_audience_mean(self.ds, self.user_table,
+                                              np.concatenate([known, np.full(pad, -1, np.int32)]))
+            emb[by_feat] = embed_items(t.graphdef, t.params, table, rows, stacked, batch_size=size,
+                                       audience=audience)[:len(by_feat)]
         return ids, emb
 
     def warmup(self) -> None:

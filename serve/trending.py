@@ -272,6 +272,7 @@ def trending_items(c: TrendingConfig, log_: Log, item_vocab) -> dict:
 
 def embed_trending(trained, ds, log_: Log, picked: dict, batch_size: int) -> np.ndarray:
     """float32[K, D]: known items through their ID row and training features, new items from log features."""
+    from data.batching import item_audience_mean
     from towers.embed import embed_items, trained_item_rows
     from towers.two_tower import feature_names
 
@@ -287,9 +288,11 @@ def embed_trending(trained, ds, log_: Log, picked: dict, batch_size: int) -> np.
             values[new] = fresh[s.name]
         feats[s.name] = values
     table = trained.tables.get("item") if trained.model.item.use_id else None
-    # Known items that never trained (no training interactions) embed from features alone, like new ones.
+    # Known items that never trained (no training interactions) embed from features alone, like new ones; new
+    # items have no audience yet.
+    audience = item_audience_mean(ds, trained.tables["user"], rows) if trained.model.item.use_history else None
     return embed_items(trained.graphdef, trained.params, table, trained_item_rows(rows, ds.item_counts()), feats,
-                       batch_size=min(batch_size, max(len(rows), 1))).astype(np.float32)
+                       batch_size=min(batch_size, max(len(rows), 1)), audience=audience).astype(np.float32)
 
 
 def _post_items(server: str, model_version: str, ids: np.ndarray, emb: np.ndarray) -> dict:

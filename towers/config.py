@@ -57,8 +57,9 @@ def _help(default, text: str, **kw):
 @dataclass
 class TowerConfig:
     use_id: bool = _help(True, "read this tower's ID-table row (user id / item id)")
-    use_history: bool = _help(False, "user tower only: add the mean of the user's recent items' ID rows "
-                                     "(shares the item table)")
+    use_history: bool = _help(False, "user tower: add the mean of the user's recent items' ID rows (shares "
+                                     "the item table); item tower: the mean of the item's train users' ID rows "
+                                     "(its audience; shares the user table; a one-hop graph aggregation)")
     features: list[str] | None = _help(None, "side features to read; null = every feature the data has, [] = none")
     hidden: list[int] = _help([], "MLP hidden widths before the output layer; [] = one linear projection "
                                   "(or none for a lone ID row of width output_dim)")

@@ -14,10 +14,13 @@ from flax import nnx
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
-def _item_fn(graphdef, params, table, ids, feats):
+def _item_fn(graphdef, params, table, ids, feats, audience=None):
     model = nnx.merge(graphdef, params)
     id_emb = None if table is None else table[jnp.maximum(ids, 0)] * (ids >= 0)[:, None]
-    return model.item(feats, id_emb)
+    if audience is None:
+        return model.item(feats, id_emb)
+    # The audience mean enters as a one-entry history: the tower's masked mean of it is the mean itself.
+    return model.item(feats, id_emb, audience["mean"][:, None, :], audience["has"][:, None])
 
 
 def user_forward(graphdef, params, user_table, item_table, ids, history, feats, extra_id_emb=None):
@@ -59,32 +62,46 @@ def _pad(x: np.ndarray, size: int, fill) -> np.ndarray:
 
 
 def _run_batched(fn, n: int, batch_size: int, ids: np.ndarray, feats: dict, history=None) -> np.ndarray:
-    """fn(ids, feats, history) over fixed-size padded batches (one compile), concatenated and unpadded."""
+    """fn(ids, feats, history) over fixed-size padded batches (one compile), concatenated and unpadded.
+
+    `history` is an int array [n, H] (padded with -1) or a dict of arrays [n, ...] (padded with zeros)."""
     out = []
     size = min(batch_size, max(n, 1))
     for a, b in _batches(n, size):
         batch_ids = _pad(np.asarray(ids[a:b], np.int32), size, -1)
         batch_feats = {k: _pad(np.asarray(v[a:b]), size, 0) for k, v in feats.items()}
-        hist = None if history is None else _pad(np.asarray(history[a:b], np.int32), size, -1)
+        if isinstance(history, dict):
+            hist = {k: _pad(np.asarray(v[a:b]), size, 0) for k, v in history.items()}
+        else:
+            hist = None if history is None else _pad(np.asarray(history[a:b], np.int32), size, -1)
         out.append(np.asarray(fn(batch_ids, batch_feats, hist))[: b - a])
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
 def embed_items(graphdef, params, item_table, item_rows: np.ndarray, item_features: dict[str, np.ndarray],
-                *, batch_size: int = 8192) -> np.ndarray:
+                *, batch_size: int = 8192, audience: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """Item embeddings.
 
     Args:
       item_rows: int[N] rows of the item table to embed; -1 = an item without an ID row (fresh item,
         embedded from its features alone).
       item_features: {name: array[N, ...]} aligned with item_rows.
+      audience: for an item tower with `use_history`, (float32[N, id_dim] mean user row of each item's audience,
+        bool[N] whether it has one), from `data.batching.item_audience_mean`; None otherwise.
     Returns:
       float32[N, output_dim]
     """
-    def fn(ids, feats, _):
-        return _item_fn(graphdef, params, item_table, ids, feats)
+    if audience is None and nnx.merge(graphdef, params).item.use_history:
+        raise ValueError("embed_items: this item tower pools each item's audience (model.item.use_history); pass "
+                         "audience=(means, has) from data.batching.item_audience_mean (has=False for an item "
+                         "without train users)")
 
-    return _run_batched(fn, len(item_rows), batch_size, item_rows, item_features)
+    def fn(ids, feats, aud):
+        return _item_fn(graphdef, params, item_table, ids, feats, aud)
+
+    aud = None if audience is None else {"mean": np.asarray(audience[0], np.float32),
+                                         "has": np.asarray(audience[1], bool)}
+    return _run_batched(fn, len(item_rows), batch_size, item_rows, item_features, aud)
 
 
 def trained_item_rows(item_rows: np.ndarray, train_counts: np.ndarray) -> np.ndarray:

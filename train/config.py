@@ -17,6 +17,8 @@ from towers.config import ConfigError, ModelConfig, _help, to_typed  # noqa: F40
 
 @dataclass
 class LossConfig:
+    name: str = _help("softmax", "softmax (sampled softmax cross entropy) | ccl (SimpleX cosine contrastive loss on "
+                                 "the raw cosines: no temperature, no log q; needs model.normalize)")
     temperature: float = _help(0.05, "softmax temperature: logits are cosine / temperature")
     num_negatives: int = _help(1024, "uniformly drawn corpus items per global batch (mixed negative sampling); "
                                      "0 = in-batch negatives only")
@@ -26,6 +28,10 @@ class LossConfig:
                                       "in-batch, M/N for uniform; overstates rare in-batch items' correction)")
     remove_accidental_hits: bool = _help(True, "mask candidates equal to the row's positive item")
     embedding_l2: float = _help(0.0, "L2 penalty on the ID-table rows a batch touches (per row, per step)")
+    in_batch_negatives: bool = _help(True, "the other rows' positives are negatives too; false = only the "
+                                           "num_negatives uniform items (needs num_negatives > 0)")
+    ccl_margin: float = _help(0.9, "ccl: negatives with cosine above this margin are pushed down; in [-1, 1)")
+    ccl_negative_weight: float = _help(150.0, "ccl: weight of the mean negative term against the positive's")
 
 
 @dataclass
@@ -114,6 +120,7 @@ class Config:
 
 
 _CHOICES = {
+    "loss.name": ("softmax", "ccl"),
     "optimizer.dense.name": ("adam", "adamw", "adagrad", "sgd"),
     "optimizer.dense.schedule": ("constant", "cosine"),
     "optimizer.sparse.name": ("rowwise_adagrad", "lazy_adam", "sgd"),
@@ -154,12 +161,31 @@ def validate(cfg: DictConfig | dict, *, num_devices: int | None = None) -> Confi
             _fail(key, _get(c, key), "must be > 0")
     if c.loss.num_negatives < 0:
         _fail("loss.num_negatives", c.loss.num_negatives, "must be >= 0")
+    if not c.loss.in_batch_negatives and c.loss.num_negatives == 0:
+        _fail("loss.in_batch_negatives", False, "leaves no negatives with loss.num_negatives=0; draw uniform "
+                                                "negatives or keep the in-batch ones")
+    if c.loss.name == "ccl":
+        if not c.model.normalize:
+            _fail("loss.name", "ccl", "scores cosines, so it needs model.normalize=true")
+        if not -1.0 <= c.loss.ccl_margin < 1.0:
+            _fail("loss.ccl_margin", c.loss.ccl_margin, "must be in [-1, 1)")
+        if c.loss.ccl_negative_weight < 0:
+            _fail("loss.ccl_negative_weight", c.loss.ccl_negative_weight, "must be >= 0")
     if c.train.total_steps is not None and c.train.total_steps <= 0:
         _fail("train.total_steps", c.train.total_steps, "must be > 0 (or null to use num_epochs)")
     if not 0.0 <= c.model.item.id_dropout < 1.0 or not 0.0 <= c.model.user.id_dropout < 1.0:
         _fail("model.item.id_dropout", c.model.item.id_dropout, "must be in [0, 1)")
     if c.model.user.use_history and c.data.history_len <= 0:
         _fail("data.history_len", c.data.history_len, "must be > 0 when model.user.use_history is true")
+    if c.model.item.use_history:
+        if c.data.item_history_len <= 0:
+            _fail("data.item_history_len", c.data.item_history_len, "must be > 0 when model.item.use_history is "
+                                                                     "true")
+        if not c.model.user.use_id:
+            _fail("model.item.use_history", True, "pools user-table rows, so it needs model.user.use_id=true")
+        if c.model.user.table.hash_buckets is not None:
+            _fail("model.item.use_history", True, "needs one user-table row per user; set "
+                                                  "model.user.table.hash_buckets=null")
     if any(k <= 0 for k in c.eval.ks):
         _fail("eval.ks", list(c.eval.ks), "every k must be > 0")
     _check_tables(c)

@@ -51,17 +51,20 @@ def _table_rows(rows: np.ndarray, row_map: np.ndarray | None) -> np.ndarray:
 
 
 def prepare(batch: dict, *, use_user_table: bool, use_item_table: bool, use_history: bool,
-            row_maps: dict[str, np.ndarray] | None = None) -> tuple[dict, dict]:
+            row_maps: dict[str, np.ndarray] | None = None, use_item_history: bool = False) -> tuple[dict, dict]:
     """Splits a global batch into per-example arrays (sharded over devices) and shared arrays (replicated).
 
     Args:
       batch: a `data.batching.Batches` batch (vocabulary rows).
+      use_item_history: the batch's item audiences (`item_history`, `neg_item_history`: user rows) are
+        gathered from the user table too.
       row_maps: {table: int32[vocab, K]} for hashed tables (`towers.id_tables.IdHashing.rows` of the
         vocabulary): such a table's `*_idx` arrays get a trailing axis of size K, the id's K rows.
     Returns:
       local: {"user", "item", "neg_item", "user_idx", "item_idx", "neg_idx", "history_idx", "history_mask",
               "user_feat", "item_feat", "neg_item_feat", "item_logq", "neg_item_logq", "mask"} with leading dim B
-              (or M).
+              (or M); with use_item_history also "item_history_idx", "item_history_mask" [B, HI] and
+              "neg_item_history_idx", "neg_item_history_mask" [M, HI].
       shared: {"user_uniq", "user_valid", "item_uniq", "item_valid"} (only for tables in use).
     """
     maps = row_maps or {}
@@ -71,8 +74,18 @@ def prepare(batch: dict, *, use_user_table: bool, use_item_table: bool, use_hist
     local["mask"] = np.ones(B, np.float32)
     shared = {}
     if use_user_table:
-        ids = _table_rows(batch["user"], maps.get("user"))
-        shared["user_uniq"], shared["user_valid"], local["user_idx"] = unique_rows(ids, ids.size)
+        if use_item_history:
+            aud, neg_aud = batch["item_history"], batch["neg_item_history"]
+            ids = _table_rows(np.concatenate([batch["user"], aud.reshape(-1), neg_aud.reshape(-1)]),
+                              maps.get("user"))
+            shared["user_uniq"], shared["user_valid"], inv = unique_rows(ids, ids.size)
+            local["user_idx"] = inv[:B]
+            local["item_history_idx"] = inv[B:B + aud.size].reshape(aud.shape + inv.shape[1:])
+            local["neg_item_history_idx"] = inv[B + aud.size:].reshape(neg_aud.shape + inv.shape[1:])
+            local["item_history_mask"], local["neg_item_history_mask"] = aud >= 0, neg_aud >= 0
+        else:
+            ids = _table_rows(batch["user"], maps.get("user"))
+            shared["user_uniq"], shared["user_valid"], local["user_idx"] = unique_rows(ids, ids.size)
     if use_item_table:
         hist = batch["history"] if use_history else np.zeros((B, 0), np.int32)
         ids = _table_rows(np.concatenate([batch["item"], batch["neg_item"], hist.reshape(-1)]), maps.get("item"))

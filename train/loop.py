@@ -141,7 +141,10 @@ def build_parts(c: config_lib.Config, ds, steps: int, devices: list, table_rows:
         global_negatives=c.loss.num_negatives, num_items=len(negative_pool(ds)),
         logq_correction=c.loss.logq_correction, logq_mixture=c.loss.logq_mixture,
         remove_accidental_hits=c.loss.remove_accidental_hits, embedding_l2=c.loss.embedding_l2,
-        use_user_table="user" in sizes, use_item_table="item" in sizes, use_history=c.model.user.use_history)
+        in_batch_negatives=c.loss.in_batch_negatives, loss_type=c.loss.name, ccl_margin=c.loss.ccl_margin,
+        ccl_negative_weight=c.loss.ccl_negative_weight,
+        use_user_table="user" in sizes, use_item_table="item" in sizes, use_history=c.model.user.use_history,
+        use_item_history=c.model.item.use_history)
     step_fn = make_step(graphdef=graphdef, cfg=step_cfg, dense_tx=dense_tx, sparse_opts=sparse_opts)
     launcher = Launcher(c.train.launcher, step_fn, devices, model=model_axis)
     return Parts(model, graphdef, launcher, step_cfg, dense_tx, sparse_opts, sizes)
@@ -219,12 +222,25 @@ def _summarise(window: list[dict], step: int, seconds: float, batch: int) -> dic
     return out
 
 
+def make_batches(c: config_lib.Config, ds, seed: int | None = None) -> Batches:
+    """The training batches `c` asks for (histories and audiences only for towers that read them)."""
+    return Batches(ds, batch_size=c.train.global_batch_size, num_negatives=c.loss.num_negatives,
+                   history_len=c.data.history_len if c.model.user.use_history else 0,
+                   history_mode=c.data.history_mode, seed=c.seed if seed is None else seed,
+                   item_history_len=c.data.item_history_len if c.model.item.use_history else 0)
+
+
+def prepare_kwargs(step_cfg: StepConfig) -> dict:
+    """The `train.input.prepare` flags that match a step."""
+    return dict(use_user_table=step_cfg.use_user_table, use_item_table=step_cfg.use_item_table,
+                use_history=step_cfg.use_history, use_item_history=step_cfg.use_item_history)
+
+
 def train_loop(c, launcher, dev_state, batches, ckpt, writer, start: int, steps: int, step_cfg,
                row_maps: dict | None = None):
     """Steps `start+1 .. steps`: prefetched batches, metrics every `log_every_steps` (to `writer` unless it is
     None, as on processes other than 0), checkpoints on the cadence and at the end."""
-    use = dict(use_user_table=step_cfg.use_user_table, use_item_table=step_cfg.use_item_table,
-               use_history=step_cfg.use_history, row_maps=row_maps)
+    use = dict(prepare_kwargs(step_cfg), row_maps=row_maps)
 
     def source():
         while True:
@@ -276,9 +292,7 @@ def run(cfg, run_dir: str | pathlib.Path) -> dict:
     row_maps = id_row_maps(c, ds, run_dir if primary else None)
     steps = total_steps(c, len(ds.train))
     parts = build_parts(c, ds, steps, devices)
-    batches = Batches(ds, batch_size=c.train.global_batch_size, num_negatives=c.loss.num_negatives,
-                      history_len=c.data.history_len if c.model.user.use_history else 0,
-                      history_mode=c.data.history_mode, seed=c.seed)
+    batches = make_batches(c, ds)
     ckpt = Checkpointer(run_dir / "ckpt", every_steps=c.checkpoint.every_steps,
                         max_to_keep=c.checkpoint.max_to_keep, async_save=c.checkpoint.async_save)
     dev_state = restore_or_init(c, ckpt, parts, ds, batches, run_dir if primary else None)

@@ -7,6 +7,10 @@ Yang et al., WWW 2020). The chain, in the order `retrieval_loss` applies it:
     scores -> apply_temperature -> apply_logq_correction -> mask_accidental_hits
            -> (hard_negative_mining) -> softmax_cross_entropy
 
+`loss_type="ccl"` swaps the softmax for SimpleX's cosine contrastive loss (Mao et al., CIKM 2021) on the raw
+cosine scores of the same candidates: `relu(1 - cos(q, pos)) + w * mean_neg relu(cos(q, neg) - margin)`; no
+temperature and no log q (it scores each pair on its own, so the sampler's frequencies do not enter the loss).
+
 The log-q correction (Yi et al., RecSys 2019) *subtracts* the log of each candidate's expected count in the
 candidate set, so items that are sampled often (popular items) are not over-penalised as negatives.
 `log_expected_count` computes that term for both samplers.
@@ -119,6 +123,31 @@ def softmax_cross_entropy(logits: jax.Array, label_cols: jax.Array) -> jax.Array
     return optax.softmax_cross_entropy_with_integer_labels(logits, label_cols)
 
 
+def cosine_contrastive_loss(raw: jax.Array, label_cols: jax.Array, removed: jax.Array, *, margin: float,
+                            negative_weight: float) -> jax.Array:
+    """Per-row cosine contrastive loss (CCL, SimpleX): pull the positive to cosine 1, push negatives below margin.
+
+    Args:
+      raw: [batch, num_candidates] cosine scores (the towers must L2-normalise their outputs).
+      label_cols: int[batch] column of each row's positive.
+      removed: bool[batch, num_candidates], True at columns that are not negatives of that row (accidental
+        hits, padding, excluded in-batch columns). The label column is never a negative, whatever it says.
+      margin: negatives with cosine at or below it cost nothing; in [-1, 1).
+      negative_weight: weight of the mean negative term.
+
+    Returns:
+      [batch] `relu(1 - raw[i, label]) + negative_weight * mean_{j negative} relu(raw[i, j] - margin)`; a row
+      with no negative left gets only its positive term.
+    """
+    cols = jnp.arange(raw.shape[1])
+    is_label = cols[None, :] == label_cols[:, None]
+    neg = ~(removed | is_label)
+    pos_term = jax.nn.relu(1.0 - jnp.take_along_axis(raw, label_cols[:, None], axis=1)[:, 0])
+    neg_sum = jnp.sum(jnp.where(neg, jax.nn.relu(raw - margin), 0.0), axis=1)
+    neg_mean = neg_sum / jnp.maximum(jnp.sum(neg, axis=1), 1)
+    return pos_term + negative_weight * neg_mean
+
+
 def hard_negative_mining(logits: jax.Array, label_cols: jax.Array, num_hard: int):
     """Keeps each row's label column and its `num_hard` highest-scoring other columns (TFRS HardNegativeMining).
 
@@ -208,18 +237,21 @@ def _concat(in_batch, negatives):
 
 
 def _global_candidates(c, candidate_ids, candidate_logq, neg_c, neg_ids, neg_logq, axis_name, gather_negatives):
-    """[gathered in-batch positives; negatives]: embeddings [C, dim], ids [C] and log q [C] (None if not given)."""
+    """[gathered in-batch positives; negatives]: embeddings [C, dim], ids [C] and log q [C] (None if not given),
+    and the number of in-batch columns (the first ones)."""
     neg_axis = axis_name if gather_negatives else None
-    cands = _concat(_gather(c, axis_name), _gather(neg_c, neg_axis))
+    in_batch = _gather(c, axis_name)
+    cands = _concat(in_batch, _gather(neg_c, neg_axis))
     ids = None if candidate_ids is None else _concat(_gather(candidate_ids, axis_name), _gather(neg_ids, neg_axis))
     logq = None if candidate_logq is None else _concat(_gather(candidate_logq, axis_name),
                                                        _gather(neg_logq, neg_axis))
-    return cands, ids, logq
+    return cands, ids, logq, in_batch.shape[0]
 
 
 def retrieval_loss(q, c, *, temperature, candidate_ids=None, candidate_logq=None, label_ids=None, neg_c=None,
                    neg_ids=None, neg_logq=None, axis_name=None, mask=None, remove_accidental_hits=True,
-                   gather_negatives=True, num_hard_negatives=None, recall_ks=()):
+                   gather_negatives=True, num_hard_negatives=None, recall_ks=(), in_batch_negatives=True,
+                   loss_type="softmax", ccl_margin=0.9, ccl_negative_weight=150.0):
     """Sampled softmax over [global in-batch positives ∪ M negatives], with log-q and accidental-hit corrections.
 
     Row i's label is in-batch column `axis_index * batch + i`. With `axis_name` set (inside pmap or shard_map)
@@ -245,6 +277,11 @@ def retrieval_loss(q, c, *, temperature, candidate_ids=None, candidate_logq=None
       gather_negatives: see above.
       num_hard_negatives: if set, keep only the label and this many top-scoring other columns per row.
       recall_ks: cutoffs k for in-batch recall, computed on the masked raw scores (the serving ranking).
+      in_batch_negatives: False = the other rows' positives are not negatives (only `neg_c` is); the label's
+        log q must then be the negatives' sampler's too (a constant for uniform negatives).
+      loss_type: "softmax" (sampled softmax cross entropy) or "ccl" (`cosine_contrastive_loss` on the raw
+        scores; temperature and log q are then unused).
+      ccl_margin, ccl_negative_weight: the CCL margin and negative weight.
 
     Returns:
       (loss_sum, count, extras): float32 scalars `sum(mask * loss_row)` and `sum(mask)`, and a dict of sums:
@@ -253,14 +290,22 @@ def retrieval_loss(q, c, *, temperature, candidate_ids=None, candidate_logq=None
     """
     _check_inputs(q, c, temperature, candidate_ids, candidate_logq, label_ids, neg_c, neg_ids, neg_logq, mask,
                   remove_accidental_hits)
+    if loss_type not in ("softmax", "ccl"):
+        raise ValueError(f"retrieval_loss: loss_type={loss_type!r} must be 'softmax' or 'ccl'.")
+    if not in_batch_negatives and neg_c is None:
+        raise ValueError("retrieval_loss: in_batch_negatives=False leaves no negatives without neg_c; pass "
+                         "sampled negatives or keep the in-batch ones.")
+    if loss_type == "ccl" and num_hard_negatives is not None:
+        raise ValueError("retrieval_loss: num_hard_negatives applies to the softmax only; drop it with "
+                         "loss_type='ccl'.")
     batch = q.shape[0]
     row_mask = jnp.ones((batch,), jnp.float32) if mask is None else mask.astype(jnp.float32)
     label_ids = candidate_ids if label_ids is None else label_ids
     label_cols = jnp.arange(batch)
     if axis_name is not None:
         label_cols = label_cols + jax.lax.axis_index(axis_name) * batch
-    cands, ids, logq = _global_candidates(c, candidate_ids, candidate_logq, neg_c, neg_ids, neg_logq, axis_name,
-                                          gather_negatives)
+    cands, ids, logq, num_in_batch = _global_candidates(c, candidate_ids, candidate_logq, neg_c, neg_ids,
+                                                        neg_logq, axis_name, gather_negatives)
     raw = scores(q, cands)
     # Removed entries: accidental hits, and padding rows as candidates (negatives are always real items).
     # Each row keeps its own label column in both cases.
@@ -270,7 +315,16 @@ def retrieval_loss(q, c, *, temperature, candidate_ids=None, candidate_logq=None
         keep = jnp.pad(keep, (0, cands.shape[0] - keep.shape[0]), constant_values=True)
         removed = ~keep[None, :] & (jnp.arange(cands.shape[0])[None, :] != label_cols[:, None])
     hits = accidental_hits(label_ids, ids, label_cols) if remove_accidental_hits else jnp.zeros_like(removed)
+    shown = removed  # the in-batch recall metric ranks all real candidates, whatever the loss uses
+    if not in_batch_negatives:
+        cols = jnp.arange(cands.shape[0])
+        in_batch = cols < num_in_batch
+        removed = removed | (in_batch[None, :] & (cols[None, :] != label_cols[:, None]))
 
+    if loss_type == "ccl":
+        per_row = cosine_contrastive_loss(raw, label_cols, removed | hits, margin=ccl_margin,
+                                          negative_weight=ccl_negative_weight)
+        return _finish(per_row, raw, shown, hits, row_mask, label_cols, recall_ks)
     logits = apply_temperature(raw, temperature)
     if logq is not None:
         logits = apply_logq_correction(logits, logq)
@@ -279,6 +333,12 @@ def retrieval_loss(q, c, *, temperature, candidate_ids=None, candidate_logq=None
     if num_hard_negatives is not None:
         logits, loss_cols = hard_negative_mining(logits, label_cols, num_hard_negatives)
     per_row = softmax_cross_entropy(logits, loss_cols)
+    return _finish(per_row, raw, shown, hits, row_mask, label_cols, recall_ks)
+
+
+def _finish(per_row, raw, removed, hits, row_mask, label_cols, recall_ks):
+    """(loss_sum, count, extras) from per-row losses; see `retrieval_loss`. `removed` | `hits` are the columns
+    the in-batch recall metric leaves out."""
     # `where` (not only the product) keeps a non-finite padding row from turning the sum into nan.
     loss_sum = jnp.sum(jnp.where(row_mask > 0, row_mask * per_row, 0.0))
 

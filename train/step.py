@@ -44,6 +44,11 @@ class StepConfig:
     use_item_table: bool
     use_history: bool
     logq_mixture: bool = False
+    in_batch_negatives: bool = True
+    loss_type: str = "softmax"
+    ccl_margin: float = 0.9
+    ccl_negative_weight: float = 150.0
+    use_item_history: bool = False
 
 
 def _psum(x, axis_name):
@@ -121,6 +126,9 @@ def candidate_logq(local: dict, cfg: StepConfig) -> tuple[jax.Array, jax.Array]:
     uniform = math.log(max(cfg.global_negatives, 1) / cfg.num_items)
     pos = log_b + local["item_logq"]
     neg = jnp.full(local["neg_item"].shape, uniform, jnp.float32)
+    if not cfg.in_batch_negatives:
+        # Only the uniform sampler draws negatives, so every candidate (the label too) has its constant count.
+        return jnp.full(local["item_logq"].shape, uniform, jnp.float32), neg
     if cfg.logq_mixture and cfg.global_negatives:
         # Every in-batch item is a training item, so it is in the uniform pool too (cold items are neither).
         pos = jnp.logaddexp(pos, uniform)
@@ -134,6 +142,9 @@ def tower_inputs(params_rows: dict, local: dict, cfg: StepConfig) -> dict:
     out = {}
     if cfg.use_user_table:
         out["user_id"] = _rows_of(user_rows, local["user_idx"], 1)
+        if cfg.use_item_history:
+            out["item_history"] = _rows_of(user_rows, local["item_history_idx"], 2)
+            out["neg_item_history"] = _rows_of(user_rows, local["neg_item_history_idx"], 2)
     if cfg.use_item_table:
         out["item_id"] = _rows_of(item_rows, local["item_idx"], 1)
         out["neg_id"] = _rows_of(item_rows, local["neg_idx"], 1)
@@ -150,8 +161,10 @@ def loss_fn(params, rows: dict, local: dict, rng: jax.Array, *, graphdef, cfg: S
     k_user, k_item, k_neg = jax.random.split(rng, 3)
     q = model.user(local["user_feat"], x.get("user_id"), x.get("history"), local.get("history_mask"),
                    dropout_rng=k_user)
-    c = model.item(local["item_feat"], x.get("item_id"), dropout_rng=k_item)
-    nc = model.item(local["neg_item_feat"], x.get("neg_id"), dropout_rng=k_neg) if cfg.global_negatives else None
+    c = model.item(local["item_feat"], x.get("item_id"), x.get("item_history"), local.get("item_history_mask"),
+                   dropout_rng=k_item)
+    nc = model.item(local["neg_item_feat"], x.get("neg_id"), x.get("neg_item_history"),
+                    local.get("neg_item_history_mask"), dropout_rng=k_neg) if cfg.global_negatives else None
     pos_logq, neg_logq = candidate_logq(local, cfg) if cfg.logq_correction else (None, None)
     loss_sum, count, extras = losses.retrieval_loss(
         q, c, temperature=cfg.temperature,
@@ -160,7 +173,8 @@ def loss_fn(params, rows: dict, local: dict, rng: jax.Array, *, graphdef, cfg: S
         neg_ids=local["neg_item"] if cfg.global_negatives else None,
         neg_logq=neg_logq if cfg.global_negatives else None,
         axis_name=axis_name, mask=local["mask"], remove_accidental_hits=cfg.remove_accidental_hits,
-        recall_ks=(10,))
+        recall_ks=(10,), in_batch_negatives=cfg.in_batch_negatives, loss_type=cfg.loss_type,
+        ccl_margin=cfg.ccl_margin, ccl_negative_weight=cfg.ccl_negative_weight)
     total = _psum(count, axis_name)
     loss = loss_sum / total
     if cfg.embedding_l2:

@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 from data import Batches, DataError, load, user_history
+from data.batching import item_audience_mean
 from data.assemble import RawLog, assemble
 from data.config import resolve_config
 
@@ -142,3 +143,86 @@ def test_cold_items_are_never_drawn_as_negatives():
     drawn = np.concatenate([b.next_batch()["neg_item"] for _ in range(20)])
     assert not cold & set(drawn.tolist())
     assert len(set(drawn.tolist())) > 150  # still uniform over every warm item
+
+
+# ---------------------------------------------------------------- item audiences (item_history_len)
+def _item_audiences(d):
+    indptr, items = d.train_csr()
+    out = [[] for _ in range(d.num_items)]
+    for u in range(d.num_users):
+        for i in items[indptr[u]:indptr[u + 1]]:
+            out[i].append(u)
+    return out
+
+
+def test_audience_csr_inverts_the_user_csr(ds):
+    indptr, users, slot = ds.item_audience_csr()
+    auds = _item_audiences(ds)
+    for i in range(ds.num_items):
+        assert users[indptr[i]:indptr[i + 1]].tolist() == auds[i]
+    # slot: train example e (user-CSR order) is that entry of its item's audience.
+    u_indptr, items = ds.train_csr()
+    owners = np.repeat(np.arange(ds.num_users), np.diff(u_indptr))
+    np.testing.assert_array_equal(users[slot], owners)
+    assert np.all((slot >= indptr[items]) & (slot < indptr[items + 1]))
+
+
+def test_sampled_audiences_are_other_train_users_of_the_item(ds):
+    auds = _item_audiences(ds)
+    it = Batches(ds, batch_size=256, num_negatives=32, history_len=0, item_history_len=4, seed=3)
+    for batch in (next(it), next(it)):
+        assert batch["item_history"].shape == (256, 4) and batch["item_history"].dtype == np.int32
+        assert batch["neg_item_history"].shape == (32, 4) and batch["neg_item_history"].dtype == np.int32
+        for user, item, aud in zip(batch["user"], batch["item"], batch["item_history"]):
+            real = aud[aud >= 0].tolist()
+            assert (aud[len(real):] == -1).all() and user not in real and len(set(real)) == len(real)
+            assert set(real) <= set(auds[item]) and len(real) == min(4, len(auds[item]) - 1)
+        for item, aud in zip(batch["neg_item"], batch["neg_item_history"]):
+            real = aud[aud >= 0].tolist()
+            assert set(real) <= set(auds[item]) and len(real) == min(4, len(auds[item]))
+    # Popular items' audiences differ from batch to batch (a sample, not a fixed prefix).
+    top = int(np.argmax(ds.item_counts()))
+    seen = {tuple(a) for b in (next(it) for _ in range(20)) for i, a in zip(b["neg_item"], b["neg_item_history"])
+            if i == top}
+    assert len(auds[top]) > 8 and len(seen) != 1
+    # Off by default: the batch has no audience keys, so older runs resume on identical batches.
+    assert "item_history" not in next(Batches(ds, batch_size=8, num_negatives=2, history_len=0))
+
+
+def test_repeated_pair_leaves_the_user_out_of_the_audience():
+    users = np.array([0, 0, 1, 2, 0])
+    items = np.array([5, 5, 5, 5, 6])
+    d = assemble(RawLog("rep", users, items, np.arange(5)), resolve_config({"source": "synthetic",
+                                                                          "test_fraction": 0.0}))
+    batch = next(Batches(d, batch_size=5, num_negatives=0, history_len=0, item_history_len=4))
+    for user, aud in zip(batch["user"], batch["item_history"]):
+        assert user not in aud.tolist()
+
+
+def test_audience_sampling_resumes_exactly(ds):
+    kw = dict(batch_size=500, num_negatives=7, history_len=3, history_mode="sample", seed=5, item_history_len=3)
+    it = Batches(ds, **kw)
+    next(it)
+    state = it.state()
+    expected = [next(it) for _ in range(3)]
+    resumed = Batches(ds, **kw)
+    resumed.restore(dict(state))
+    for a, b in zip(expected, (next(resumed) for _ in range(3))):
+        _same(a, b)
+        np.testing.assert_array_equal(a["item_history"], b["item_history"])
+        np.testing.assert_array_equal(a["neg_item_history"], b["neg_item_history"])
+
+
+def test_item_audience_mean_is_the_mean_user_row(ds):
+    table = np.random.default_rng(0).normal(size=(ds.num_users, 3)).astype(np.float32)
+    means, has = item_audience_mean(ds, table)
+    auds = _item_audiences(ds)
+    for i in range(ds.num_items):
+        assert has[i] == bool(auds[i])
+        want = table[auds[i]].mean(axis=0) if auds[i] else np.zeros(3)
+        np.testing.assert_allclose(means[i], want, rtol=1e-5, atol=1e-6)
+    sub, sub_has = item_audience_mean(ds, table, np.array([3, -1, 0]))
+    np.testing.assert_allclose(sub[[0, 2]], means[[3, 0]])
+    assert not sub_has[1] and (sub[1] == 0).all()
+    with pytest.raises(DataError, match="user table"):
+        item_audience_mean(ds, table[:5])

@@ -92,13 +92,15 @@ def test_ease_is_skipped_above_its_item_limit_and_says_why():
     assert "8 items > baselines.ease_max_items=4" in m["skipped"]["ease"]
 
 
-def test_eval_of_a_trained_run_reproduces_the_training_report(tmp_path):
+@pytest.mark.parametrize("extra", [[], ["model.item.use_history=true", "model.item.combine=sum"]],
+                         ids=["default", "item_audience"])
+def test_eval_of_a_trained_run_reproduces_the_training_report(tmp_path, extra):
     from eval.run import run
     from tests.helpers import smoke_cfg
     from train.loop import run as train
 
     # One device (jit): the subject here is evaluation, and pmap over 4 fake devices compiles twice as long.
-    train(smoke_cfg("train.total_steps=20", "checkpoint.every_steps=10", "train.launcher=jit"), tmp_path)
+    train(smoke_cfg("train.total_steps=20", "checkpoint.every_steps=10", "train.launcher=jit", *extra), tmp_path)
     printed = json.loads((tmp_path / "final_metrics.json").read_text())["eval"]["model"]
     out = tmp_path / "report"
     m = run(validate({"run_dir": str(tmp_path), "ks": [5, 10], "out_dir": str(out), "plots": False}))

@@ -45,10 +45,14 @@ def test_wrong_type_is_reported():
     ("loss.temperature=0", "loss.temperature"),
     ("optimizer.sparse.name=adam", "optimizer.sparse.name"),
     ("eval.ks=[10,0]", "eval.ks"),
+    ("loss.name=bpr", "loss.name"),
+    ("loss.in_batch_negatives=false loss.num_negatives=0", "loss.in_batch_negatives"),
+    ("loss.name=ccl model.normalize=false", "loss.name"),
+    ("loss.name=ccl loss.ccl_margin=1.0", "loss.ccl_margin"),
 ])
 def test_bad_values(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        validate(compose_cfg(override))
+        validate(compose_cfg(*override.split()))
 
 
 def test_batch_must_divide_over_devices():

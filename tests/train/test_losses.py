@@ -41,7 +41,8 @@ def np_retrieval(q, cands, label_cols, *, temperature=1.0, logq=None, label_ids=
 
 # One compiled program per call signature: much faster than op-by-op dispatch on a 2-core CPU.
 retrieval_loss = jax.jit(losses.retrieval_loss, static_argnames=(
-    "temperature", "axis_name", "remove_accidental_hits", "gather_negatives", "num_hard_negatives", "recall_ks"))
+    "temperature", "axis_name", "remove_accidental_hits", "gather_negatives", "num_hard_negatives", "recall_ks",
+    "in_batch_negatives", "loss_type", "ccl_margin", "ccl_negative_weight"))
 
 
 def rand(key, *shape):
@@ -248,11 +249,11 @@ def _global_case():
                 mask=mask)
 
 
-def _loss(axis_name=None):
+def _loss(axis_name=None, **kw):
     def f(q, c, neg_c, candidate_ids, neg_ids, candidate_logq, neg_logq, mask):
         loss_sum, count, extras = losses.retrieval_loss(
             q, c, temperature=0.2, candidate_ids=candidate_ids, neg_c=neg_c, neg_ids=neg_ids,
-            candidate_logq=candidate_logq, neg_logq=neg_logq, mask=mask, axis_name=axis_name, recall_ks=(2,))
+            candidate_logq=candidate_logq, neg_logq=neg_logq, mask=mask, axis_name=axis_name, recall_ks=(2,), **kw)
         return loss_sum, count, extras["accidental_hits_sum"], extras["hits@2_sum"]
     return f
 
@@ -312,3 +313,106 @@ def test_mixture_logq_is_the_expected_count_in_both_samples():
     # Without uniform negatives the union is the batch alone.
     pos, _ = candidate_logq(local, StepConfig(1.0, B, 0, N, True, True, 0.0, False, True, False, logq_mixture=True))
     np.testing.assert_allclose(pos, np.log(B * p_pos), rtol=1e-5)
+    # Uniform negatives only: every candidate, the label too, has the uniform sampler's constant count.
+    pos, neg = candidate_logq(local, StepConfig(1.0, B, M, N, True, True, 0.0, False, True, False,
+                                                in_batch_negatives=False))
+    np.testing.assert_allclose(pos, np.full(B, np.log(M / N)), rtol=1e-5)
+    np.testing.assert_allclose(neg, np.full(M, np.log(M / N)), rtol=1e-5)
+
+
+# ---------------------------------------------------------------- CCL and uniform-only negatives
+def unit(key, *shape):
+    x = rand(key, *shape)
+    return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def np_ccl(q, cands, label_cols, keep, margin, weight):
+    """Per-row CCL by loops: keep[i, j] says whether column j is a negative of row i."""
+    cos = np.asarray(q, np.float64) @ np.asarray(cands, np.float64).T
+    out = []
+    for i in range(len(q)):
+        negs = [max(cos[i, j] - margin, 0.0) for j in range(cos.shape[1]) if keep[i, j] and j != label_cols[i]]
+        out.append(max(1.0 - cos[i, label_cols[i]], 0.0) + (weight * np.mean(negs) if negs else 0.0))
+    return np.array(out)
+
+
+def test_ccl_hand_computed():
+    # One row, cosines: label 0.6, negatives 0.95, 0.2, 0.9 (at the margin: costs nothing).
+    raw = jnp.array([[0.6, 0.95, 0.2, 0.9]])
+    removed = jnp.zeros((1, 4), bool)
+    got = losses.cosine_contrastive_loss(raw, jnp.array([0]), removed, margin=0.9, negative_weight=3.0)
+    np.testing.assert_allclose(got, [0.4 + 3.0 * (0.05 + 0.0 + 0.0) / 3], rtol=1e-6)
+    # A removed column leaves the mean (it is not averaged in as a zero).
+    removed = removed.at[0, 2].set(True)
+    got = losses.cosine_contrastive_loss(raw, jnp.array([0]), removed, margin=0.9, negative_weight=3.0)
+    np.testing.assert_allclose(got, [0.4 + 3.0 * 0.05 / 2], rtol=1e-6)
+
+
+def test_ccl_in_retrieval_loss_matches_numpy_with_hits_and_padding():
+    b, m = 6, 5
+    q, c, neg = unit(21, b, 8), unit(22, b, 8), unit(23, m, 8)
+    ids = np.array([3, 8, 3, 20, 31, 8])
+    neg_ids = np.array([8, 40, 41, 3, 42])
+    mask = np.array([1, 1, 1, 1, 1, 0], np.float32)
+    cand_ids = np.concatenate([ids, neg_ids])
+    keep = ~np_accidental_hits(ids, cand_ids, np.arange(b))
+    keep[:, 5] = False  # the padding row is nobody's negative
+    for in_batch in (True, False):
+        k = keep.copy()
+        if not in_batch:
+            k[:, :b] = False
+        loss_sum, count, _ = retrieval_loss(
+            q, c, temperature=0.1, candidate_ids=jnp.array(ids), neg_c=neg, neg_ids=jnp.array(neg_ids),
+            mask=jnp.array(mask), loss_type="ccl", ccl_margin=0.2, ccl_negative_weight=7.0,
+            in_batch_negatives=in_batch)
+        want = np_ccl(q, np.concatenate([c, neg]), np.arange(b), k, 0.2, 7.0)
+        np.testing.assert_allclose(loss_sum, (want * mask).sum(), rtol=1e-5)
+        assert float(count) == 5
+    # Without in-batch negatives the loss really changes (the case has in-batch cosines above the margin).
+    with_ib = retrieval_loss(q, c, temperature=0.1, candidate_ids=jnp.array(ids), neg_c=neg,
+                             neg_ids=jnp.array(neg_ids), loss_type="ccl", ccl_margin=0.2)[0]
+    without = retrieval_loss(q, c, temperature=0.1, candidate_ids=jnp.array(ids), neg_c=neg,
+                             neg_ids=jnp.array(neg_ids), loss_type="ccl", ccl_margin=0.2,
+                             in_batch_negatives=False)[0]
+    assert abs(float(with_ib) - float(without)) > 1e-3
+
+
+def test_uniform_only_softmax_matches_numpy():
+    b, m = 5, 6
+    q, c, neg = rand(31, b, 4), rand(32, b, 4), rand(33, m, 4)
+    ids, neg_ids = np.array([1, 2, 3, 4, 5]), np.array([9, 2, 10, 11, 12, 13])
+    loss_sum, _, extras = retrieval_loss(q, c, temperature=0.5, candidate_ids=jnp.array(ids), neg_c=neg,
+                                         neg_ids=jnp.array(neg_ids), in_batch_negatives=False, recall_ks=(1,))
+    cand_ids = np.concatenate([ids, neg_ids])
+    keep = ~np_accidental_hits(ids, cand_ids, np.arange(b))
+    keep[:, :b] = np.eye(b, dtype=bool)  # of the in-batch columns only the row's own label stays
+    logits = np.asarray(q, np.float64) @ np.concatenate([c, neg]).T / 0.5
+    np.testing.assert_allclose(loss_sum, np_log_softmax_ce(logits, np.arange(b), keep).sum(), rtol=1e-5)
+    # The in-batch recall metric still ranks against every real candidate.
+    ranking = np.where(np_accidental_hits(ids, cand_ids, np.arange(b)), -np.inf, logits)
+    want_hits = sum(int((ranking[i] > ranking[i, i]).sum() < 1) for i in range(b))
+    assert float(extras["hits@1_sum"]) == want_hits
+
+
+def test_ccl_and_uniform_only_errors():
+    q, c = unit(41, 3, 4), unit(42, 3, 4)
+    with pytest.raises(ValueError, match="loss_type"):
+        losses.retrieval_loss(q, c, temperature=1.0, remove_accidental_hits=False, loss_type="bpr")
+    with pytest.raises(ValueError, match="in_batch_negatives=False"):
+        losses.retrieval_loss(q, c, temperature=1.0, remove_accidental_hits=False, in_batch_negatives=False)
+    with pytest.raises(ValueError, match="num_hard_negatives"):
+        losses.retrieval_loss(q, c, temperature=1.0, remove_accidental_hits=False, loss_type="ccl",
+                              num_hard_negatives=1)
+
+
+@pytest.mark.parametrize("kw", [dict(loss_type="ccl", ccl_margin=0.0, ccl_negative_weight=2.0),
+                                dict(loss_type="ccl", ccl_margin=0.0, in_batch_negatives=False),
+                                dict(in_batch_negatives=False)])
+def test_ccl_and_uniform_only_pmap_match_single_device(kw):
+    case = _global_case()
+    single = jax.jit(_loss(**kw))(**case)
+    split = {k: v.reshape(NDEV, v.shape[0] // NDEV, *v.shape[1:]) for k, v in case.items()}
+    per_device = jax.pmap(_loss("data", **kw), axis_name="data")(**split)
+    for got, want in zip(per_device, single):
+        np.testing.assert_allclose(np.sum(got), want, rtol=1e-5)
+    assert float(single[0]) != float(jax.jit(_loss())(**case)[0])  # not the default loss by accident
