@@ -21,7 +21,7 @@ import scipy.sparse
 
 from data.config import HISTORY_MODES
 from data.errors import DataError
-from data.types import Dataset
+from data.types import Dataset, sub_csr
 
 # Sample mode: users with at most this many times H other items are sampled exactly without replacement
 # (random keys over all their items); heavier users draw 2H with replacement and keep the distinct ones.
@@ -74,15 +74,32 @@ def item_audience_mean(ds: Dataset, user_table: np.ndarray, items: np.ndarray | 
     table = np.asarray(user_table, np.float32)
     if table.shape[0] < ds.num_users:
         raise DataError(f"user table has {table.shape[0]} rows but the dataset has {ds.num_users} users")
-    counts = np.diff(indptr)
-    ones = np.ones(len(users), np.float32)
-    sums = scipy.sparse.csr_matrix((ones, users, indptr), shape=(ds.num_items, table.shape[0])) @ table
-    means = (sums / np.maximum(counts, 1)[:, None]).astype(np.float32)
-    if items is None:
-        return means, counts > 0
-    items = np.asarray(items, np.int64)
-    known = items >= 0
-    return means[np.maximum(items, 0)] * known[:, None], (counts[np.maximum(items, 0)] > 0) & known
+    items = np.arange(ds.num_items) if items is None else np.asarray(items, np.int64)
+    known = np.flatnonzero(items >= 0)
+    sub_indptr, sub_users = sub_csr(indptr, users, items[known])   # only the requested items' audiences
+    counts = np.diff(sub_indptr)
+    ones = np.ones(len(sub_users), np.float32)
+    sums = scipy.sparse.csr_matrix((ones, sub_users, sub_indptr), shape=(len(known), table.shape[0])) @ table
+    means = np.zeros((len(items), table.shape[1]), np.float32)
+    has = np.zeros(len(items), bool)
+    means[known] = sums / np.maximum(counts, 1)[:, None]
+    has[known] = counts > 0
+    return means, has
+
+
+def _sample_entries(values: np.ndarray, start: np.ndarray, count: np.ndarray, skip: np.ndarray | None, h: int,
+                    rng: np.random.Generator, newest_first: bool = False) -> np.ndarray:
+    """Per row, up to h distinct entries of `values[start:start + count]`, drawn without replacement, never the
+    one at relative position `skip` (None = skip none); `newest_first` orders them by position, last first.
+
+    Returns:
+      int32 [n, h] values, -1 padded at the end.
+    """
+    offsets = _sample_offsets(count - (skip is not None), h, rng)
+    if newest_first:
+        offsets = -np.sort(-offsets, axis=1)   # -1 padding last
+    seq = offsets if skip is None else offsets + (offsets >= skip[:, None])
+    return np.where(offsets >= 0, values[np.where(offsets >= 0, start[:, None] + seq, 0)], -1).astype(np.int32)
 
 
 def _drop_positive(hist: np.ndarray, item: np.ndarray) -> np.ndarray:
@@ -153,8 +170,8 @@ class Batches:
     def __init__(self, ds: Dataset, *, batch_size: int, num_negatives: int, history_len: int,
                  history_mode: str = "causal", seed: int = 0, item_history_len: int = 0):
         if batch_size < 1 or num_negatives < 0 or history_len < 0 or item_history_len < 0:
-            raise DataError(f"need batch_size >= 1, num_negatives >= 0, history_len >= 0; got {batch_size}, "
-                            f"{num_negatives}, {history_len}")
+            raise DataError(f"need batch_size >= 1, num_negatives >= 0, history_len >= 0, item_history_len >= 0; "
+                            f"got {batch_size}, {num_negatives}, {history_len}, {item_history_len}")
         if history_mode not in HISTORY_MODES:
             raise DataError(f"history_mode must be one of {HISTORY_MODES}, got {history_mode!r}")
         self.ds = ds
@@ -234,17 +251,11 @@ class Batches:
     def _audiences(self, ex, user, item, neg, rng) -> tuple[np.ndarray, np.ndarray]:
         """Sampled audiences of the positives (without the example's user) and of the negatives."""
         indptr, users, slot = self.ds.item_audience_csr()
-        h = self.item_history_len
-        start = indptr[item]
-        offsets = _sample_offsets(indptr[item + 1] - start - 1, h, rng)
-        pos = slot[ex] - start
-        seq = offsets + (offsets >= pos[:, None])  # skip the example's own entry
-        aud = np.where(offsets >= 0, users[np.where(offsets >= 0, start[:, None] + seq, 0)], -1).astype(np.int32)
+        h, start = self.item_history_len, indptr[item]
+        aud = _sample_entries(users, start, indptr[item + 1] - start, slot[ex] - start, h, rng)
         aud = _drop_positive(aud, user)  # a repeated (user, item) pair leaves the user in the audience
         start = indptr[neg]
-        offsets = _sample_offsets(indptr[neg + 1] - start, h, rng)
-        neg_aud = np.where(offsets >= 0, users[np.where(offsets >= 0, start[:, None] + offsets, 0)], -1)
-        return aud, neg_aud.astype(np.int32)
+        return aud, _sample_entries(users, start, indptr[neg + 1] - start, None, h, rng)
 
     def _history(self, ex: np.ndarray, user: np.ndarray, item: np.ndarray, rng) -> np.ndarray:
         h = self.history_len
@@ -254,10 +265,6 @@ class Batches:
         if self.history_mode == "causal":
             hist = _last_items(self._indptr, self._items, ex, ex - start, h)
         else:
-            pos = ex - start
-            offsets = _sample_offsets(self._indptr[user + 1] - start - 1, h, rng)
-            offsets = -np.sort(-offsets, axis=1)  # most recent first, -1 padding last
-            seq = offsets + (offsets >= pos[:, None])  # skip the example's own position
-            hist = np.where(offsets >= 0, self._items[np.where(offsets >= 0, start[:, None] + seq, 0)], -1)
-            hist = hist.astype(np.int32)
+            hist = _sample_entries(self._items, start, self._indptr[user + 1] - start, ex - start, h, rng,
+                                   newest_first=True)
         return _drop_positive(hist, item)

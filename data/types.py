@@ -17,6 +17,16 @@ from data.ids import as_id_array
 FEATURE_KINDS = ("categorical", "multihot", "dense")
 
 
+
+def sub_csr(indptr: np.ndarray, items: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The CSR rows `rows` of (indptr, items), as a new CSR aligned with `rows`."""
+    starts, ends = indptr[rows], indptr[rows + 1]
+    lengths = ends - starts
+    new_indptr = np.zeros(len(rows) + 1, np.int64)
+    np.cumsum(lengths, out=new_indptr[1:])
+    idx = np.repeat(starts - new_indptr[:-1], lengths) + np.arange(new_indptr[-1])
+    return new_indptr, items[idx]
+
 @dataclass(frozen=True)
 class FeatureSpec:
     """What one side feature is, so a tower can build its embedding.

@@ -8,6 +8,7 @@ import time
 import numpy as np
 
 from data.batching import item_audience_mean, user_history
+from data.types import sub_csr
 from eval.baselines import most_popular_topk
 from eval.metrics import evaluate_rankings
 from eval.topk import exact_topk
@@ -22,16 +23,6 @@ def heldout_users(ds, split: str = "test", max_users: int | None = None, seed: i
     if max_users is not None and len(users) > max_users:
         users = np.sort(np.random.default_rng(seed).choice(users, max_users, replace=False)).astype(np.int32)
     return users
-
-
-def sub_csr(indptr: np.ndarray, items: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The CSR rows `rows` of (indptr, items), as a new CSR aligned with `rows`."""
-    starts, ends = indptr[rows], indptr[rows + 1]
-    lengths = ends - starts
-    new_indptr = np.zeros(len(rows) + 1, np.int64)
-    np.cumsum(lengths, out=new_indptr[1:])
-    idx = np.repeat(starts - new_indptr[:-1], lengths) + np.arange(new_indptr[-1])
-    return new_indptr, items[idx]
 
 
 def model_embeddings(model_parts: dict, ds, users: np.ndarray, history_len: int) -> tuple[np.ndarray, np.ndarray]:

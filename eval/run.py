@@ -21,7 +21,7 @@ import time
 import numpy as np
 
 from eval.config import ConfigError, EvaluateConfig
-from eval.holdout import sub_csr
+from data.types import sub_csr
 from eval.metrics import coverage_at_k, evaluate_rankings
 
 log = logging.getLogger("twotower.eval")

@@ -103,7 +103,6 @@ def item_embeddings(trained, ds, batch_size: int) -> np.ndarray:
 
     n, names = ds.num_items, feature_names(trained.model)[1]
     counts = ds.item_counts()
-    audience = item_audience_mean(ds, trained.tables["user"]) if trained.model.item.use_history else None
     table = trained.tables.get("item") if trained.model.item.use_id else None
     chunk, out, t0 = batch_size * 16, [], time.perf_counter()
     for a in range(0, n, chunk):
@@ -113,9 +112,7 @@ def item_embeddings(trained, ds, batch_size: int) -> np.ndarray:
         padded = np.concatenate([rows, np.full(size - len(rows), -1, np.int32)])
         feats = {k: ds.item_features[k][np.maximum(padded, 0)] for k in names}
         # Items with no training interactions embed from features alone (their ID rows never trained).
-        aud = None if audience is None else tuple(np.concatenate([a[rows], np.zeros((size - len(rows),
-                                                                                            *a.shape[1:]), a.dtype)])
-                                                  for a in audience)
+        aud = item_audience_mean(ds, trained.tables["user"], padded) if trained.model.item.use_history else None
         out.append(embed_items(trained.graphdef, trained.params, table, trained_item_rows(padded, counts), feats,
                                batch_size=batch_size, audience=aud)[:len(rows)])
         done = a + len(rows)

@@ -264,7 +264,6 @@ class Model:
         if by_feat:
             keys = [ids[j] for j in by_feat]
             rows = self.trained.item_vocab.lookup(np.asarray(keys), missing="minus_one").astype(np.int32)
-            known = rows.copy()
             feats = [self.features(self.item_names, self.ds.item_features, int(r), items[j].features)
                      for j, r in zip(by_feat, rows)]
             size = self._bucket(len(by_feat)) if len(by_feat) <= self.batch_sizes[-1] else self.batch_sizes[-1]
@@ -272,15 +271,13 @@ class Model:
             rows = np.concatenate([rows, np.full(pad, -1, np.int32)])
             stacked = {n: np.stack([f[n] for f in feats] + [feats[0][n]] * pad) for n in self.item_names}
             t = self.trained
+            # A known item pools its training audience, a new one (row -1, padding too) has none.
+            audience = item_audience_mean(self.ds, self.user_table, rows) if t.model.item.use_history else None
             table = self.item_table if t.model.item.use_id else None
             if self.item_hashed:   # every id has hashed rows: the tower reads them as a table of these items
                 table = np.zeros((len(rows), self.item_table.shape[1]), np.float32)   # padded: one compile
                 table[:len(by_feat)] = t.id_embeddings("item", np.asarray(keys))
                 rows[:len(by_feat)] = np.arange(len(by_feat))
-            audience = None
-            if t.model.item.use_history:   # a known item pools its training audience; a new one has none
-                audience = item_audience_mean(self.ds, self.user_table,
-                                              np.concatenate([known, np.full(pad, -1, np.int32)]))
             emb[by_feat] = embed_items(t.graphdef, t.params, table, rows, stacked, batch_size=size,
                                        audience=audience)[:len(by_feat)]
         return ids, emb

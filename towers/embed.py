@@ -18,6 +18,10 @@ def _item_fn(graphdef, params, table, ids, feats, audience=None):
     model = nnx.merge(graphdef, params)
     id_emb = None if table is None else table[jnp.maximum(ids, 0)] * (ids >= 0)[:, None]
     if audience is None:
+        if model.item.use_history:   # raised while tracing, so it costs nothing per call
+            raise ValueError("embed_items: this item tower pools each item's audience (model.item.use_history); "
+                             "pass audience=(means, has) from data.batching.item_audience_mean (has=False for an "
+                             "item without train users)")
         return model.item(feats, id_emb)
     # The audience mean enters as a one-entry history: the tower's masked mean of it is the mean itself.
     return model.item(feats, id_emb, audience["mean"][:, None, :], audience["has"][:, None])
@@ -91,11 +95,6 @@ def embed_items(graphdef, params, item_table, item_rows: np.ndarray, item_featur
     Returns:
       float32[N, output_dim]
     """
-    if audience is None and nnx.merge(graphdef, params).item.use_history:
-        raise ValueError("embed_items: this item tower pools each item's audience (model.item.use_history); pass "
-                         "audience=(means, has) from data.batching.item_audience_mean (has=False for an item "
-                         "without train users)")
-
     def fn(ids, feats, aud):
         return _item_fn(graphdef, params, item_table, ids, feats, aud)
 

@@ -195,7 +195,7 @@ def _shape_error(name, x, expected, why):
 
 
 def _check_inputs(q, c, temperature, candidate_ids, candidate_logq, label_ids, neg_c, neg_ids, neg_logq, mask,
-                  remove_accidental_hits):
+                  remove_accidental_hits, in_batch_negatives=True, loss_type="softmax", num_hard_negatives=None):
     """Raises ValueError at trace time for inconsistent arguments (the message says what to change)."""
     if q.ndim != 2 or q.shape != c.shape:
         raise ValueError(f"retrieval_loss: q has shape {tuple(q.shape)} and c has shape {tuple(c.shape)}; both must "
@@ -223,6 +223,14 @@ def _check_inputs(q, c, temperature, candidate_ids, candidate_logq, label_ids, n
     if remove_accidental_hits and (candidate_ids is None or (neg_c is not None and neg_ids is None)):
         raise ValueError("retrieval_loss: remove_accidental_hits=True needs item ids: pass candidate_ids [batch] "
                          "(and neg_ids [num_negatives] with neg_c), or set remove_accidental_hits=False.")
+    if loss_type not in ("softmax", "ccl"):
+        raise ValueError(f"retrieval_loss: loss_type={loss_type!r} must be 'softmax' or 'ccl'.")
+    if not in_batch_negatives and neg_c is None:
+        raise ValueError("retrieval_loss: in_batch_negatives=False leaves no negatives without neg_c; pass "
+                         "sampled negatives or keep the in-batch ones.")
+    if loss_type == "ccl" and num_hard_negatives is not None:
+        raise ValueError("retrieval_loss: num_hard_negatives applies to the softmax only; drop it with "
+                         "loss_type='ccl'.")
 
 
 def _gather(x, axis_name):
@@ -289,15 +297,7 @@ def retrieval_loss(q, c, *, temperature, candidate_ids=None, candidate_logq=None
       and `hits@{k}_sum` for each k in recall_ks. Divide by `count` on the host.
     """
     _check_inputs(q, c, temperature, candidate_ids, candidate_logq, label_ids, neg_c, neg_ids, neg_logq, mask,
-                  remove_accidental_hits)
-    if loss_type not in ("softmax", "ccl"):
-        raise ValueError(f"retrieval_loss: loss_type={loss_type!r} must be 'softmax' or 'ccl'.")
-    if not in_batch_negatives and neg_c is None:
-        raise ValueError("retrieval_loss: in_batch_negatives=False leaves no negatives without neg_c; pass "
-                         "sampled negatives or keep the in-batch ones.")
-    if loss_type == "ccl" and num_hard_negatives is not None:
-        raise ValueError("retrieval_loss: num_hard_negatives applies to the softmax only; drop it with "
-                         "loss_type='ccl'.")
+                  remove_accidental_hits, in_batch_negatives, loss_type, num_hard_negatives)
     batch = q.shape[0]
     row_mask = jnp.ones((batch,), jnp.float32) if mask is None else mask.astype(jnp.float32)
     label_ids = candidate_ids if label_ids is None else label_ids

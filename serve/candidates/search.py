@@ -210,7 +210,7 @@ def _ann_rounds(corpus: Corpus, q, k: int, ex_indptr, ex_slots, overfetch: int, 
 
 def _exact_rows(corpus: Corpus, q, k, ex_indptr, ex_slots, rows: np.ndarray):
     """Exact search for the users `rows` with their seen slots."""
-    from eval.holdout import sub_csr
+    from data.types import sub_csr
     sub_indptr, sub_slots = sub_csr(ex_indptr, ex_slots, rows)
     return corpus.exact_search(q[rows], k, sub_indptr, sub_slots)
 
@@ -226,7 +226,7 @@ def seen_csr(csrs: list[tuple[np.ndarray, np.ndarray]], users: np.ndarray,
     Returns:
       (indptr int64[Q + 1], slots int64[nnz]) aligned with `users`; slots sorted and distinct per user.
     """
-    from eval.holdout import sub_csr
+    from data.types import sub_csr
 
     n = max(int(slot_of_row.max(initial=-1)) + 1, 1)
     keys = []

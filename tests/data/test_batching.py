@@ -184,7 +184,7 @@ def test_sampled_audiences_are_other_train_users_of_the_item(ds):
     top = int(np.argmax(ds.item_counts()))
     seen = {tuple(a) for b in (next(it) for _ in range(20)) for i, a in zip(b["neg_item"], b["neg_item_history"])
             if i == top}
-    assert len(auds[top]) > 8 and len(seen) != 1
+    assert len(auds[top]) > 8 and len(seen) > 1
     # Off by default: the batch has no audience keys, so older runs resume on identical batches.
     assert "item_history" not in next(Batches(ds, batch_size=8, num_negatives=2, history_len=0))
 
