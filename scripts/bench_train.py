@@ -55,9 +55,12 @@ def time_steps(launcher, state, prepared: list, steps: int, warmup: int) -> tupl
     return state, times
 
 
+EXTRA_OVERRIDES: list[str] = []   # --set: appended to every case
+
+
 def time_training(overrides: list[str], steps: int, warmup: int, table_rows: int | None = None) -> dict:
     """Median step time of the real step (launcher, donation, prefetch-free) for a composed config."""
-    c = validate(compose_cfg(*overrides))
+    c = validate(compose_cfg(*overrides, *EXTRA_OVERRIDES))
     ds = load_data(c)
     devices = select_devices(c)
     _, _, launcher, state, sc = build(c, ds, steps + warmup, devices, table_rows=table_rows)
@@ -107,7 +110,10 @@ def main() -> None:
     ap.add_argument("--rows", nargs="+", type=float, default=[1e5, 1e6, 1e7])
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="config overrides appended to every case (e.g. train.global_batch_size=16384 on a GPU)")
     args = ap.parse_args()
+    EXTRA_OVERRIDES.extend(args.set)
     print(f"# {platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, "
           f"jax {jax.__version__} on {jax.devices()[0].platform}, {time.strftime('%Y-%m-%d %H:%M')}")
     results = {}
