@@ -217,6 +217,8 @@ def _finish_stats(ds: Dataset, stats: dict) -> None:
     counts = ds.item_counts()
     stats["items_without_train"] = int((counts == 0).sum())
     stats["users_without_test"] = int((np.bincount(ds.test.user, minlength=ds.num_users) == 0).sum())
+    # Users with no train rows (only test or valid ones), as a given split or cold items can leave them.
+    stats["users_without_train"] = int((np.bincount(ds.train.user, minlength=ds.num_users) == 0).sum())
     accounted = sum(stats["filtered"].values()) + len(ds.train) + valid + len(ds.test)
     if accounted != stats["rows_read"]:
         raise AssertionError(f"row accounting broke: read {stats['rows_read']}, accounted {accounted} "

@@ -1,7 +1,10 @@
 """LightGCN / NGCF text splits: `train.txt` and `test.txt` with one `user item item ...` line per user.
 
-Ids are used as given (0-based in the published files; any non-negative integers work). The split is the
-files' split (`split: given`); there are no timestamps, so each user's items keep their file order.
+Ids are used as given (0-based in the published files; any non-negative integers up to int64's maximum work).
+The split is the files' split (`split: given`); there are no timestamps, so each user's items keep their file
+order. A line may list a user without items; such lines are counted in the stats
+(`given_train_lines_without_items`, `given_test_lines_without_items`), as are the users that only such lines
+name (`given_users_without_items`: they have no interaction, so they are not users of the dataset).
 Parsing is vectorised over the raw bytes (about 1M ids in well under a second); a file with anything but
 digits, single spaces and newlines goes through a line-by-line reader that either accepts it (tabs, CRLF,
 repeated spaces) or names the first bad line.
@@ -20,6 +23,7 @@ from data.paths import resolve_path
 
 _ID = re.compile(r"\d+")
 _MAX_DIGITS = 18  # int64 holds any 18-digit number
+_INT64_MAX = int(np.iinfo(np.int64).max)
 _ALLOWED = np.zeros(256, dtype=bool)
 _ALLOWED[list(b"0123456789 \n")] = True
 
@@ -36,6 +40,8 @@ def _parse_fast(data: bytes):
     start = is_digit.copy()
     start[1:] &= ~is_digit[:-1]
     pos = np.flatnonzero(is_digit)
+    if pos.size == 0:  # blank lines only
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
     run = np.cumsum(start)[pos] - 1
     run_len = np.bincount(run)
     if run_len.max() > _MAX_DIGITS:
@@ -63,10 +69,28 @@ def _parse_careful(path: pathlib.Path):
             if bad is not None:
                 raise line_error(path, lineno, f"expected non-negative integer ids 'user item item ...', "
                                                f"found {bad!r}", line)
+            big = next((p for p in parts if len(p) > _MAX_DIGITS and int(p) > _INT64_MAX), None)
+            if big is not None:
+                raise line_error(path, lineno, f"id {big!r} is too large for int64 (at most {_INT64_MAX}); renumber "
+                                               "the ids, or load them as string ids from a CSV or Parquet log "
+                                               "(source: parquet)", line)
             users.append(int(parts[0]))
             lengths.append(len(parts) - 1)
             items.extend(int(p) for p in parts[1:])
     return (np.array(users, dtype=np.int64), np.array(lengths, dtype=np.int64), np.array(items, dtype=np.int64))
+
+
+def _read_lines(path: pathlib.Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(user int64 [lines], item count int64 [lines], items int64 [n]) of one file's non-blank lines."""
+    with open(path, "rb") as f:
+        data = f.read()
+    parsed = _parse_fast(data)
+    return _parse_careful(path) if parsed is None else parsed
+
+
+def _pairs(lines: tuple[np.ndarray, np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    users, lengths, items = lines
+    return np.repeat(users, lengths), items
 
 
 def read_lists(path: pathlib.Path) -> tuple[np.ndarray, np.ndarray]:
@@ -75,13 +99,7 @@ def read_lists(path: pathlib.Path) -> tuple[np.ndarray, np.ndarray]:
     Returns:
       (user int64 [n], item int64 [n]) pairs in file order.
     """
-    with open(path, "rb") as f:
-        data = f.read()
-    parsed = _parse_fast(data)
-    if parsed is None:
-        parsed = _parse_careful(path)
-    users, lengths, items = parsed
-    return np.repeat(users, lengths), items
+    return _pairs(_read_lines(path))
 
 
 def read(cfg: DataConfig) -> RawLog:
@@ -91,10 +109,24 @@ def read(cfg: DataConfig) -> RawLog:
     missing = [str(p) for p in files if not p.is_file()]
     if missing:
         raise DataError(f"LightGCN data needs train.txt and test.txt in {root}; missing: {', '.join(missing)}")
-    (tr_u, tr_i), (te_u, te_i) = read_lists(files[0]), read_lists(files[1])
+    train, test = _read_lines(files[0]), _read_lines(files[1])
+    if train[2].size == 0:
+        raise DataError(f"{files[0]}: no interactions (no 'user item item ...' line lists an item); LightGCN data "
+                        "needs training interactions")
+    (tr_u, tr_i), (te_u, te_i) = _pairs(train), _pairs(test)
     user = np.concatenate([tr_u, te_u])
     is_test = np.concatenate([np.zeros(tr_u.size, bool), np.ones(te_u.size, bool)])
     stats = {"rows_read": int(user.size), "filtered": {}, "given_train_rows": int(tr_u.size),
-             "given_test_rows": int(te_u.size)}
+             "given_test_rows": int(te_u.size), **_itemless_stats(train, test, user)}
     return RawLog(name=root.name, user=user, item=np.concatenate([tr_i, te_i]), timestamp=None,
                   is_test=is_test, stats=stats)
+
+
+def _itemless_stats(train, test, user: np.ndarray) -> dict:
+    """Counts the lines that list a user without items, and the users named only on such lines (who have no
+    interaction and so are not in the dataset)."""
+    empty = [users[lengths == 0] for users, lengths, _ in (train, test)]
+    only_empty = np.setdiff1d(np.concatenate(empty), user) if empty[0].size or empty[1].size else empty[0]
+    return {"given_train_lines_without_items": int(empty[0].size),
+            "given_test_lines_without_items": int(empty[1].size),
+            "given_users_without_items": int(only_empty.size)}
