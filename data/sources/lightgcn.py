@@ -72,8 +72,8 @@ def _parse_careful(path: pathlib.Path):
             big = next((p for p in parts if len(p) > _MAX_DIGITS and int(p) > _INT64_MAX), None)
             if big is not None:
                 raise line_error(path, lineno, f"id {big!r} is too large for int64 (at most {_INT64_MAX}); renumber "
-                                               "the ids, or load them as string ids from a CSV or Parquet log "
-                                               "(source: parquet)", line)
+                                               "the ids, or load them as string ids from a Parquet log with a "
+                                               "string column (source: parquet)", line)
             users.append(int(parts[0]))
             lengths.append(len(parts) - 1)
             items.extend(int(p) for p in parts[1:])

@@ -1,8 +1,10 @@
 """Users' own logs from Parquet (a file or a directory of files) or CSV with a header row.
 
-Columns: `user_column` and `item_column` (int or string ids, required), `timestamp_column` (integer seconds,
-a timestamp or a date; optional, zeros when absent), `rating_column` (optional, for `min_rating`), and the
-per-user / per-item feature columns named in `user_feature_columns` / `item_feature_columns`:
+Columns: `user_column` and `item_column` (int or string ids, required; a CSV id column holds integer ids when
+all its values are integers, and a few stray non-integer values among integers are an error naming their
+lines, not a switch to string ids), `timestamp_column` (integer seconds, a timestamp or a date; optional,
+zeros when absent), `rating_column` (optional, for `min_rating`), and the per-user / per-item feature columns
+named in `user_feature_columns` / `item_feature_columns`:
 
 * string, integer, boolean or dictionary columns -> categorical (code 0 = null, then values in order of first
   appearance);
@@ -28,26 +30,75 @@ from data.features import UNKNOWN, lists_to_multihot
 from data.ids import as_id_array, factorize
 from data.paths import resolve_path
 from data.split import canonical_order
-from data.textio import check_rows
+from data.textio import check_rows, iter_csv
 from data.types import FeatureSpec, Vocab
+
+_INT_TEXT = r"^-?\d+$"  # what pyarrow reads as an int64 id
+# Stray values in an integer id column ('NA', 'unknown', a repeated header) are a handful; a string id column
+# whose ids are mostly digits (ISBNs, a tenth of which end in 'X') has many non-integer ids.
+_MAX_STRAY_IDS = 3
+_SHOWN_STRAYS = 3
 
 
 def _read_csv(path: pathlib.Path, id_columns: list[str]) -> pa.Table:
     parse = pacsv.ParseOptions(newlines_in_values=True)
     try:
-        return pacsv.read_csv(path, parse_options=parse)
+        return _integer_ids(pacsv.read_csv(path, parse_options=parse), id_columns, path)
     except (pa.ArrowInvalid, UnicodeDecodeError) as first_error:
         try:
-            # pyarrow infers types from the first block: ids that look numeric there but not later fail,
+            # pyarrow may infer types from the first block: ids that look numeric there but not later fail,
             # so retry with the id columns read as strings.
             convert = pacsv.ConvertOptions(column_types={c: pa.string() for c in id_columns})
-            return pacsv.read_csv(path, parse_options=parse, convert_options=convert)
+            return _integer_ids(pacsv.read_csv(path, parse_options=parse, convert_options=convert), id_columns,
+                                path)
         except (pa.ArrowInvalid, UnicodeDecodeError):
             pass
         with open(path, encoding="utf-8", errors="replace", newline="") as fh:
             header = fh.readline().rstrip("\r\n").split(",")
         check_rows(path, sep=",", names=header, kinds={h: "str" for h in header}, header=True, quoted=True)
         raise DataError(f"{path}: cannot parse as CSV ({first_error})") from None
+
+
+def _integer_ids(table: pa.Table, id_columns: list[str], path: pathlib.Path) -> pa.Table:
+    """Decides from its values, not from pyarrow's type inference, whether a CSV id column that was read as
+    text holds integer or string ids.
+
+    All integers: int64 ids. All but a few distinct values (at most max(3, 1% of the distinct ids), while
+    integers are the majority): a `DataError` naming the stray values' lines, because reading the column as
+    strings would silently change the type of every id. Otherwise the ids are strings.
+    """
+    for name in id_columns:
+        if name not in table.column_names or not pa.types.is_string(table.column(name).type):
+            continue
+        col = table.column(name)
+        is_int = pc.match_substring_regex(col, _INT_TEXT)
+        ints = pc.sum(is_int).as_py() or 0
+        if ints == len(col):
+            try:
+                table = table.set_column(table.column_names.index(name), name, pc.cast(col, pa.int64()))
+            except pa.ArrowInvalid:
+                pass  # digits beyond int64: the ids stay strings
+        elif ints:  # mixed: only now pay for counting distinct values
+            strays = pc.unique(col.filter(pc.invert(is_int)))
+            integers = pc.count_distinct(col.filter(is_int)).as_py()
+            if integers > len(strays) and len(strays) <= max(_MAX_STRAY_IDS, (integers + len(strays)) // 100):
+                raise _stray_ids_error(path, name, col, strays)
+    return table
+
+
+def _stray_ids_error(path: pathlib.Path, name: str, col: pa.ChunkedArray, strays: pa.Array) -> DataError:
+    """Names the lines of the first few stray ids; the file is re-read only up to them."""
+    values = set(strays.to_pylist())
+    shown = []
+    for lineno, row in iter_csv(path, required=[name]):
+        if row[name] in values:
+            shown.append(f"line {lineno}: {row[name]!r}")
+            if len(shown) == _SHOWN_STRAYS:
+                break
+    rows = pc.sum(pc.is_in(col, value_set=strays)).as_py()
+    return DataError(f"{path} column {name!r}: {rows} row(s) hold {len(strays)} non-integer id(s) in a column of "
+                     f"integer ids, e.g. {', '.join(shown)}; fix or remove those rows (string ids that are mostly "
+                     "digits load from Parquet with a string column)")
 
 
 def _read(path: pathlib.Path, id_columns: list[str]) -> pa.Table:

@@ -7,6 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from data import DataError, load
+from data.sources import tabular
 
 LOG = {
     "user_id": ["a", "a", "b", "b", "c", "c", "c"],
@@ -80,10 +81,55 @@ def test_parquet_errors_name_the_problem(tmp_path):
         load({"source": "parquet", "path": str(tmp_path / "missing.parquet")})
 
 
-def test_csv_ids_that_turn_non_numeric_late_are_read_as_strings(tmp_path):
-    # pyarrow infers column types from the first block (1 MB); a string id after it must still load.
-    rows = [f"{i},{i % 7}" for i in range(150_000)] + ["u_x,5"]
-    (tmp_path / "log.csv").write_text("user_id,item_id\n" + "\n".join(rows) + "\n")
-    ds = load({"source": "parquet", "path": str(tmp_path / "log.csv")})
-    assert ds.num_users == 150_001 and ds.user_vocab.raw_ids.dtype.kind == "U"
-    assert ds.user_vocab.lookup(np.array(["u_x", "149999"])).min() >= 0
+def _csv_log(path, users, items=None):
+    items = items if items is not None else [i % 7 for i in range(len(users))]
+    path.write_text("user_id,item_id\n" + "".join(f"{u},{i}\n" for u, i in zip(users, items)))
+    return {"source": "parquet", "path": str(path)}
+
+
+def test_stray_non_integer_ids_in_an_integer_id_column_are_named(tmp_path):
+    users = [str(i) for i in range(40)]
+    users[4], users[9], users[30] = "NA", "unknown", "NA"
+    with pytest.raises(DataError, match=r"log\.csv column 'user_id': 3 row\(s\) hold 2 non-integer id\(s\) in a "
+                                        r"column of integer ids, e\.g\. line 6: 'NA', line 11: 'unknown', line 32"):
+        load(_csv_log(tmp_path / "log.csv", users))
+    items = list(range(40))
+    items[17] = "x"
+    with pytest.raises(DataError, match=r"column 'item_id': 1 row\(s\) hold 1 non-integer id\(s\).* line 19: 'x'"):
+        load(_csv_log(tmp_path / "log.csv", list(range(40)), items))
+
+
+def test_a_stray_id_after_the_first_block_is_named_too(tmp_path):
+    # pyarrow infers column types from the first block (1 MB), so this stray surfaces only in a re-read.
+    users = [str(i) for i in range(150_000)] + ["u_x"]
+    with pytest.raises(DataError, match=r"1 row\(s\) hold 1 non-integer id\(s\).* line 150002: 'u_x'"):
+        load(_csv_log(tmp_path / "log.csv", users))
+
+
+def test_string_id_columns_stay_strings_and_integer_columns_integers(tmp_path):
+    # ISBN-like ids: mostly digits, but many end in 'X'; they are strings, not integers with strays.
+    users = [f"{i:09d}" + ("X" if i % 10 == 0 else str(i % 10)) for i in range(100)]
+    ds = load(_csv_log(tmp_path / "a.csv", users))
+    assert ds.user_vocab.raw_ids.dtype.kind == "U" and "0000000011" in ds.user_vocab.raw_ids
+    assert ds.item_vocab.raw_ids.dtype.kind == "i"
+    # String ids that start after the first block: the user ids are strings, the item ids stay integers.
+    users = [str(i) for i in range(150_000)] + [f"u_{i}" for i in range(5_000)]
+    ds = load(_csv_log(tmp_path / "b.csv", users))
+    assert ds.num_users == 155_000 and ds.user_vocab.raw_ids.dtype.kind == "U"
+    assert ds.user_vocab.lookup(np.array(["u_4999", "149999"])).min() >= 0
+    assert ds.item_vocab.raw_ids.tolist() == list(range(7))
+
+
+def test_integer_ids_stay_integers_when_pyarrow_rereads_id_columns_as_text(tmp_path, monkeypatch):
+    # Some pyarrow versions infer types from the first block and fail on a later string id; the source then
+    # re-reads the id columns as text. Simulate that failure: the integer column must still give int64 ids.
+    real = tabular.pacsv.read_csv
+
+    def first_read_fails(path, convert_options=None, **kw):
+        if convert_options is None:
+            raise pa.ArrowInvalid("CSV conversion error to int64: invalid value 'u_x'")
+        return real(path, convert_options=convert_options, **kw)
+
+    monkeypatch.setattr(tabular.pacsv, "read_csv", first_read_fails)
+    ds = load(_csv_log(tmp_path / "log.csv", [f"u_{i % 5}" for i in range(20)], list(range(20))))
+    assert ds.user_vocab.raw_ids.dtype.kind == "U" and ds.item_vocab.raw_ids.tolist() == list(range(20))
