@@ -100,8 +100,12 @@ class TopK:
     Subclasses set `kind`, `is_exact` and implement the `_backend_*` hooks; the base class owns ids, vectors,
     validation, exclusions and persistence (`ids.npy`, `embeddings.npy`, `index.json` + backend files).
     Ties between equal scores come in an unspecified order.
+
+    `files` names every file `save` may write (relative paths): a loader refuses any other file, so an index
+    directory can never slip in something a library would execute on load (a pickle, say).
     """
     kind = "abstract"
+    files: tuple[str, ...] = ("embeddings.npy", "ids.npy", "index.json")
 
     def __init__(self):
         self._lock = _RWLock()
@@ -225,14 +229,13 @@ class TopK:
     @staticmethod
     def load(directory) -> "TopK":
         """Reads an index written by `save` (no checksum checks: `serve.manifest.load_index` does those)."""
-        from serve.scann_index import ScaNNIndex   # imports this module: not at the top
-
         d = pathlib.Path(directory)
         params = json.loads((d / "index.json").read_text())
-        classes = {"brute_force": BruteForce, "scann": ScaNNIndex}
-        if params.get("type") not in classes:
-            raise ValueError(f"{d}/index.json names index type {params.get('type')!r}; known: {sorted(classes)}")
-        index = classes[params["type"]]._from_params(params)
+        try:
+            cls = index_class(params.get("type"))
+        except ValueError as e:
+            raise ValueError(f"{d}/index.json: {e}") from None
+        index = cls._from_params(params)
         emb = np.load(d / "embeddings.npy", allow_pickle=False)
         ids = np.load(d / "ids.npy", allow_pickle=False)
         index._emb, index._ids, index._n = _as_matrix(emb, "embeddings.npy", None, ""), _as_ids(
@@ -359,6 +362,16 @@ class TopK:
 class BruteForce(TopK):
     """Exact search: one matmul per query block and a partial sort (numpy). The reference for every ANN."""
     kind = "brute_force"
+
+
+def index_class(kind) -> type[TopK]:
+    """The `TopK` subclass of an index type ("brute_force" | "scann"). Raises ValueError for any other."""
+    from serve.scann_index import ScaNNIndex   # imports this module: not at the top
+
+    classes = {"brute_force": BruteForce, "scann": ScaNNIndex}
+    if kind not in classes:
+        raise ValueError(f"index type {kind!r} is not one of {sorted(classes)}")
+    return classes[kind]
 
 
 def make_index(config: dict | None = None) -> TopK:

@@ -9,15 +9,25 @@ Layout of an index directory (e.g. `<run_dir>/export/<model_version>/`):
     scann/            ScaNN's own artifacts (ScaNN indexes above the brute-force size only)
 
 `write_index` writes everything into a hidden temporary sibling directory and renames it into place, so a
-reader sees either no directory or a complete one. `load_index` refuses a directory whose manifest is missing
+reader sees either no directory or a complete one; the temporary directory of a writer that was killed is
+removed by the next write of the same directory. `load_index` refuses a directory whose manifest is missing
 or malformed, whose files are missing, extra, truncated or altered, or whose contents disagree with the
 manifest, raising `IndexLoadError` with what is wrong.
+
+An index directory is data, never code. The manifest's checksums catch damage, not tampering (anyone who can
+write the files can rewrite the manifest), so loading never depends on them for safety: a directory holding
+any file its index type does not write (a pickle, say), or a symbolic link, is refused before anything is
+read, and nothing is ever unpickled (`.npy` files load with allow_pickle=False; ScaNN's searcher is built
+without its docids pickle, `serve.scann_index.load_scann_searcher`). The checks run cheapest first and the
+model version before any other file: manifest, model version, file names, sizes and checksums, then the load.
 """
 from __future__ import annotations
 
 import datetime
+import fcntl
 import hashlib
 import json
+import logging
 import os
 import pathlib
 import shutil
@@ -25,7 +35,9 @@ import uuid
 
 import numpy as np
 
-from serve.index import TopK
+from serve.index import TopK, index_class
+
+log = logging.getLogger("twotower.manifest")
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -35,6 +47,10 @@ _REQUIRED = ("format_version", "model_version", "embedding_dim", "dtype", "dista
 
 class IndexLoadError(RuntimeError):
     """An index directory is missing, partial, corrupt or inconsistent with its manifest."""
+
+
+class ModelVersionError(IndexLoadError):
+    """An index directory holds embeddings of another model version than the one asked for."""
 
 
 def sha256_file(path: pathlib.Path, chunk: int = 1 << 22) -> str:
@@ -75,7 +91,8 @@ def write_index(index: TopK, out_dir, *, model_version: str, extra: dict | None 
         raise FileExistsError(f"{out} exists and is not an index directory (no {MANIFEST}); choose another "
                               "out= or remove it")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    _remove_stale_siblings(out)
+    tmp, lock = _locked_tmp_dir(out)
     try:
         index.save(tmp)
         emb = np.load(tmp / "embeddings.npy", allow_pickle=False, mmap_mode="r")
@@ -95,7 +112,51 @@ def write_index(index: TopK, out_dir, *, model_version: str, extra: dict | None 
         _swap_into_place(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        os.close(lock)
     return out
+
+
+def _locked_tmp_dir(out: pathlib.Path) -> tuple[pathlib.Path, int]:
+    """A new hidden temporary sibling of `out`, and a descriptor holding an exclusive flock on it.
+
+    The kernel releases the lock when the writer dies, even by SIGKILL, which is how the next writer tells a
+    dead writer's directory from a live one (`_remove_stale_siblings`). A directory that another writer's
+    clean-up locked or removed between its creation and our lock is abandoned for a new one.
+    """
+    while True:
+        tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if os.fstat(fd).st_nlink:
+                return tmp, fd
+        except BlockingIOError:
+            pass
+        os.close(fd)
+
+
+def _remove_stale_siblings(out: pathlib.Path) -> None:
+    """Deletes what killed writers of `out` left behind: temporary directories that no live writer holds
+    locked, and old copies a replace renamed aside (`_swap_into_place`) but did not get to delete."""
+    for p in out.parent.iterdir():
+        if p.is_symlink() or not p.is_dir():
+            continue
+        if p.name.startswith(f".{out.name}.old-"):
+            shutil.rmtree(p, ignore_errors=True)
+        elif p.name.startswith(f".{out.name}.tmp-"):
+            try:
+                fd = os.open(p, os.O_RDONLY)
+            except OSError:   # removed meanwhile
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                log.info("removing %s, left by an export that did not finish", p)
+                shutil.rmtree(p, ignore_errors=True)
+            except BlockingIOError:   # a writer is at work in it
+                pass
+            finally:
+                os.close(fd)
 
 
 def _swap_into_place(tmp: pathlib.Path, out: pathlib.Path) -> None:
@@ -109,13 +170,28 @@ def _swap_into_place(tmp: pathlib.Path, out: pathlib.Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def read_manifest(index_dir) -> dict:
+def read_manifest(index_dir, *, model_version: str | None = None) -> dict:
     """The parsed, checked manifest of an index directory (checksums of every file included).
 
+    Args:
+      index_dir: an index directory.
+      model_version: if given, the manifest must name this model version; it is checked before any file
+        other than the manifest is opened.
     Raises:
-      IndexLoadError: no directory, no or malformed manifest, a missing/extra/altered file.
+      ModelVersionError: another model version. IndexLoadError: no directory, no or malformed manifest, a
+        missing, extra, unexpected or altered file, a symbolic link.
     """
     d = pathlib.Path(index_dir)
+    manifest = _parse_manifest(d)
+    if model_version is not None and manifest["model_version"] != model_version:
+        raise ModelVersionError(f"{d} holds embeddings of model {manifest['model_version']}, not {model_version}; "
+                                "export the index from the same checkpoint as the user tower")
+    _check_files(d, manifest)
+    return manifest
+
+
+def _parse_manifest(d: pathlib.Path) -> dict:
+    """manifest.json of `d`, parsed, with its required fields and format version checked."""
     if not d.is_dir():
         raise IndexLoadError(f"{d} is not a directory; pass an index directory written by `python -m serve.export`")
     path = d / MANIFEST
@@ -132,13 +208,31 @@ def read_manifest(index_dir) -> dict:
     if manifest["format_version"] != FORMAT_VERSION:
         raise IndexLoadError(f"{path} has format_version {manifest['format_version']!r}; this code reads "
                              f"version {FORMAT_VERSION}")
-    _check_files(d, manifest["files"])
+    files = manifest["files"]
+    if not (isinstance(files, dict) and all(isinstance(v, dict) for v in files.values())
+            and isinstance(manifest["index"], dict)):
+        raise IndexLoadError(f"{path}: 'files' must map paths to {{sha256, bytes}} and 'index' be an object; "
+                             "the manifest is corrupt or from another tool")
     return manifest
 
 
-def _check_files(d: pathlib.Path, files: dict) -> None:
-    present = set(_files_of(d))
+def _check_files(d: pathlib.Path, manifest: dict) -> None:
+    """Names first (nothing unexpected is read), then presence, sizes and checksums."""
+    try:
+        allowed = set(index_class(manifest["index"].get("type")).files)
+    except ValueError as e:
+        raise IndexLoadError(f"{d / MANIFEST}: {e}; the manifest is corrupt or from another tool") from None
+    links = sorted(p.relative_to(d).as_posix() for p in d.rglob("*") if p.is_symlink())
+    if links:
+        raise IndexLoadError(f"{d} holds symbolic links {links}; an index directory holds regular files only, "
+                             "re-export it")
+    files, present = manifest["files"], set(_files_of(d))
     listed = set(files)
+    unexpected = sorted((present | listed) - allowed)
+    if unexpected:
+        raise IndexLoadError(f"{d} holds {unexpected}, which a {manifest['index']['type']} index never has; "
+                             "refused without reading anything (an index directory is data: no pickle or other "
+                             "file is ever loaded from it)")
     if listed - present:
         raise IndexLoadError(f"{d} is missing {sorted(listed - present)} listed in its manifest; the directory "
                              "is partial, re-export it")
@@ -164,13 +258,11 @@ def load_index(index_dir, *, model_version: str | None = None) -> tuple[TopK, di
     Returns:
       (the index, the manifest dict).
     Raises:
-      IndexLoadError: on any missing, partial, corrupt or mismatched content.
+      ModelVersionError: another model version (found from the manifest alone).
+      IndexLoadError: on any missing, partial, corrupt, unexpected or mismatched content.
     """
     d = pathlib.Path(index_dir)
-    manifest = read_manifest(d)
-    if model_version is not None and manifest["model_version"] != model_version:
-        raise IndexLoadError(f"{d} holds embeddings of model {manifest['model_version']}, not {model_version}; "
-                             "export the index from the same checkpoint as the user tower")
+    manifest = read_manifest(d, model_version=model_version)
     try:
         index = TopK.load(d)
     except Exception as e:  # noqa: BLE001 - any unreadable file is a corrupt directory

@@ -2,7 +2,9 @@
 place that says how ScaNN is configured for a corpus (the evaluation's ANN metrics, `eval.ann`, build their
 searcher with them too).
 
-ScaNN's datapoints are the index's slots (see `serve.index`), so its own docid pickle is never used.
+ScaNN's datapoints are the index's slots (see `serve.index`), so its own docid pickle is never used: never
+written, and never read (`load_scann_searcher`), since unpickling a file from an index directory would run
+whatever code that file names.
 """
 from __future__ import annotations
 
@@ -12,6 +14,13 @@ import pathlib
 import numpy as np
 
 from serve.index import TopK
+
+
+# Every file ScaNN's `serialize` may write besides its docids pickle (scann 1.4: the assets that
+# `scann_ops_pybind_backcompat` knows, the assets list and the config).
+SCANN_FILES = ("scann_assets.pbtxt", "scann_config.pb", "ah_codebook.pb", "serialized_partitioner.pb",
+               "datapoint_to_token.npy", "hashed_dataset.npy", "int8_dataset.npy", "int8_multipliers.npy",
+               "dp_norms.npy", "dataset.npy")
 
 
 def _import_scann():
@@ -85,6 +94,30 @@ def build_scann_searcher(db: np.ndarray, settings: dict, num_neighbors: int = 10
             .reorder(s["reorder"]).set_n_training_threads(s["training_threads"]).build())
 
 
+def load_scann_searcher(artifacts: pathlib.Path):
+    """The searcher `ScannSearcher.serialize` wrote into `artifacts`, built without its docids pickle.
+
+    `scann_ops_pybind.load_searcher` unpickles `scann_docids.pkl` whenever the file exists (and writes a
+    `scann_assets.pbtxt` where one is missing), so it would run code named by a file of an index directory.
+    This builds the same searcher from the assets list alone, after checking that the list names only ScaNN's
+    own files inside `artifacts` (ScaNN's C++ loader opens whatever paths it names).
+
+    Raises:
+      ValueError: the assets list names another file. OSError, google.protobuf ParseError: an unreadable list.
+    """
+    from google.protobuf import text_format
+    from scann.scann_ops import scann_assets_pb2
+
+    ops = _import_scann()
+    text = (artifacts / "scann_assets.pbtxt").read_text()
+    paths = [a.asset_path for a in text_format.Parse(text, scann_assets_pb2.ScannAssets()).assets]
+    bad = [p for p in paths if p not in SCANN_FILES or not (artifacts / p).is_file()]
+    if bad:
+        raise ValueError(f"{artifacts}/scann_assets.pbtxt names {bad}: only ScaNN's own files of that directory "
+                         f"({', '.join(SCANN_FILES[2:])}) may be listed")
+    return ops.ScannSearcher(ops.scann_pybind.ScannNumpy(str(artifacts), text), docids=None)
+
+
 class ScaNNIndex(TopK):
     """ScaNN: k-means tree (about sqrt(N) leaves), anisotropic asymmetric hashing, exact reordering.
 
@@ -106,6 +139,7 @@ class ScaNNIndex(TopK):
       training_threads: threads for training; 0 = all cores.
     """
     kind = "scann"
+    files = TopK.files + tuple(f"scann/{name}" for name in SCANN_FILES)
     _CONFIG_KEYS = ("num_leaves", "num_leaves_to_search", "dimensions_per_block",
                     "anisotropic_quantization_threshold", "reorder", "training_sample_size", "brute_force_below",
                     "training_threads")
@@ -183,7 +217,7 @@ class ScaNNIndex(TopK):
     def _backend_load(self, directory: pathlib.Path, params: dict) -> None:
         if params.get("mode") != "tree_ah":
             return
-        self._searcher = _import_scann().load_searcher(str(directory / "scann"))
+        self._searcher = load_scann_searcher(directory / "scann")
         if self._searcher.searcher.size() != self._n:
             raise ValueError(f"{directory}/scann holds {self._searcher.searcher.size()} items but ids.npy "
                              f"{self._n}; the directory is inconsistent")

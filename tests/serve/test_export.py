@@ -168,7 +168,8 @@ def _edit_manifest(out: pathlib.Path, **changes):
     (lambda d: _edit_manifest(d, embedding_dim=16), "the manifest says .*'embedding_dim': 16"),
     (lambda d: _edit_manifest(d, files={}), "files its manifest does not list"),
     (lambda d: _edit_manifest(d, format_version=2), "format_version 2"),
-    (lambda d: (d / "stray.npy").write_bytes(b"x"), r"does not list: \['stray.npy'\]"),
+    (lambda d: (d / "stray.npy").write_bytes(b"x"), r"holds \['stray.npy'\], which a scann index never has"),
+    (lambda d: (d / "scann" / "dp_norms.npy").write_bytes(b"x"), r"does not list: \['scann/dp_norms.npy'\]"),
     (lambda d: shutil.rmtree(d), "is not a directory"),
 ])
 def test_damaged_directories_are_refused(written, damage, message):
