@@ -81,15 +81,23 @@ def _load_index(c: CandidatesConfig, trained):
 
 
 def read_users(path, vocab, *, skip_unknown: bool) -> np.ndarray:
-    """User rows of a file of raw ids (one per line; blank lines ignored), sorted and distinct.
+    """User rows of a file of raw ids (one per line in UTF-8; blank lines ignored), sorted and distinct.
 
     Raises:
-      CandidatesError: ids the vocabulary lacks (their count and the first examples), unless `skip_unknown`.
+      CandidatesError: bytes that are not UTF-8 (file and line), or ids the vocabulary lacks (their count and
+        the first examples) unless `skip_unknown`.
     """
     from serve.model import as_id_kind
 
     kind = "str" if vocab.raw_ids.dtype.kind == "U" else "int"
-    lines = [line.strip() for line in pathlib.Path(path).read_text(encoding="utf-8").splitlines()]
+    data = pathlib.Path(path).read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        lineno = data.count(b"\n", 0, e.start) + 1
+        raise CandidatesError(f"users={path} line {lineno}: cannot decode as UTF-8 ({e.reason}); the file must "
+                              "hold one raw user id per line, in UTF-8") from None
+    lines = [line.strip() for line in text.splitlines()]
     lines = [line for line in lines if line]
     keys = [as_id_kind(line, kind) for line in lines]
     known = [key for key in keys if key is not None]
