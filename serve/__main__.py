@@ -1,5 +1,8 @@
 """`python -m serve run_dir=RUN [index_dir=DIR] [host=127.0.0.1] [port=8000] [KEY=VALUE ...]`: the top-k server.
 
+The write routes are open unless `auth_token` is set (by default from the environment variable
+TWOTOWER_AUTH_TOKEN); reloads reach only directories under `reload_root` (default `<run_dir>/export`).
+
 Keys and defaults are those of `configs/serve.yaml`; arguments are `key=value` overrides as for the other
 entry points (`batch_sizes=[1,8,32]` for lists). A bad key or value exits 2 with one line; a run or index that
 cannot be loaded exits 1. The server is uvicorn running `serve.server.create_app`.
@@ -45,10 +48,15 @@ def parse_args(args: list[str]) -> dict:
               ("max_wait_ms", isinstance(c["max_wait_ms"], (int, float)) and c["max_wait_ms"] >= 0, "must be >= 0"),
               ("max_body_bytes", isinstance(c["max_body_bytes"], int) and c["max_body_bytes"] > 0, "must be > 0"),
               ("step", c["step"] is None or isinstance(c["step"], int), "must be an int or null"),
-              ("http", c["http"] in ("auto", "h11", "httptools"), "must be auto, h11 or httptools")]
+              ("http", c["http"] in ("auto", "h11", "httptools"), "must be auto, h11 or httptools"),
+              ("reload_root", c["reload_root"] is None or os.path.isdir(str(c["reload_root"])), "no such directory")]
     for key, ok, why in checks:
         if not ok:
             raise ConfigError(f"{key}={c[key]!r}: {why}")
+    if not (c["auth_token"] is None or isinstance(c["auth_token"], str) and c["auth_token"].strip()):
+        # The value is a secret: not echoed. A number given on the command line parses as an int.
+        raise ConfigError("auth_token: must be a non-empty string or null (set TWOTOWER_AUTH_TOKEN, or quote "
+                          "a numeric token)")
     return c
 
 
@@ -68,7 +76,7 @@ def main(argv: list[str]) -> int:
     try:
         app = create_app(c["run_dir"], c["index_dir"], step=c["step"], batch_sizes=tuple(c["batch_sizes"]),
                          max_wait_ms=float(c["max_wait_ms"]), max_body_bytes=c["max_body_bytes"],
-                         warmup=c["warmup"])
+                         warmup=c["warmup"], reload_root=c["reload_root"], auth_token=c["auth_token"])
     except (RestoreError, IndexLoadError) as e:
         print(f"serve failed: {e}", file=sys.stderr)
         return 1

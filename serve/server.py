@@ -13,12 +13,18 @@ the live index and its mutations (`ServerState`), then the ASGI guard (which als
 Client input never causes a 5xx: bodies are validated by `serve.schemas`, oversized bodies get 413, every
 domain error is a `ClientError` with a 4xx status and a reason. Responses are ASCII JSON, so ids holding any
 unicode (lone surrogates included) can be echoed in error messages.
+
+Security: with an `auth_token`, every request other than `/v1/topk` and GETs (`/healthz`, `/metrics`, the
+docs) must carry `Authorization: Bearer <token>` (401 otherwise, checked before the body is read). A reload
+reaches only directories under the reload root (default `<run_dir>/export`), symlinks resolved; any other path
+gets one and the same 403, so the route tells nothing about the filesystem outside the root.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import hashlib
+import hmac
 import json
 import logging
 import math
@@ -27,15 +33,16 @@ import threading
 import time
 
 import numpy as np
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.security import HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve import schemas
 from serve.batcher import MicroBatcher
 from serve.index import UnknownIdError
-from serve.manifest import IndexLoadError, load_index
+from serve.manifest import IndexLoadError, ModelVersionError, load_index
 from serve.metrics import Metrics
 from serve.model import ClientError, Model, Query, as_id_kind  # noqa: F401 (re-exported)
 
@@ -43,6 +50,9 @@ log = logging.getLogger("twotower.serve")
 
 ROUTES = ("/v1/topk", "/v1/items", "/v1/index:reload", "/healthz", "/metrics")
 _REQUEST_TIMEOUT_S = 30.0
+_OUTSIDE_ROOT = ("index_dir must name an index directory under the server's reload_root (configs/serve.yaml; "
+                 "default <run_dir>/export), absolute or relative to it")
+_UNAUTHORIZED = "missing or wrong bearer token"
 
 
 _ENCODER = json.JSONEncoder(ensure_ascii=True, allow_nan=False, separators=(",", ":"))
@@ -71,11 +81,13 @@ class ServerState:
 
     `current` is an (index, version) tuple replaced as a whole, so a batch reads one consistent pair even
     while a reload swaps in a new index. Upserts, deletes and reloads are serialised by `_mutate`; upserts
-    made before a reload are dropped with the old index (the new export is the corpus of record).
+    made before a reload are dropped with the old index (the new export is the corpus of record). Reloads
+    reach only directories under `reload_root`.
     """
 
-    def __init__(self, model: Model, index_dir: pathlib.Path, *, batch_sizes, max_wait_s: float):
-        self.model, self.metrics = model, Metrics()
+    def __init__(self, model: Model, index_dir: pathlib.Path, *, batch_sizes, max_wait_s: float,
+                 reload_root: pathlib.Path):
+        self.model, self.metrics, self.reload_root = model, Metrics(), pathlib.Path(reload_root).resolve()
         index, manifest = load_index(index_dir, model_version=model.model_version)
         self._check_index(index, index_dir)
         self.index_dir, self.manifest, self.mutations = pathlib.Path(index_dir), manifest, 0
@@ -148,17 +160,26 @@ class ServerState:
                 raise ClientError(422, f"cannot delete: {e}") from None
             return {"deleted": len(set(converted)), "index_size": len(index), "index_version": self._bump(index)}
 
+    def _reload_dir(self, index_dir: str) -> pathlib.Path:
+        """`index_dir` (absolute, or relative to the reload root) with every symlink resolved, if it lies under
+        the reload root; otherwise 403 with the same message whether or not the path exists."""
+        try:
+            path = (self.reload_root / index_dir).resolve()
+        except (OSError, ValueError, RuntimeError):   # a NUL byte, a symlink loop
+            raise ClientError(403, _OUTSIDE_ROOT) from None
+        if not path.is_relative_to(self.reload_root):
+            raise ClientError(403, _OUTSIDE_ROOT)
+        return path
+
     def reload(self, req: schemas.ReloadRequest) -> dict:
+        path = self._reload_dir(req.index_dir)
         with self._mutate:
-            path = pathlib.Path(req.index_dir)
             try:
-                index, manifest = load_index(path)
-            except (IndexLoadError, OSError, ValueError) as e:   # ValueError: e.g. a NUL in the path
+                index, manifest = load_index(path, model_version=self.model.model_version)
+            except ModelVersionError as e:
+                raise ClientError(409, f"{e}, or restart the server on the new run") from None
+            except (IndexLoadError, OSError, ValueError) as e:
                 raise ClientError(422, f"cannot load {path}: {e}") from None
-            if manifest["model_version"] != self.model.model_version:
-                raise ClientError(409, f"{path} holds embeddings of model {manifest['model_version']} but the "
-                                       f"towers are {self.model.model_version}; export the index from the "
-                                       "serving checkpoint, or restart the server on the new run")
             try:
                 self._check_index(index, path)
             except IndexLoadError as e:
@@ -166,7 +187,7 @@ class ServerState:
             self.index_dir, self.manifest, self.mutations = path, manifest, 0
             self.current = (index, index_version(manifest))
             log.info("reloaded %s: %d items, version %s", path, len(index), self.current[1])
-            return {"index_dir": str(path.absolute()), "index_size": len(index),
+            return {"index_dir": str(path), "index_size": len(index),
                     "model_version": manifest["model_version"], "index_version": self.current[1]}
 
     def health(self) -> dict:
@@ -183,8 +204,20 @@ def _json_media(scope) -> bool:
     return value is not None and value.split(b";", 1)[0].strip().lower() == b"application/json"
 
 
+def _needs_token(scope) -> bool:
+    """Whether a request must carry the bearer token: everything but top-k queries and reads."""
+    return scope["path"] != "/v1/topk" and scope["method"] not in ("GET", "HEAD")
+
+
+def _bearer_matches(headers: dict, token: bytes) -> bool:
+    """Whether the Authorization header is `Bearer <token>` (constant-time comparison of the token)."""
+    scheme, _, given = headers.get(b"authorization", b"").partition(b" ")
+    return scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), token)
+
+
 class _Guard:
-    """ASGI middleware: refuses bodies over `max_body` bytes (413) before parsing, answers well-formed
+    """ASGI middleware: with an auth token, refuses unauthenticated writes (401, see `_needs_token`) before
+    reading the body; refuses bodies over `max_body` bytes (413) before parsing, answers well-formed
     `POST /v1/topk` requests itself, and records each request's route, status and latency.
 
     The top-k fast path exists for throughput: FastAPI's routing, dependency solving and response-model
@@ -197,8 +230,9 @@ class _Guard:
     the same body as its exception handler.
     """
 
-    def __init__(self, app, state_ref: dict, max_body: int):
+    def __init__(self, app, state_ref: dict, max_body: int, auth_token: str | None = None):
         self.app, self.state_ref, self.max_body = app, state_ref, max_body
+        self.token = auth_token.encode() if auth_token else None
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -212,6 +246,10 @@ class _Guard:
 
         try:
             headers = dict(scope.get("headers") or [])
+            if self.token is not None and _needs_token(scope) and not _bearer_matches(headers, self.token):
+                await AsciiJSONResponse({"detail": _UNAUTHORIZED}, status_code=401,
+                                        headers={"WWW-Authenticate": "Bearer"})(scope, receive, send_recorded)
+                return
             body = await self._read_body(headers, receive)
             if body is None:
                 await AsciiJSONResponse({"detail": f"request body exceeds {self.max_body} bytes"},
@@ -295,10 +333,12 @@ def _install_handlers(app: FastAPI) -> None:
 
 
 _ERRORS = {code: {"model": schemas.ErrorBody} for code in (404, 409, 413, 422)}
+_WRITE_ERRORS = {**_ERRORS, **{code: {"model": schemas.ErrorBody} for code in (401, 403)}}
 
 
 def create_app(run_dir, index_dir=None, *, step: int | None = None, batch_sizes=(1, 8, 32, 128),
-               max_wait_ms: float = 1.5, max_body_bytes: int = 1 << 20, warmup: bool = True) -> FastAPI:
+               max_wait_ms: float = 1.5, max_body_bytes: int = 1 << 20, warmup: bool = True,
+               reload_root=None, auth_token: str | None = None) -> FastAPI:
     """Builds the server for a training run and an exported index.
 
     Args:
@@ -309,6 +349,9 @@ def create_app(run_dir, index_dir=None, *, step: int | None = None, batch_sizes=
       max_wait_ms: how long a micro-batch waits for more requests after its first.
       max_body_bytes: larger request bodies get 413.
       warmup: compile the towers for every batch size now instead of on first use.
+      reload_root: `POST /v1/index:reload` reaches only directories under it; None = `<run_dir>/export`.
+      auth_token: if set, writes (`POST|DELETE /v1/items`, `POST /v1/index:reload`) need
+        `Authorization: Bearer <auth_token>`; None = open (bind to 127.0.0.1 only).
     Raises:
       towers.restore.RestoreError: an unreadable run. IndexLoadError: a missing, corrupt or mismatched index.
     """
@@ -317,7 +360,8 @@ def create_app(run_dir, index_dir=None, *, step: int | None = None, batch_sizes=
     if not (index_dir / "manifest.json").is_file():
         raise IndexLoadError(f"{index_dir} is not an index directory; run `python -m serve.export "
                              f"run_dir={run_dir}` first or pass index_dir=")
-    state = ServerState(model, index_dir, batch_sizes=batch_sizes, max_wait_s=max_wait_ms / 1000)
+    state = ServerState(model, index_dir, batch_sizes=batch_sizes, max_wait_s=max_wait_ms / 1000,
+                        reload_root=reload_root or pathlib.Path(run_dir) / "export")
     if warmup:
         model.warmup()
 
@@ -328,22 +372,25 @@ def create_app(run_dir, index_dir=None, *, step: int | None = None, batch_sizes=
 
     app = FastAPI(title="twotower top-k", version="1", lifespan=lifespan, default_response_class=AsciiJSONResponse)
     app.state.server = state
-    app.add_middleware(_Guard, state_ref={"state": state}, max_body=max_body_bytes)
+    app.add_middleware(_Guard, state_ref={"state": state}, max_body=max_body_bytes, auth_token=auth_token)
     _install_handlers(app)
+    # Declares the bearer scheme in the OpenAPI document; `_Guard` enforces it, before the body is read.
+    writes = {"responses": _WRITE_ERRORS,
+              "dependencies": [Security(HTTPBearer(scheme_name="bearer", auto_error=False))] if auth_token else []}
 
     @app.post("/v1/topk", response_model=schemas.TopKResponse, responses=_ERRORS)
     async def topk(req: schemas.TopKRequest):
         return await state.topk(req)
 
-    @app.post("/v1/items", response_model=schemas.UpsertResponse, responses=_ERRORS)
+    @app.post("/v1/items", response_model=schemas.UpsertResponse, **writes)
     def upsert(req: schemas.UpsertRequest):
         return state.upsert(req)
 
-    @app.delete("/v1/items", response_model=schemas.DeleteResponse, responses=_ERRORS)
+    @app.delete("/v1/items", response_model=schemas.DeleteResponse, **writes)
     def delete(req: schemas.DeleteRequest):
         return state.delete(req)
 
-    @app.post("/v1/index:reload", response_model=schemas.ReloadResponse, responses=_ERRORS)
+    @app.post("/v1/index:reload", response_model=schemas.ReloadResponse, **writes)
     def reload(req: schemas.ReloadRequest):
         return state.reload(req)
 

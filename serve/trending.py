@@ -26,6 +26,7 @@ import datetime
 import ipaddress
 import json
 import logging
+import os
 import pathlib
 import sys
 import time
@@ -296,7 +297,10 @@ def embed_trending(trained, ds, log_: Log, picked: dict, batch_size: int) -> np.
 
 
 def _post_items(server: str, model_version: str, ids: np.ndarray, emb: np.ndarray) -> dict:
-    """Upserts embeddings into a running server, after checking it serves the same model."""
+    """Upserts embeddings into a running server, after checking it serves the same model. The bearer token
+    of a server with an `auth_token` is read from TWOTOWER_AUTH_TOKEN, as the server reads it."""
+    token = os.environ.get("TWOTOWER_AUTH_TOKEN")
+    auth = {"Authorization": f"Bearer {token}"} if token else {}
     base = server.rstrip("/")
     with urllib.request.urlopen(f"{base}/healthz", timeout=30) as r:
         health = json.loads(r.read())
@@ -308,7 +312,7 @@ def _post_items(server: str, model_version: str, ids: np.ndarray, emb: np.ndarra
         items = [{"id": i, "embedding": e} for i, e in zip(ids[a:a + _POST_CHUNK].tolist(),
                                                           emb[a:a + _POST_CHUNK].tolist())]
         req = urllib.request.Request(f"{base}/v1/items", data=json.dumps({"items": items}).encode(),
-                                     headers={"Content-Type": "application/json"}, method="POST")
+                                     headers={"Content-Type": "application/json", **auth}, method="POST")
         with urllib.request.urlopen(req, timeout=60) as r:
             reply = json.loads(r.read())
         log.info("posted %d/%d items to %s", min(a + _POST_CHUNK, len(ids)), len(ids), base)

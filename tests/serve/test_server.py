@@ -41,8 +41,9 @@ def run(tmp_path_factory):
     out = export(export_cfg(f"run_dir={run_dir}", "batch_size=4", "num_queries=20"))["out"]
     index, manifest = load_index(out)
     index.delete(index.ids()[:5])
-    smaller = write_index(index, run_dir / "smaller", model_version=manifest["model_version"])
-    foreign = write_index(index, run_dir / "foreign", model_version="step9-000000000000")
+    # Under <run_dir>/export, the server's default reload root.
+    smaller = write_index(index, run_dir / "export" / "smaller", model_version=manifest["model_version"])
+    foreign = write_index(index, run_dir / "export" / "foreign", model_version="step9-000000000000")
     graphdef, _ = nnx.split(model)
     return {"dir": run_dir, "ds": ds, "out": out, "smaller": smaller, "foreign": foreign, "graphdef": graphdef,
             "state": state, "model": model, "history_len": c.data.history_len}
@@ -209,7 +210,7 @@ def test_reload_swaps_under_load_and_refuses_another_model(run, client):
     assert status == 200 and not removed & {it["id"] for it in got["items"]}
     status, body = client.call("POST", "/v1/index:reload", {"index_dir": str(run["foreign"])})
     assert status == 409 and "step9-000000000000" in body["detail"]
-    status, body = client.call("POST", "/v1/index:reload", {"index_dir": str(run["dir"] / "nope")})
+    status, body = client.call("POST", "/v1/index:reload", {"index_dir": str(run["dir"] / "export" / "nope")})
     assert status == 422 and "not a directory" in body["detail"]
     assert client.call("POST", "/v1/index:reload", {"index_dir": str(run["out"])})[0] == 200
 
@@ -293,7 +294,7 @@ def test_exclude_seen_drops_exactly_a_known_users_training_items(run, client):
     ("POST", "/v1/items", {"items": [{"id": 1, "embedding": [1e300] * 8}]}, 422, "within +-10000"),
     ("DELETE", "/v1/items", {"ids": []}, 422, "at least 1 item"),
     ("POST", "/v1/index:reload", {"index_dir": 3}, 422, "valid string"),
-    ("POST", "/v1/index:reload", {"index_dir": "/tmp/a\x00b"}, 422, "cannot load"),
+    ("POST", "/v1/index:reload", {"index_dir": "/tmp/a\x00b"}, 403, "under the server's reload_root"),
     ("GET", "/v1/nothing", None, 404, "Not Found"),
 ])
 def test_malformed_requests_get_a_4xx_with_a_reason(client, method, path, body, status, reason):
