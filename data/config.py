@@ -9,42 +9,38 @@ import dataclasses
 import difflib
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import List, Optional
 
 from data.errors import DataError
+from data.schema import described as _key, out_of_range, with_range
 
 SOURCES = ("synthetic", "movielens", "lightgcn", "parquet", "tfds")
 SPLITS = ("given", "temporal")
 HISTORY_MODES = ("causal", "sample")
 
 
-def _key(default, help_text: str):
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help_text})
-    return field(default=default, metadata={"help": help_text})
-
-
 @dataclass
 class DataConfig:
     """Keys of the `data:` group. See each field's `metadata["help"]` (also `describe()`)."""
 
-    source: str = _key("synthetic", "where interactions come from: " + " | ".join(SOURCES))
+    source: str = _key("synthetic", "where interactions come from: " + " | ".join(SOURCES), choices=SOURCES)
     name: Optional[str] = _key(None, "tfds: dataset name (e.g. movielens/100k-ratings); others: display name")
     path: Optional[str] = _key(None, "movielens/lightgcn: directory; parquet: .parquet/.csv file or directory "
                                      "(relative paths are also tried under $TWOTOWER_DATA_DIR)")
     # synthetic
-    num_users: int = _key(20_000, "synthetic: number of users")
-    num_items: int = _key(10_000, "synthetic: number of items")
-    interactions_per_user: float = _key(30.0, "synthetic: mean interactions per user (each user has >= 3)")
-    num_clusters: int = _key(50, "synthetic: latent item clusters (users prefer 1-3 of them)")
-    popularity_exponent: float = _key(1.0, "synthetic: power-law exponent of item popularity in a cluster")
-    seed: int = _key(0, "synthetic: generator seed (same seed, same data)")
+    num_users: int = _key(20_000, "synthetic: number of users", ge=1)
+    num_items: int = _key(10_000, "synthetic: number of items", ge=1)
+    interactions_per_user: float = _key(30.0, "synthetic: mean interactions per user (each user has >= 3)", ge=3)
+    num_clusters: int = _key(50, "synthetic: latent item clusters (users prefer 1-3 of them)", ge=1)
+    popularity_exponent: float = _key(1.0, "synthetic: power-law exponent of item popularity in a cluster", ge=0)
+    seed: int = _key(0, "synthetic: generator seed (same seed, same data)", ge=0)
     # movielens
     min_rating: Optional[float] = _key(None, "movielens/parquet: drop ratings below this (counted in stats); "
                                              "null keeps every rating")
-    title_vocab_size: int = _key(20_000, "movielens/tfds: title-token vocabulary cap, row 0 is the OOV bucket")
-    title_max_len: int = _key(8, "movielens/tfds: title tokens kept per movie (extra tokens are counted)")
+    title_vocab_size: int = _key(20_000, "movielens/tfds: title-token vocabulary cap, row 0 is the OOV bucket",
+                                 ge=2)
+    title_max_len: int = _key(8, "movielens/tfds: title tokens kept per movie (extra tokens are counted)", ge=1)
     # parquet / csv logs
     user_column: str = _key("user_id", "parquet: column with raw user ids")
     item_column: str = _key("item_id", "parquet: column with raw item ids")
@@ -53,36 +49,38 @@ class DataConfig:
     user_feature_columns: List[str] = _key([], "parquet: per-user feature columns (strings/ints -> categorical, "
                                                "floats -> dense, lists -> multihot)")
     item_feature_columns: List[str] = _key([], "parquet: per-item feature columns, same rules")
-    multihot_max_len: int = _key(16, "parquet: slots for list-valued feature columns (extra values counted)")
+    multihot_max_len: int = _key(16, "parquet: slots for list-valued feature columns (extra values counted)",
+                                 ge=1)
     # tfds
     data_dir: Optional[str] = _key(None, "tfds: TFDS data directory (default: TFDS's own)")
     download: bool = _key(False, "tfds: allow TFDS to download (never in tests)")
     # split and filters
     split: Optional[str] = _key(None, "given (source's test split) | temporal; null: given where the source "
-                                      "has a test split, else temporal")
-    test_fraction: float = _key(0.2, "temporal: per user, the last floor(f*n) (at least 1) interactions are test")
+                                      "has a test split, else temporal", choices=SPLITS)
+    test_fraction: float = _key(0.2, "temporal: per user, the last floor(f*n) (at least 1) interactions are test",
+                                ge=0, lt=1)
     valid_fraction: float = _key(0.0, "per user, carve floor(f*n_train) (at least 1) of the latest train "
-                                      "interactions as validation; 0 = no validation split")
-    split_seed: int = _key(0, "seed of the tie-break between interactions with equal timestamps")
+                                      "interactions as validation; 0 = no validation split", ge=0, lt=1)
+    split_seed: int = _key(0, "seed of the tie-break between interactions with equal timestamps", ge=0)
     cold_item_fraction: float = _key(0.0, "cold-start protocol: this share of the items with interactions is "
                                           "held out of train and valid entirely; all their interactions go "
-                                          "to test (Dataset.cold_items lists them); 0 = off")
-    cold_item_seed: int = _key(0, "seed of the permutation that picks the cold items")
-    min_user_interactions: int = _key(1, "drop users with fewer interactions (counted in stats)")
+                                          "to test (Dataset.cold_items lists them); 0 = off", ge=0, lt=1)
+    cold_item_seed: int = _key(0, "seed of the permutation that picks the cold items", ge=0)
+    min_user_interactions: int = _key(1, "drop users with fewer interactions (counted in stats)", ge=1)
     drop_duplicates: bool = _key(False, "drop repeated (user, item) pairs, keeping the earliest (counted); "
                                         "false keeps them as separate interactions")
     # history features, read by batching, eval and serving
-    history_len: int = _key(50, "items of user history per example (0 = none)")
+    history_len: int = _key(50, "items of user history per example (0 = none)", ge=0)
     history_mode: str = _key("causal", "causal: the train items just before the example; sample: random other "
-                                       "train items of the user")
+                                       "train items of the user", choices=HISTORY_MODES)
     item_history_len: int = _key(50, "users of the item's audience per example, when model.item.use_history "
-                                     "(a sample of its other train users; inference pools all of them)")
+                                     "(a sample of its other train users; inference pools all of them)", ge=0)
 
 
 def describe() -> str:
-    """One line per key: `name (default): help`."""
+    """One line per key: `name (default): help [allowed values]`."""
     return "\n".join(f"{f.name} ({f.default if f.default is not dataclasses.MISSING else f.default_factory()!r})"
-                     f": {f.metadata['help']}" for f in dataclasses.fields(DataConfig))
+                     f": {with_range(f)}" for f in dataclasses.fields(DataConfig))
 
 
 def _as_dict(cfg) -> dict:
@@ -151,27 +149,11 @@ def _check_ranges(c: DataConfig) -> None:
         if not ok:
             raise DataError(msg)
 
-    need(c.source in SOURCES, f"data.source must be one of {SOURCES}, got {c.source!r}")
-    need(c.split in (None,) + SPLITS, f"data.split must be one of {SPLITS} or null, got {c.split!r}")
-    need(c.history_mode in HISTORY_MODES, f"data.history_mode must be one of {HISTORY_MODES}, got "
-                                          f"{c.history_mode!r}")
-    need(0.0 <= c.test_fraction < 1.0, f"data.test_fraction must be in [0, 1), got {c.test_fraction}")
-    need(0.0 <= c.valid_fraction < 1.0, f"data.valid_fraction must be in [0, 1), got {c.valid_fraction}")
-    need(0.0 <= c.cold_item_fraction < 1.0, f"data.cold_item_fraction must be in [0, 1) (a share of the items "
-                                            f"held out of training), got {c.cold_item_fraction}")
-    need(c.min_user_interactions >= 1, f"data.min_user_interactions must be >= 1, got {c.min_user_interactions}")
-    need(c.history_len >= 0, f"data.history_len must be >= 0, got {c.history_len}")
-    need(c.item_history_len >= 0, f"data.item_history_len must be >= 0, got {c.item_history_len}")
-    need(c.title_vocab_size >= 2 and c.title_max_len >= 1 and c.multihot_max_len >= 1,
-         "data.title_vocab_size must be >= 2 and title_max_len, multihot_max_len >= 1")
+    if (problem := out_of_range(c, "data.")) is not None:
+        raise DataError(problem)
     if c.source == "synthetic":
-        need(c.num_users >= 1 and c.num_items >= 1 and c.num_clusters >= 1,
-             "data.num_users, num_items and num_clusters must be >= 1")
         need(c.num_clusters <= c.num_items, f"data.num_clusters ({c.num_clusters}) must be <= data.num_items "
                                             f"({c.num_items})")
-        need(c.interactions_per_user >= 3, f"data.interactions_per_user is a mean over users with at least 3 "
-                                           f"each, so it must be >= 3, got {c.interactions_per_user}")
-        need(c.popularity_exponent >= 0, f"data.popularity_exponent must be >= 0, got {c.popularity_exponent}")
     if c.source in ("movielens", "lightgcn", "parquet"):
         need(bool(c.path), f"data.path must be set for source {c.source!r} (a directory or file)")
     if c.source == "tfds":

@@ -1,15 +1,20 @@
 """Config schema of the towers (`model:` in the Hydra config). Every key has a default and a description.
 
-Also the two helpers every command's schema uses (train, eval, export): `_help` for a described field and
-`to_typed` for checking a composed config against a dataclass schema with one-line errors.
+Also the helpers every command's schema uses (train, eval, export, candidates, trending): `_help` for a
+described field with its allowed values (`data.schema.described`), `to_typed` for checking a composed config
+against a dataclass schema, types and ranges, with one-line errors, and `unknown_override` for the command line.
 """
 from __future__ import annotations
 
+import difflib
 import sys
-from dataclasses import dataclass, field
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+from data.schema import described as _help, out_of_range
 
 
 class ConfigError(ValueError):
@@ -23,22 +28,58 @@ def exit_config_error(e: Exception):
 
 
 def unknown_override(args: list[str], known: set[str]) -> str | None:
-    """The first plain `key=value` argument naming no known key, as a message; None when all are known.
+    """The first command-line override naming no known key, as a one-line message; None when all are known.
 
-    Checked before Hydra parses the command line, whose own error for such a key is several lines and exit 1.
+    Checked before Hydra composes, whose own error for such a key is several lines and exit 1. `known` holds
+    every settable key, dotted (`train.prefetch`), and every group or section name (`data`, `train`). Appends
+    (`+key=v`), deletions (`~key`), `hydra.*` keys and Hydra's flags are left to Hydra: when any flag (`-m`,
+    `--cfg job`, ...) is present, nothing is checked. A malformed override is reported the same way.
     """
+    if any(a.startswith("-") for a in args):
+        return None
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    parser = OverridesParser.create()
     for arg in args:
-        key = arg.split("=", 1)[0]
-        if "=" in arg and not arg.startswith(("-", "+", "~", "hydra.", "hydra/")) and key not in known:
-            return f"{arg}: unknown key (known: {', '.join(sorted(known))})"
+        try:
+            (override,) = parser.parse_overrides([arg])
+        except Exception as e:  # noqa: BLE001 - Hydra's grammar errors span several lines
+            return f"{arg}: not a key=value override ({str(e).splitlines()[0]})"
+        key = override.key_or_group
+        if override.is_add() or override.is_force_add() or override.is_delete() or key in known or key == "hydra" \
+                or key.startswith(("hydra.", "hydra/")):
+            continue
+        close = difflib.get_close_matches(key, sorted(known), 1)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        return f"{arg}: unknown key (known: {', '.join(_siblings(key, known))}){hint}"
     return None
 
 
+def _siblings(key: str, known: set[str]) -> list[str]:
+    """The known keys beside `key`: those under its deepest known section (the top-level keys if none)."""
+    parts = key.split(".")
+    for depth in range(len(parts) - 1, 0, -1):
+        section = ".".join(parts[:depth])
+        if section in known:
+            return sorted(k for k in known if k.rpartition(".")[0] == section)
+    return sorted(k for k in known if "." not in k)
+
+
+def schema_keys(schema, prefix: str = "") -> set[str]:
+    """Every key of the dataclass `schema` that a command line may set, dotted: leaves and sections alike."""
+    keys, types = set(), typing.get_type_hints(schema)
+    for f in fields(schema):
+        key = prefix + f.name
+        keys.add(key)
+        if is_dataclass(types[f.name]):
+            keys |= schema_keys(types[f.name], key + ".")
+    return keys
+
+
 def to_typed(schema, raw: dict):
-    """`raw` (plain containers) merged onto the dataclass `schema`: unknown keys and wrong types raise
-    `ConfigError("key=value: why")`. Returns the typed dataclass instance."""
+    """`raw` (plain containers) merged onto the dataclass `schema`: unknown keys, wrong types and values outside
+    a field's declared range raise `ConfigError("key=value: why")`. Returns the typed dataclass instance."""
     try:
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), raw))
+        typed = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), raw))
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or "?"
         value = OmegaConf.select(OmegaConf.create(raw), key) if key != "?" else None
@@ -46,12 +87,9 @@ def to_typed(schema, raw: dict):
         if "not in" in msg or "Key '" in msg:
             raise ConfigError(f"{key}={value!r}: unknown key ({msg})") from None
         raise ConfigError(f"{key}={value!r}: {msg}") from None
-
-
-def _help(default, text: str, **kw):
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": text}, **kw)
-    return field(default=default, metadata={"help": text}, **kw)
+    if (problem := out_of_range(typed)) is not None:
+        raise ConfigError(problem)
+    return typed
 
 
 @dataclass
@@ -62,14 +100,16 @@ class TowerConfig:
                                      "(its audience; shares the user table; a one-hop graph aggregation)")
     features: list[str] | None = _help(None, "side features to read; null = every feature the data has, [] = none")
     hidden: list[int] = _help([], "MLP hidden widths before the output layer; [] = one linear projection "
-                                  "(or none for a lone ID row of width output_dim)")
-    cross_layers: int = _help(0, "number of DCN-v2 cross layers before the MLP")
-    cross_rank: int | None = _help(None, "low-rank factorisation of each cross layer's weight; null = full rank")
+                                  "(or none for a lone ID row of width output_dim)", gt=0)
+    cross_layers: int = _help(0, "number of DCN-v2 cross layers before the MLP", ge=0)
+    cross_rank: int | None = _help(None, "low-rank factorisation of each cross layer's weight; null = full rank",
+                                   gt=0)
     id_dropout: float = _help(0.0, "training only: probability of zeroing an example's ID row, so the tower "
-                                   "learns to embed from features alone (fresh items, unseen users)")
+                                   "learns to embed from features alone (fresh items, unseen users)", ge=0, lt=1)
     combine: str = _help("concat", "how the ID row and the history mean meet: concat (then the projection) or "
                                    "sum (one id_dim vector: with no features or hidden layers and id_dim == "
-                                   "output_dim the user tower is MF plus a SimpleX-style history term)")
+                                   "output_dim the user tower is MF plus a SimpleX-style history term)",
+                            choices=("concat", "sum"))
     table: "IdTableConfig" = field(default_factory=lambda: IdTableConfig(),
                                    metadata={"help": "this tower's ID table (the item table also serves the "
                                                      "user's history)"})
@@ -80,10 +120,10 @@ class IdTableConfig:
     """How ids become rows of one ID table, where its first values come from, and whether it trains."""
     hash_buckets: int | None = _help(None, "hash raw ids into this many rows: memory is bounded whatever the id "
                                            "space, and ids unseen in training still get a row; null = one row "
-                                           "per vocabulary id")
+                                           "per vocabulary id", gt=0)
     num_hashes: int = _help(1, "with hash_buckets: 1, or 2 hashes whose rows are summed, so two ids share "
-                               "their whole embedding only when both hashes collide")
-    hash_seed: int = _help(0, "seed of the hash functions (part of the model: keep it to serve the run)")
+                               "their whole embedding only when both hashes collide", choices=(1, 2))
+    hash_seed: int = _help(0, "seed of the hash functions (part of the model: keep it to serve the run)", ge=0)
     pretrained: str | None = _help(None, "initialise from another run's directory (its latest checkpoint) or a "
                                          ".npy of [n, id_dim] embeddings; rows are matched by raw id")
     pretrained_ids: str | None = _help(None, ".npy of the n raw ids of a .npy `pretrained` table")
@@ -92,10 +132,10 @@ class IdTableConfig:
 
 @dataclass
 class ModelConfig:
-    id_dim: int = _help(64, "width of the user and item ID tables")
-    feature_dim: int = _help(16, "width of each side-feature embedding")
-    output_dim: int = _help(64, "width of the final user and item embeddings")
+    id_dim: int = _help(64, "width of the user and item ID tables", gt=0)
+    feature_dim: int = _help(16, "width of each side-feature embedding", gt=0)
+    output_dim: int = _help(64, "width of the final user and item embeddings", gt=0)
     normalize: bool = _help(True, "L2-normalise tower outputs (cosine scores; temperature set in loss)")
-    id_init_scale: float = _help(0.05, "stddev of the normal initialiser of ID-table rows")
+    id_init_scale: float = _help(0.05, "stddev of the normal initialiser of ID-table rows", gt=0)
     user: TowerConfig = field(default_factory=TowerConfig, metadata={"help": "the user (query) tower"})
     item: TowerConfig = field(default_factory=TowerConfig, metadata={"help": "the item (candidate) tower"})

@@ -1,7 +1,8 @@
 """`python -m train [+experiment=NAME] [key=value ...]`: validate the config, then train and evaluate.
 
 The run directory (checkpoints, metrics, TensorBoard, logs, vocabularies, final metrics) is Hydra's run dir:
-`hydra.run.dir=PATH` puts it where you want. Re-running with the same run dir resumes.
+`hydra.run.dir=PATH` puts it where you want. Re-running with the same run dir resumes. A bad key or value, or
+bad data, exits with status 2 and one `config error:` / `data error:` line (`towers.cli`).
 """
 import os
 
@@ -11,22 +12,19 @@ import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from towers.config import exit_config_error  # noqa: E402
-from train.config import ConfigError, validate  # noqa: E402
+from towers.cli import command, one_line_errors  # noqa: E402
+from towers.config import schema_keys  # noqa: E402
+from train.config import Config, validate  # noqa: E402
 
 
+@command(lambda: schema_keys(Config))
 @hydra.main(version_base="1.3", config_path="../configs", config_name="train")
 def main(cfg: DictConfig) -> None:
-    try:
+    with one_line_errors():
         c = validate(cfg)
-    except ConfigError as e:
-        exit_config_error(e)
-    from train.loop import run  # JAX is imported only after the config is known to be valid
+        from train.loop import run  # JAX is imported only after the config is known to be valid
 
-    try:
         run(c, HydraConfig.get().runtime.output_dir)
-    except ConfigError as e:
-        exit_config_error(e)
 
 
 if __name__ == "__main__":

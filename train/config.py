@@ -11,43 +11,48 @@ from dataclasses import dataclass, field, fields, is_dataclass
 
 from omegaconf import DictConfig, OmegaConf
 
-from data.config import DataConfig
+from data.config import DataConfig, resolve_config
+from data.schema import with_range
 from towers.config import ConfigError, ModelConfig, _help, to_typed  # noqa: F401 (ConfigError re-exported)
 
 
 @dataclass
 class LossConfig:
     name: str = _help("softmax", "softmax (sampled softmax cross entropy) | ccl (SimpleX cosine contrastive loss on "
-                                 "the raw cosines: no temperature, no log q; needs model.normalize)")
-    temperature: float = _help(0.05, "softmax temperature: logits are cosine / temperature")
+                                 "the raw cosines: no temperature, no log q; needs model.normalize)",
+                      choices=("softmax", "ccl"))
+    temperature: float = _help(0.05, "softmax temperature: logits are cosine / temperature", gt=0)
     num_negatives: int = _help(1024, "uniformly drawn corpus items per global batch (mixed negative sampling); "
-                                     "0 = in-batch negatives only")
+                                     "0 = in-batch negatives only", ge=0)
     logq_correction: bool = _help(True, "subtract log of each candidate's expected count under its sampler")
     logq_mixture: bool = _help(False, "log q of every candidate = log of its expected count in the union of the "
                                       "in-batch and uniform samples (B p + M/N), instead of per source (B p for "
                                       "in-batch, M/N for uniform; overstates rare in-batch items' correction)")
     remove_accidental_hits: bool = _help(True, "mask candidates equal to the row's positive item")
-    embedding_l2: float = _help(0.0, "L2 penalty on the ID-table rows a batch touches (per row, per step)")
+    embedding_l2: float = _help(0.0, "L2 penalty on the ID-table rows a batch touches (per row, per step)", ge=0)
     in_batch_negatives: bool = _help(True, "the other rows' positives are negatives too; false = only the "
                                            "num_negatives uniform items (needs num_negatives > 0)")
-    ccl_margin: float = _help(0.9, "ccl: negatives with cosine above this margin are pushed down; in [-1, 1)")
-    ccl_negative_weight: float = _help(150.0, "ccl: weight of the mean negative term against the positive's")
+    ccl_margin: float = _help(0.9, "ccl: negatives with cosine above this margin are pushed down", ge=-1, lt=1)
+    ccl_negative_weight: float = _help(150.0, "ccl: weight of the mean negative term against the positive's", ge=0)
 
 
 @dataclass
 class DenseOptimizerConfig:
-    name: str = _help("adam", "optax optimizer for dense (tower) parameters: adam | adamw | adagrad | sgd")
-    learning_rate: float = _help(1e-3, "peak learning rate")
-    weight_decay: float = _help(0.0, "decoupled weight decay (adamw only)")
-    schedule: str = _help("constant", "constant | cosine (warmup then cosine decay to 0 at train.total_steps)")
-    warmup_steps: int = _help(0, "linear warm-up steps")
-    grad_clip_norm: float | None = _help(None, "clip dense gradients by global norm; null = off")
+    name: str = _help("adam", "optax optimizer for dense (tower) parameters: adam | adamw | adagrad | sgd",
+                      choices=("adam", "adamw", "adagrad", "sgd"))
+    learning_rate: float = _help(1e-3, "peak learning rate", gt=0)
+    weight_decay: float = _help(0.0, "decoupled weight decay (adamw only)", ge=0)
+    schedule: str = _help("constant", "constant | cosine (warmup then cosine decay to 0 at train.total_steps)",
+                          choices=("constant", "cosine"))
+    warmup_steps: int = _help(0, "linear warm-up steps", ge=0)
+    grad_clip_norm: float | None = _help(None, "clip dense gradients by global norm; null = off", gt=0)
 
 
 @dataclass
 class SparseOptimizerConfig:
-    name: str = _help("rowwise_adagrad", "row-sparse optimizer for ID tables: rowwise_adagrad | lazy_adam | sgd")
-    learning_rate: float = _help(0.05, "learning rate of the ID tables")
+    name: str = _help("rowwise_adagrad", "row-sparse optimizer for ID tables: rowwise_adagrad | lazy_adam | sgd",
+                      choices=("rowwise_adagrad", "lazy_adam", "sgd"))
+    learning_rate: float = _help(0.05, "learning rate of the ID tables", gt=0)
 
 
 @dataclass
@@ -62,21 +67,22 @@ class OptimizerConfig:
 class DistributedConfig:
     coordinator_address: str | None = _help(None, "host:port of process 0's coordinator; null = "
                                                   "$JAX_COORDINATOR_ADDRESS, and no multi-process run if unset")
-    num_processes: int | None = _help(None, "processes in the run; null = $JAX_NUM_PROCESSES (default 1)")
-    process_id: int | None = _help(None, "this process's index; null = $JAX_PROCESS_ID")
+    num_processes: int | None = _help(None, "processes in the run; null = $JAX_NUM_PROCESSES (default 1)", gt=0)
+    process_id: int | None = _help(None, "this process's index; null = $JAX_PROCESS_ID", ge=0)
 
 
 @dataclass
 class TrainLoopConfig:
-    global_batch_size: int = _help(1024, "examples per step over all devices")
-    total_steps: int | None = _help(None, "steps to train; null = num_epochs over the training split")
-    num_epochs: float = _help(1.0, "epochs when total_steps is null")
+    global_batch_size: int = _help(1024, "examples per step over all devices", gt=0)
+    total_steps: int | None = _help(None, "steps to train; null = num_epochs over the training split", gt=0)
+    num_epochs: float = _help(1.0, "epochs when total_steps is null", gt=0)
     launcher: str = _help("pmap", "pmap (data-parallel, replicated state) | shard_map (on the `mesh`) | jit "
-                                  "(GSPMD on the `mesh`); shard_map and jit can split the ID tables")
-    num_devices: int | None = _help(None, "devices to use; null = all local devices")
-    log_every_steps: int = _help(100, "write metrics (JSON lines, TensorBoard) every N steps")
+                                  "(GSPMD on the `mesh`); shard_map and jit can split the ID tables",
+                          choices=("pmap", "shard_map", "jit"))
+    num_devices: int | None = _help(None, "devices to use; null = all local devices", gt=0)
+    log_every_steps: int = _help(100, "write metrics (JSON lines, TensorBoard) every N steps", gt=0)
     progress: bool = _help(True, "show a progress bar with steps/s and examples/s")
-    prefetch: int = _help(2, "batches prepared ahead in a background thread")
+    prefetch: int = _help(2, "batches prepared ahead in a background thread", gt=0)
     distributed: DistributedConfig = field(default_factory=DistributedConfig,
                                            metadata={"help": "multi-process (multi-host) set-up"})
 
@@ -90,8 +96,8 @@ class MeshConfig:
 
 @dataclass
 class CheckpointConfig:
-    every_steps: int = _help(1000, "save every N steps (and always at the last step)")
-    max_to_keep: int = _help(3, "checkpoints kept; older ones are deleted")
+    every_steps: int = _help(1000, "save every N steps (and always at the last step)", gt=0)
+    max_to_keep: int = _help(3, "checkpoints kept; older ones are deleted", gt=0)
     async_save: bool = _help(True, "write checkpoints in the background (Orbax async)")
     resume: bool = _help(True, "resume from the latest valid checkpoint in the run dir")
 
@@ -99,16 +105,16 @@ class CheckpointConfig:
 @dataclass
 class EvalConfig:
     at_end: bool = _help(True, "evaluate on the held-out split after training")
-    ks: list[int] = _help([10, 20, 50, 100], "cutoffs of recall@k and ndcg@k")
-    max_users: int | None = _help(None, "evaluate a seeded sample of this many held-out users; null = all")
-    user_block: int = _help(1024, "users scored per block in exact top-k")
-    item_block: int = _help(65536, "items scored per block in exact top-k")
-    seed: int = _help(0, "seed of the user sample")
+    ks: list[int] = _help([10, 20, 50, 100], "cutoffs of recall@k and ndcg@k", gt=0)
+    max_users: int | None = _help(None, "evaluate a seeded sample of this many held-out users; null = all", gt=0)
+    user_block: int = _help(1024, "users scored per block in exact top-k", gt=0)
+    item_block: int = _help(65536, "items scored per block in exact top-k", gt=0)
+    seed: int = _help(0, "seed of the user sample", ge=0)
 
 
 @dataclass
 class Config:
-    seed: int = _help(0, "seed of parameter init, dropout and negative sampling")
+    seed: int = _help(0, "seed of parameter init, dropout and negative sampling", ge=0)
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "data source, split and history"})
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "the towers"})
     loss: LossConfig = field(default_factory=LossConfig, metadata={"help": "sampled softmax"})
@@ -119,62 +125,29 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "end-of-run evaluation"})
 
 
-_CHOICES = {
-    "loss.name": ("softmax", "ccl"),
-    "optimizer.dense.name": ("adam", "adamw", "adagrad", "sgd"),
-    "optimizer.dense.schedule": ("constant", "cosine"),
-    "optimizer.sparse.name": ("rowwise_adagrad", "lazy_adam", "sgd"),
-    "train.launcher": ("pmap", "shard_map", "jit"),
-    "model.user.combine": ("concat", "sum"),
-    "model.item.combine": ("concat", "sum"),
-}
-
-
-def _get(cfg, dotted: str):
-    for part in dotted.split("."):
-        cfg = getattr(cfg, part)
-    return cfg
-
-
 def _fail(key: str, value, why: str):
     raise ConfigError(f"{key}={value!r}: {why}")
 
 
 def to_schema(cfg: DictConfig | dict) -> Config:
-    """Checks keys and types against the schema; returns the typed config object."""
+    """Checks keys, types and every field's declared range against the schema; returns the typed config."""
     raw = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
     raw.pop("hydra", None)
     return to_typed(Config, raw)
 
 
 def validate(cfg: DictConfig | dict, *, num_devices: int | None = None) -> Config:
-    """Schema check plus the cross-field rules that need no data. Raises `ConfigError` (one line)."""
+    """Schema check (keys, types, ranges) plus the cross-field rules that need no data, the data group's
+    included. Raises `ConfigError` or, for a data rule such as a source without its path, `DataError` (one
+    line each)."""
     c = to_schema(cfg)
-    for key, choices in _CHOICES.items():
-        if _get(c, key) not in choices:
-            _fail(key, _get(c, key), f"must be one of {', '.join(choices)}")
-    positive = ["train.global_batch_size", "loss.temperature", "optimizer.dense.learning_rate",
-                "optimizer.sparse.learning_rate", "checkpoint.every_steps", "checkpoint.max_to_keep",
-                "train.log_every_steps", "model.id_dim", "model.output_dim", "eval.user_block", "eval.item_block"]
-    for key in positive:
-        if not _get(c, key) > 0:
-            _fail(key, _get(c, key), "must be > 0")
-    if c.loss.num_negatives < 0:
-        _fail("loss.num_negatives", c.loss.num_negatives, "must be >= 0")
+    resolve_config(c.data)
     if not c.loss.in_batch_negatives and c.loss.num_negatives == 0:
         _fail("loss.in_batch_negatives", False, "leaves no negatives with loss.num_negatives=0; draw uniform "
                                                 "negatives or keep the in-batch ones")
     if c.loss.name == "ccl":
         if not c.model.normalize:
             _fail("loss.name", "ccl", "scores cosines, so it needs model.normalize=true")
-        if not -1.0 <= c.loss.ccl_margin < 1.0:
-            _fail("loss.ccl_margin", c.loss.ccl_margin, "must be in [-1, 1)")
-        if c.loss.ccl_negative_weight < 0:
-            _fail("loss.ccl_negative_weight", c.loss.ccl_negative_weight, "must be >= 0")
-    if c.train.total_steps is not None and c.train.total_steps <= 0:
-        _fail("train.total_steps", c.train.total_steps, "must be > 0 (or null to use num_epochs)")
-    if not 0.0 <= c.model.item.id_dropout < 1.0 or not 0.0 <= c.model.user.id_dropout < 1.0:
-        _fail("model.item.id_dropout", c.model.item.id_dropout, "must be in [0, 1)")
     if c.model.user.use_history and c.data.history_len <= 0:
         _fail("data.history_len", c.data.history_len, "must be > 0 when model.user.use_history is true")
     if c.model.item.use_history:
@@ -186,8 +159,6 @@ def validate(cfg: DictConfig | dict, *, num_devices: int | None = None) -> Confi
         if c.model.user.table.hash_buckets is not None:
             _fail("model.item.use_history", True, "needs one user-table row per user; set "
                                                   "model.user.table.hash_buckets=null")
-    if any(k <= 0 for k in c.eval.ks):
-        _fail("eval.ks", list(c.eval.ks), "every k must be > 0")
     _check_tables(c)
     _check_mesh(c)
     if num_devices is not None:
@@ -199,10 +170,6 @@ def _check_tables(c: Config) -> None:
     for tower in ("user", "item"):
         t = getattr(c.model, tower).table
         key = f"model.{tower}.table"
-        if t.hash_buckets is not None and t.hash_buckets <= 0:
-            _fail(f"{key}.hash_buckets", t.hash_buckets, "must be > 0 (or null for one row per vocabulary id)")
-        if t.num_hashes not in (1, 2):
-            _fail(f"{key}.num_hashes", t.num_hashes, "must be 1 or 2")
         if t.pretrained and t.hash_buckets:
             _fail(f"{key}.pretrained", t.pretrained, "a hashed table cannot be matched by raw id; set "
                                                      f"{key}.hash_buckets=null to start from a pre-trained table")
@@ -259,7 +226,8 @@ def check_against_data(c: Config, num_users: int, num_items: int, num_train: int
 
 
 def describe(schema=Config, prefix: str = "") -> list[tuple[str, object, str]]:
-    """(key, default, help) for every leaf of the schema: the reference table of all knobs."""
+    """(key, default, help) for every leaf of the schema: the reference table of all knobs. The help ends with
+    the allowed values in brackets, e.g. `[> 0]`, where the knob has a range."""
     rows = []
     obj = schema() if isinstance(schema, type) else schema
     for f in fields(obj):
@@ -268,5 +236,5 @@ def describe(schema=Config, prefix: str = "") -> list[tuple[str, object, str]]:
         if is_dataclass(value):
             rows += describe(value, key + ".")
         else:
-            rows.append((key, value, f.metadata.get("help", "")))
+            rows.append((key, value, with_range(f)))
     return rows

@@ -38,12 +38,12 @@ def test_every_key_has_help():
 
 @pytest.mark.parametrize("bad, message", [
     ({"num_user": 5}, "unknown data config key.*num_user.*did you mean num_users"),
-    ({"test_fraction": 1.0}, r"test_fraction must be in \[0, 1\)"),
-    ({"history_mode": "recent"}, "history_mode must be one of"),
+    ({"test_fraction": 1.0}, r"^data\.test_fraction=1\.0: must be in \[0, 1\)"),
+    ({"history_mode": "recent"}, r"^data\.history_mode='recent': must be one of causal, sample"),
     ({"num_users": "many"}, "num_users has the wrong type"),
     ({"source": "movielens"}, "data.path must be set"),
-    ({"source": "csv"}, "data.source must be one of"),
-    ({"interactions_per_user": 2}, "must be >= 3"),
+    ({"source": "csv"}, r"^data\.source='csv': must be one of synthetic, movielens"),
+    ({"interactions_per_user": 2}, r"^data\.interactions_per_user=2\.0: must be >= 3"),
 ])
 def test_bad_configs_are_rejected_with_the_key(bad, message):
     with pytest.raises(DataError, match=message):

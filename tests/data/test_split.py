@@ -159,5 +159,5 @@ def test_a_cold_item_in_train_is_rejected_and_the_fraction_is_range_checked():
     assert ds.stats["cold_items"] == 1
     with pytest.raises(DataError, match="cold items must be held out"):
         ds.replace(cold_items=np.unique(ds.train.item)[:1].astype(np.int32)).validate()
-    with pytest.raises(DataError, match="cold_item_fraction must be in"):
+    with pytest.raises(DataError, match=r"data\.cold_item_fraction=1\.0: must be in \[0, 1\)"):
         _load(cold_item_fraction=1.0)
