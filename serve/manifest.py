@@ -2,7 +2,8 @@
 
 Layout of an index directory (e.g. `<run_dir>/export/<model_version>/`):
 
-    manifest.json     what the index is (see `write_index`) and the sha256 of every other file
+    manifest.json     what the index is (see `write_index`), the sha256 of every other file, and its own
+                      sha256 (`manifest_json`)
     index.json        the index's type and parameters (`TopK.params()`)
     ids.npy           item ids in slot order: int64 or unicode, saved with allow_pickle=False
     embeddings.npy    float32 [N, D] item embeddings, row i belonging to ids[i]
@@ -40,7 +41,9 @@ from serve.index import TopK, index_class
 log = logging.getLogger("twotower.manifest")
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2          # 2 adds manifest_sha256; version 1 directories are still read, without that check
+_READS = (1, 2)
+_DIGEST = "manifest_sha256"
 _REQUIRED = ("format_version", "model_version", "embedding_dim", "dtype", "distance", "normalized",
              "num_items", "index", "created_utc", "files")
 
@@ -108,12 +111,25 @@ def write_index(index: TopK, out_dir, *, model_version: str, extra: dict | None 
                       for rel in _files_of(tmp)},
         }
         # The manifest is written last: its presence marks a complete directory.
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        (tmp / MANIFEST).write_text(manifest_json(manifest))
         _swap_into_place(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         os.close(lock)
     return out
+
+
+def _canonical(manifest: dict) -> str:
+    return json.dumps(manifest, indent=2, sort_keys=True)
+
+
+def manifest_json(body: dict) -> str:
+    """The manifest.json text of `body`: its canonical JSON with the sha256 of that JSON added as
+    `manifest_sha256`, so a corrupted byte in the manifest is caught like one in any other file (an
+    informational field such as created_utc included). Like the file checksums it guards against damage, not
+    tampering: whoever can write the directory can recompute it."""
+    body = {k: v for k, v in body.items() if k != _DIGEST}
+    return _canonical({**body, _DIGEST: hashlib.sha256(_canonical(body).encode()).hexdigest()})
 
 
 def _locked_tmp_dir(out: pathlib.Path) -> tuple[pathlib.Path, int]:
@@ -199,15 +215,20 @@ def _parse_manifest(d: pathlib.Path) -> dict:
         raise IndexLoadError(f"{d} has no {MANIFEST}: not an index directory, or an export that did not finish; "
                              "re-run `python -m serve.export`")
     try:
-        manifest = json.loads(path.read_text())
+        text = path.read_text()
+        manifest = json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise IndexLoadError(f"{path} is not valid JSON ({e}); the directory is corrupt, re-export it") from None
     missing = [k for k in _REQUIRED if k not in manifest] if isinstance(manifest, dict) else list(_REQUIRED)
     if missing:
         raise IndexLoadError(f"{path} lacks the fields {missing}; the manifest is corrupt or from another tool")
-    if manifest["format_version"] != FORMAT_VERSION:
+    if manifest["format_version"] not in _READS:
         raise IndexLoadError(f"{path} has format_version {manifest['format_version']!r}; this code reads "
-                             f"version {FORMAT_VERSION}")
+                             f"versions {list(_READS)}")
+    # Byte for byte: a flip that parses to the same values (1e-05 -> 1E-05) is caught too.
+    if manifest["format_version"] >= 2 and text != manifest_json(manifest):
+        raise IndexLoadError(f"{path} does not match its own {_DIGEST}; the manifest is corrupt or was edited, "
+                             "re-export the index")
     files = manifest["files"]
     if not (isinstance(files, dict) and all(isinstance(v, dict) for v in files.values())
             and isinstance(manifest["index"], dict)):

@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 from serve.export import ConfigError, export, tune_recall, validate
 from serve.index import BruteForce
 from serve.scann_index import ScaNNIndex
-from serve.manifest import IndexLoadError, load_index, write_index
+from serve.manifest import IndexLoadError, load_index, manifest_json, write_index
 from tests.helpers import CONFIGS, REPO, smoke_cfg
 from tests.serve.test_index import clustered, reference_topk
 
@@ -151,10 +151,11 @@ def _flip_byte(path: pathlib.Path):
     path.write_bytes(bytes(data))
 
 
-def _edit_manifest(out: pathlib.Path, **changes):
+def _edit_manifest(out: pathlib.Path, seal: bool = True, **changes):
+    """Changes manifest fields; `seal` recomputes its own checksum, so the checks behind it are reached."""
     manifest = json.loads((out / "manifest.json").read_text())
     manifest.update(changes)
-    (out / "manifest.json").write_text(json.dumps(manifest))
+    (out / "manifest.json").write_text(manifest_json(manifest) if seal else json.dumps(manifest))
 
 
 @pytest.mark.parametrize("damage,message", [
@@ -167,7 +168,9 @@ def _edit_manifest(out: pathlib.Path, **changes):
     (lambda d: _edit_manifest(d, num_items=601), "the manifest says .*'num_items': 601"),
     (lambda d: _edit_manifest(d, embedding_dim=16), "the manifest says .*'embedding_dim': 16"),
     (lambda d: _edit_manifest(d, files={}), "files its manifest does not list"),
-    (lambda d: _edit_manifest(d, format_version=2), "format_version 2"),
+    (lambda d: _edit_manifest(d, format_version=3), "format_version 3"),
+    (lambda d: _edit_manifest(d, seal=False, created_utc="2020-01-01T00:00:00+00:00"),
+     "does not match its own manifest_sha256"),
     (lambda d: (d / "stray.npy").write_bytes(b"x"), r"holds \['stray.npy'\], which a scann index never has"),
     (lambda d: (d / "scann" / "dp_norms.npy").write_bytes(b"x"), r"does not list: \['scann/dp_norms.npy'\]"),
     (lambda d: shutil.rmtree(d), "is not a directory"),

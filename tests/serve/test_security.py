@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from serve.__main__ import ConfigError, parse_args
-from serve.manifest import IndexLoadError, load_index, sha256_file, write_index
+from serve.manifest import IndexLoadError, load_index, manifest_json, sha256_file, write_index
 from serve.scann_index import ScaNNIndex
 from serve.server import create_app
 from tests.helpers import REPO, smoke_cfg
@@ -37,14 +37,15 @@ class _Mkdir:
 
 
 def _rewrite_manifest(index_dir, **changes) -> None:
-    """Recomputes the manifest's file list and checksums from what is on disk, as an attacker can."""
+    """Recomputes the manifest's file list and checksums (its own included) from what is on disk, as anyone
+    able to write the directory can."""
     path = index_dir / "manifest.json"
     manifest = json.loads(path.read_text())
     files = sorted(p for p in index_dir.rglob("*") if p.is_file() and p.name != "manifest.json")
     manifest["files"] = {p.relative_to(index_dir).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
                          for p in files}
     manifest.update(changes)
-    path.write_text(json.dumps(manifest))
+    path.write_text(manifest_json(manifest))
 
 
 def _craft(run, name: str, marker, **manifest_changes):
