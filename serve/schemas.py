@@ -80,7 +80,9 @@ class DeleteResponse(BaseModel):
 
 
 class ReloadRequest(_Body):
-    index_dir: StrictStr = Field(..., min_length=1, max_length=4096)
+    index_dir: StrictStr = Field(..., min_length=1, max_length=4096,
+                                 description="an index directory under the server's reload_root, absolute or "
+                                             "relative to it")
 
 
 class ReloadResponse(BaseModel):
