@@ -5,7 +5,8 @@ data, approach `synthetic_oracle_recall` (the Bayes-optimal ranking under the pl
 P(cluster | user) * P(item | cluster), with the user's train items excluded).
 
 Recall@k of a user = |top-k ∩ test items| / |test items| (the LightGCN convention), averaged over users with
-at least one test item; train items are excluded from the ranking.
+at least one test item, under the evaluation protocol of `Dataset.seen_csr` / `heldout_csr`: train items (and
+validation items, if any) are excluded from the ranking, and test items repeating them are not test items.
 """
 from __future__ import annotations
 
@@ -35,8 +36,8 @@ def recall_of_scores(ds: Dataset, score_fn: Callable[[np.ndarray], np.ndarray], 
     Returns:
       recall@k in [0, 1].
     """
-    te_ptr, te_items = ds.test_csr()
-    tr_ptr, tr_items = ds.train_csr()
+    te_ptr, te_items = ds.heldout_csr("test")
+    tr_ptr, tr_items = ds.seen_csr("test")
     users = np.flatnonzero(np.diff(te_ptr) > 0)
     if users.size == 0:
         raise DataError(f"{ds.name}: the test split is empty; nothing to measure recall on")

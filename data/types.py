@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from data.errors import DataError
-from data.ids import as_id_array
+from data.ids import as_id_array, sorted_unique
 
 FEATURE_KINDS = ("categorical", "multihot", "dense")
 
@@ -183,6 +183,12 @@ def _csr(inter: Interactions, num_users: int) -> tuple[np.ndarray, np.ndarray]:
     return indptr, np.ascontiguousarray(items, dtype=np.int32)
 
 
+def _pair_keys(indptr: np.ndarray, items: np.ndarray, num_items: int) -> np.ndarray:
+    """int64 key user * num_items + item of every entry of a per-user CSR, in CSR order."""
+    users = np.repeat(np.arange(len(indptr) - 1, dtype=np.int64), np.diff(indptr))
+    return users * num_items + items
+
+
 @dataclass
 class Dataset:
     """A loaded, split dataset with vocabularies and side features.
@@ -253,6 +259,58 @@ class Dataset:
     def train_csr(self) -> tuple[np.ndarray, np.ndarray]:
         """`split_csr("train")`."""
         return self.split_csr("train")
+
+    def seen_splits(self, split: str) -> list[str]:
+        """The splits whose items a ranking for `split` excludes: train, and valid too when ranking for test.
+
+        This is the evaluation protocol (full ranking, as in LightGCN and RecBole): items the user interacted
+        with before the held-out period are never ranked, and with a validation slice the test ranking also
+        skips the validation items, since they precede the test period and were used for model selection.
+        """
+        if split not in ("valid", "test"):
+            raise DataError(f"held-out split must be 'valid' or 'test', got {split!r}")
+        self.split_csr(split)  # raises when the split is absent
+        return ["train", "valid"] if split == "test" and self.valid is not None else ["train"]
+
+    def seen_csr(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """Per-user items excluded when ranking for `split` (the `seen_splits`), cached.
+
+        Returns:
+          (indptr int64 [num_users + 1], items int32 [nnz]); the train CSR itself when only train is excluded,
+          else the union of the splits' items, sorted and distinct within each user.
+        """
+        splits = self.seen_splits(split)
+        if splits == ["train"]:
+            return self.train_csr()
+        key = "seen/" + "+".join(splits)
+        if key not in self._cache:
+            keys = np.concatenate([_pair_keys(*self.split_csr(s), self.num_items) for s in splits])
+            keys = sorted_unique(keys)
+            indptr = np.zeros(self.num_users + 1, np.int64)
+            np.cumsum(np.bincount(keys // self.num_items, minlength=self.num_users), out=indptr[1:])
+            self._cache[key] = indptr, (keys % self.num_items).astype(np.int32)
+        return self._cache[key]
+
+    def heldout_csr(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """The ground truth of `split`: each user's `split` items except those in `seen_csr(split)`, cached.
+
+        With `drop_duplicates: false` a user can consume a training (or, for test, a validation) item again in
+        the held-out period. The ranking excludes that item, so it could never be retrieved; it is dropped from
+        the truth rather than counted as a certain miss, and a user left without held-out items is not evaluated.
+
+        Returns:
+          (indptr int64 [num_users + 1], items int32 [nnz]) in the split's time order.
+        """
+        key = f"heldout/{split}"
+        if key not in self._cache:
+            indptr, items = self.split_csr(split)
+            seen = _pair_keys(*self.seen_csr(split), self.num_items)
+            keep = ~np.isin(_pair_keys(indptr, items, self.num_items), seen)
+            users = np.repeat(np.arange(self.num_users), np.diff(indptr))
+            new_indptr = np.zeros(self.num_users + 1, np.int64)
+            np.cumsum(np.bincount(users[keep], minlength=self.num_users), out=new_indptr[1:])
+            self._cache[key] = new_indptr, items[keep]
+        return self._cache[key]
 
     def item_audience_csr(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The train split by item: each item's users (its audience), in train-CSR order (cached).

@@ -92,15 +92,20 @@ def topk_rows(scores: np.ndarray, k: int) -> np.ndarray:
     return np.where(finite, out, PAD).astype(np.int32)
 
 
-def ease_topk(b: np.ndarray, train_indptr, train_items, users, k: int, *, user_block: int = 1024) -> np.ndarray:
-    """EASE recommendations: top-k of ``x_u @ B`` per user, the user's training items excluded.
+def ease_topk(b: np.ndarray, train_indptr, train_items, users, k: int, *, exclude_indptr=None, exclude_items=None,
+              user_block: int = 1024) -> np.ndarray:
+    """EASE recommendations: top-k of ``x_u @ B`` per user, the user's excluded items (default: training items)
+    never returned.
 
     Args:
       b: float32[N, N] from ``ease_weights``.
-      train_indptr: int64[U + 1] CSR offsets of the training items (the model input and the exclusions).
+      train_indptr: int64[U + 1] CSR offsets of the training items (the model input).
       train_items: int[nnz] training item ids.
       users: int[Q] user rows to rank for.
       k: results per user, in [1, N].
+      exclude_indptr: optional int64[Q + 1] CSR offsets, rows aligned with ``users``, of the items to exclude
+        (e.g. training and validation items when ranking for test); None excludes the training items.
+      exclude_items: optional int[nnz] excluded item ids, each in [0, N); given with ``exclude_indptr``.
       user_block: users scored per block (a block's dense scores take user_block * N * 4 bytes).
 
     Returns:
@@ -111,12 +116,21 @@ def ease_topk(b: np.ndarray, train_indptr, train_items, users, k: int, *, user_b
         raise ValueError(f"b must be a square [N, N] matrix, got shape {b.shape}")
     if not isinstance(k, (int, np.integer)) or not 1 <= k <= n:
         raise ValueError(f"k must be an int in [1, N={n}], got {k!r}")
+    if (exclude_indptr is None) != (exclude_items is None):
+        raise ValueError("pass exclude_indptr and exclude_items together (a CSR of items to exclude), or neither")
     users = np.asarray(users, dtype=np.int64)
+    if exclude_indptr is not None and len(exclude_indptr) != users.size + 1:
+        raise ValueError(f"the exclusion CSR has {len(exclude_indptr) - 1} rows but {users.size} users are "
+                         "ranked; its rows must align with users")
     out = np.empty((users.size, k), np.int32)
     for start in range(0, users.size, user_block):
-        x = interaction_matrix(train_indptr, train_items, n, users[start:start + user_block])
+        block = np.arange(start, min(start + user_block, users.size))
+        x = interaction_matrix(train_indptr, train_items, n, users[block])
         scores = np.asarray(x @ b, dtype=np.float32)
-        rows, cols = x.nonzero()
+        if exclude_indptr is None:
+            rows, cols = x.nonzero()
+        else:
+            rows, cols, _ = csr_pairs(exclude_indptr, exclude_items, block, num_cols=n, name="exclusions")
         scores[rows, cols] = -np.inf
         out[start:start + user_block] = topk_rows(scores, int(k))
     return out

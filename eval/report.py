@@ -28,6 +28,18 @@ def primary_k(ks: list[int]) -> int:
     return 20 if 20 in ks else ks[min(1, len(ks) - 1)]
 
 
+def _protocol_text(m: dict) -> str:
+    """'training items excluded', naming validation items too when they were, and the dropped repeats."""
+    p = m.get("protocol", {})
+    text = " and ".join({"train": "training", "valid": "validation"}[s] for s in p.get("excluded_splits",
+                                                                                        ["train"]))
+    text += " items excluded"
+    if p.get("repeat_rows_dropped"):
+        text += (f"; {p['repeat_rows_dropped']} of {p['heldout_rows']} held-out rows repeat an excluded item and "
+                 f"are not counted ({p['users_dropped']} users left without held-out items)")
+    return text
+
+
 def _method_table(m: dict) -> list[str]:
     ks = m["ks"]
     names = [f"{metric}@{k}" for metric in ("recall", "ndcg") for k in ks] + [f"hitrate@{ks[0]}",
@@ -59,7 +71,7 @@ def markdown(m: dict) -> str:
     lines = [f"# Offline evaluation: {m.get('model_version', '')}", "",
              f"Run `{m.get('run_dir', '')}`, checkpoint step {m.get('step')}, split `{m.get('split', 'test')}`, "
              f"{m['num_users']} held-out users, all {m.get('dataset', {}).get('num_items', '?')} items ranked, "
-             "training items excluded.", "", "## Model vs baselines", ""]
+             f"{_protocol_text(m)}.", "", "## Model vs baselines", ""]
     lines += _method_table(m)
     for name, why in m.get("skipped", {}).items():
         lines += [f"{LABELS.get(name, name)} skipped: {why}.", ""]
@@ -178,7 +190,7 @@ def summary(m: dict) -> str:
     ks = m["ks"]
     names = [f"{metric}@{k}" for metric in ("recall", "ndcg") for k in ks]
     lines = [f"\noffline evaluation of {m.get('model_version', '?')} on {m['num_users']} held-out users "
-             f"({m.get('split', 'test')}), all items ranked, training items excluded:",
+             f"({m.get('split', 'test')}), all items ranked, {_protocol_text(m)}:",
              f"{'':16s}" + "".join(f"{n:>11s}" for n in names)]
     for name, v in m["methods"].items():
         lines.append(f"{LABELS.get(name, name):16s}" + "".join(f"{v[n]:11.4f}" for n in names))

@@ -1,8 +1,9 @@
 """One offline evaluation run: restore a trained model, reload its data, rank, score, and write the report.
 
 `run(c)` is what `python -m eval` calls; `evaluate_embeddings` is the part with no files (tests call it with
-hand-made embeddings). Every method is scored on the same users, held-out items and exclusions (each user's
-training items) with the same metric code:
+hand-made embeddings). Every method is scored on the same users, held-out items and exclusions with the same
+metric code; `eval.holdout.heldout` gives them (the dataset's protocol: each user's training items are excluded,
+and validation items too when ranking for test; held-out items repeating an excluded item are not truth):
 
 - ``model``: exact full-corpus top-k of the two-tower embeddings (``eval.topk.exact_topk``);
 - ``model_ann``: the same embeddings searched with ScaNN (``eval.ann``), with its overlap with the exact top-k;
@@ -21,7 +22,6 @@ import time
 import numpy as np
 
 from eval.config import ConfigError, EvaluateConfig
-from data.types import sub_csr
 from eval.metrics import coverage_at_k, evaluate_rankings
 
 log = logging.getLogger("twotower.eval")
@@ -87,14 +87,6 @@ def check_vocabs(trained, ds) -> None:
 
 
 # ---------------------------------------------------------------- ranking
-def _heldout(ds, users: np.ndarray, split: str) -> dict:
-    train_indptr, train_items = ds.train_csr()
-    ex_indptr, ex_items = sub_csr(train_indptr, train_items, users)
-    truth_indptr, truth_items = sub_csr(*ds.split_csr(split), users)
-    return {"ex_indptr": ex_indptr, "ex_items": ex_items, "truth_indptr": truth_indptr,
-            "truth_items": truth_items, "train_lengths": np.diff(ex_indptr)}
-
-
 def _rank_ann(user_emb, item_emb, held: dict, c: EvaluateConfig, kmax: int, timing: dict, notes: dict):
     from eval.ann import ann_topk, build_index
     with phase("ann_build", timing, "ScaNN index build"):
@@ -106,7 +98,7 @@ def _rank_ann(user_emb, item_emb, held: dict, c: EvaluateConfig, kmax: int, timi
     return ranked
 
 
-def _rank_ease(ds, users: np.ndarray, c: EvaluateConfig, kmax: int, timing: dict, notes: dict):
+def _rank_ease(ds, users: np.ndarray, held: dict, c: EvaluateConfig, kmax: int, timing: dict, notes: dict):
     from eval.ease import ease_topk, ease_weights
     n = ds.num_items
     if n > c.baselines.ease_max_items:
@@ -118,7 +110,8 @@ def _rank_ease(ds, users: np.ndarray, c: EvaluateConfig, kmax: int, timing: dict
     with phase("ease_fit", timing, f"EASE fit ({n} items, lambda={c.baselines.ease_lambda:g})"):
         b = ease_weights(train_indptr, train_items, n, c.baselines.ease_lambda)
     with phase("ease_topk", timing, "EASE top-k"):
-        return ease_topk(b, train_indptr, train_items, users, kmax, user_block=c.user_block)
+        return ease_topk(b, train_indptr, train_items, users, kmax, exclude_indptr=held["ex_indptr"],
+                         exclude_items=held["ex_items"], user_block=c.user_block)
 
 
 def rank_methods(user_emb, item_emb, ds, users: np.ndarray, held: dict, c: EvaluateConfig,
@@ -142,7 +135,7 @@ def rank_methods(user_emb, item_emb, ds, users: np.ndarray, held: dict, c: Evalu
                                                          exclude_indptr=held["ex_indptr"],
                                                          exclude_items=held["ex_items"])
     if c.baselines.ease:
-        ranked = _rank_ease(ds, users, c, kmax, timing, notes)
+        ranked = _rank_ease(ds, users, held, c, kmax, timing, notes)
         if ranked is not None:
             rankings["ease"] = ranked
     return rankings, notes
@@ -182,25 +175,28 @@ def evaluate_embeddings(user_emb, item_emb, ds, users, c: EvaluateConfig, timing
     Args:
       user_emb: float[Q, D] embeddings of `users`.
       item_emb: float[N, D] embeddings of every item of `ds` (row n = item n).
-      ds: the `data.types.Dataset` (training items are excluded, `c.split` items are the truth).
+      ds: the `data.types.Dataset` (`eval.holdout.heldout` gives the exclusions and the truth of `c.split`).
       users: int[Q] user rows, each with at least one held-out item.
       c: the eval config (ks, ann, baselines, segments, blocks).
       timing: optional dict that receives per-phase seconds.
 
     Returns:
-      {"num_users", "ks", "methods": {name: {"recall@k", "ndcg@k", ...}}, "ann", "coverage",
-      "popularity_bias", "segments", "skipped", "ann_params"}.
+      {"num_users", "ks", "protocol" (`eval.holdout.protocol`), "methods": {name: {"recall@k", "ndcg@k", ...}},
+      "ann", "coverage", "popularity_bias", "segments", "skipped", "ann_params"}.
     """
+    from eval.holdout import heldout, protocol
+
     timing = {} if timing is None else timing
     users = np.asarray(users, dtype=np.int32)
-    held = _heldout(ds, users, c.split)
+    held = heldout(ds, users, c.split)
     rankings, notes = rank_methods(user_emb, item_emb, ds, users, held, c, timing)
     with phase("metrics", timing, "metrics, coverage, popularity bias, segments"):
         out = score_rankings(rankings, held, ds, c)
     if "ann" in out:
         out["ann"] = {**notes["ann"], **out["ann"], "build_seconds": timing.get("ann_build"),
                       "search_seconds": timing.get("ann_search")}
-    return {"num_users": int(users.size), "ks": list(c.ks), **out, "skipped": notes["skipped"]}
+    return {"num_users": int(users.size), "ks": list(c.ks), "protocol": protocol(ds, c.split), **out,
+            "skipped": notes["skipped"]}
 
 
 # ---------------------------------------------------------------- the whole run
