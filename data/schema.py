@@ -54,7 +54,10 @@ def _nullable(f: dataclasses.Field) -> str:
 def _fits(f: dataclasses.Field, value) -> bool:
     if "choices" in f.metadata:
         return value in f.metadata["choices"]
-    return all(test(value, f.metadata[k]) for k, (test, _) in _BOUNDS.items() if k in f.metadata)
+    try:
+        return all(test(value, f.metadata[k]) for k, (test, _) in _BOUNDS.items() if k in f.metadata)
+    except TypeError:  # not a number: a value not yet type-checked (eval's data overrides)
+        return False
 
 
 def value_problem(f: dataclasses.Field, value, key: str) -> str | None:

@@ -2,42 +2,33 @@
 
 Restores the towers from the run's checkpoint, reloads its dataset, and writes metrics.json, report.md and
 plots to out_dir (default RUN/eval/step_<N>). A bad key, value or run directory prints one `config error:` line
-and exits with status 2.
+(bad data: one `data error:` line) and exits with status 2.
 """
 import logging
 import os
-import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from eval.config import ConfigError, check_overrides, register_configs, validate  # noqa: E402
-from towers.config import exit_config_error  # noqa: E402
+from eval.config import known_keys, register_configs, validate  # noqa: E402
+from towers.cli import command, one_line_errors  # noqa: E402
 
 register_configs()
 
 
+@command(known_keys)
 @hydra.main(version_base="1.3", config_path="../configs", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    try:
+    with one_line_errors():
         c = validate(cfg)
-    except ConfigError as e:
-        exit_config_error(e)
-    for name in ("jax", "absl", "orbax"):  # their INFO lines would bury the progress lines
-        logging.getLogger(name).setLevel(logging.WARNING)
-    from eval.run import run  # JAX is imported only after the config is known to be valid
+        for name in ("jax", "absl", "orbax"):  # their INFO lines would bury the progress lines
+            logging.getLogger(name).setLevel(logging.WARNING)
+        from eval.run import run  # JAX is imported only after the config is known to be valid
 
-    try:
         run(c)
-    except ConfigError as e:
-        exit_config_error(e)
 
 
 if __name__ == "__main__":
-    try:
-        check_overrides(sys.argv[1:])
-    except ConfigError as err:
-        exit_config_error(err)
     main()

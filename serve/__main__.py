@@ -17,6 +17,7 @@ import sys
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from towers.cli import one_line_errors
 from towers.config import ConfigError
 
 CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "serve.yaml"
@@ -47,7 +48,8 @@ def parse_args(args: list[str]) -> dict:
                "must be a non-empty list of positive ints"),
               ("max_wait_ms", isinstance(c["max_wait_ms"], (int, float)) and c["max_wait_ms"] >= 0, "must be >= 0"),
               ("max_body_bytes", isinstance(c["max_body_bytes"], int) and c["max_body_bytes"] > 0, "must be > 0"),
-              ("step", c["step"] is None or isinstance(c["step"], int), "must be an int or null"),
+              ("step", c["step"] is None or isinstance(c["step"], int) and c["step"] >= 0,
+               "must be an int >= 0 or null"),
               ("http", c["http"] in ("auto", "h11", "httptools"), "must be auto, h11 or httptools"),
               ("reload_root", c["reload_root"] is None or os.path.isdir(str(c["reload_root"])), "no such directory")]
     for key, ok, why in checks:
@@ -61,11 +63,8 @@ def parse_args(args: list[str]) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    try:
+    with one_line_errors():
         c = parse_args(argv)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
     logging.basicConfig(level=c["log_level"].upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every restore step at INFO
     import uvicorn

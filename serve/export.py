@@ -18,7 +18,8 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from towers.config import ConfigError, _help, exit_config_error, to_typed, unknown_override  # noqa: F401
+from towers.cli import command, one_line_errors
+from towers.config import ConfigError, _help, to_typed  # noqa: F401
 
 log = logging.getLogger("twotower.export")
 
@@ -200,26 +201,23 @@ def export(cfg) -> dict:
             "seconds": {k: round(v, 3) for k, v in times.items()}}
 
 
-@hydra.main(version_base="1.3", config_path="../configs", config_name="export")
-def main(cfg: DictConfig) -> None:
-    try:
-        c = validate(cfg)
-    except ConfigError as e:
-        exit_config_error(e)
-    from towers.restore import RestoreError
-    try:
-        export(c)
-    except (ExportError, RestoreError) as e:
-        print(f"export failed: {e}", file=sys.stderr)
-        sys.exit(1)
-
-
 def known_keys() -> set[str]:
     """Every key `python -m serve.export` accepts on its command line."""
     return {f.name for f in fields(ExportConfig)} | {f"index.{f.name}" for f in fields(IndexConfig)}
 
 
+@command(known_keys)
+@hydra.main(version_base="1.3", config_path="../configs", config_name="export")
+def main(cfg: DictConfig) -> None:
+    with one_line_errors():
+        c = validate(cfg)
+        from towers.restore import RestoreError
+        try:
+            export(c)
+        except (ExportError, RestoreError) as e:
+            print(f"export failed: {e}", file=sys.stderr)
+            sys.exit(1)
+
+
 if __name__ == "__main__":
-    if (problem := unknown_override(sys.argv[1:], known_keys())) is not None:
-        exit_config_error(problem)
     main()

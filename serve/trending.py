@@ -38,7 +38,8 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from towers.config import ConfigError, _help, exit_config_error, to_typed, unknown_override
+from towers.cli import command, one_line_errors
+from towers.config import ConfigError, _help, to_typed
 
 log = logging.getLogger("twotower.trending")
 DAY = 86_400
@@ -367,26 +368,23 @@ def refresh(cfg) -> dict:
     return summary
 
 
+@command(lambda: {f.name for f in fields(TrendingConfig)})
 @hydra.main(version_base="1.3", config_path="../configs", config_name="trending")
 def main(cfg: DictConfig) -> None:
-    try:
+    with one_line_errors():
         c = validate(cfg)
-    except ConfigError as e:
-        exit_config_error(e)
-    from data.errors import DataError
-    from serve.manifest import IndexLoadError
-    from towers.restore import RestoreError
-    try:
-        s = refresh(c)
-    except (TrendingError, DataError, IndexLoadError, RestoreError, OSError) as e:
-        print(f"trending refresh failed: {e}", file=sys.stderr)
-        sys.exit(1)
+        from data.errors import DataError
+        from serve.manifest import IndexLoadError
+        from towers.restore import RestoreError
+        try:
+            s = refresh(c)
+        except (TrendingError, DataError, IndexLoadError, RestoreError, OSError) as e:
+            print(f"trending refresh failed: {e}", file=sys.stderr)
+            sys.exit(1)
     top = ", ".join(f"{i}={v:.3g}" for i, v in zip(s["ids"][:5].tolist(), s["scores"][:5].tolist()))
     where = s.get("out") or c.server or "nothing written"
     print(f"trending: {s['trending']} items ({s['new']} new) at now={s['now']:.0f}; top: {top}; -> {where}")
 
 
 if __name__ == "__main__":
-    if (problem := unknown_override(sys.argv[1:], {f.name for f in fields(TrendingConfig)})) is not None:
-        exit_config_error(problem)
     main()

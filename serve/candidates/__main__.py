@@ -17,26 +17,23 @@ import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from serve.candidates.config import known_keys, validate  # noqa: E402
-from towers.config import ConfigError, exit_config_error, unknown_override  # noqa: E402
+from towers.cli import command, one_line_errors  # noqa: E402
 
 
+@command(known_keys)
 @hydra.main(version_base="1.3", config_path="../../configs", config_name="candidates")
 def main(cfg: DictConfig) -> None:
-    try:
+    with one_line_errors():
         c = validate(cfg)
-    except ConfigError as e:
-        exit_config_error(e)
-    from serve.candidates import CandidatesError, run  # JAX is imported only once the config is valid
-    from towers.restore import RestoreError
+        from serve.candidates import CandidatesError, run  # JAX is imported only once the config is valid
+        from towers.restore import RestoreError
 
-    try:
-        run(c)
-    except (CandidatesError, RestoreError) as e:
-        print(f"candidates failed: {e}", file=sys.stderr)
-        sys.exit(1)
+        try:
+            run(c)
+        except (CandidatesError, RestoreError) as e:
+            print(f"candidates failed: {e}", file=sys.stderr)
+            sys.exit(1)
 
 
 if __name__ == "__main__":
-    if (problem := unknown_override(sys.argv[1:], known_keys())) is not None:
-        exit_config_error(problem)
     main()
