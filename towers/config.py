@@ -7,7 +7,6 @@ against a dataclass schema, types and ranges, with one-line errors, and `unknown
 from __future__ import annotations
 
 import difflib
-import sys
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
 
@@ -19,12 +18,6 @@ from data.schema import described as _help, out_of_range
 
 class ConfigError(ValueError):
     """An invalid config; the message is one line naming the key and the value."""
-
-
-def exit_config_error(e: Exception):
-    """What every command does with an invalid config: one line on stderr, exit status 2."""
-    print(f"config error: {e}", file=sys.stderr)
-    sys.exit(2)
 
 
 def unknown_override(args: list[str], known: set[str]) -> str | None:

@@ -26,7 +26,8 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from serve.candidates.config import CandidatesConfig, known_keys, validate
-from towers.config import ConfigError, exit_config_error, unknown_override
+from towers.cli import one_line_errors
+from towers.config import ConfigError, unknown_override
 
 CONFIG = pathlib.Path(__file__).resolve().parents[2] / "configs" / "candidates.yaml"
 log = logging.getLogger("twotower.candidates.beam")
@@ -107,10 +108,8 @@ def run(c: CandidatesConfig, beam_args: list[str] | None = None) -> list[pathlib
 
 
 def main(argv: list[str]) -> int:
-    try:
+    with one_line_errors():
         c, beam_args = parse(argv)
-    except ConfigError as e:
-        exit_config_error(e)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from serve.candidates import CandidatesError
     from towers.restore import RestoreError
