@@ -114,10 +114,9 @@ def read_users(path, vocab, *, skip_unknown: bool) -> np.ndarray:
 
 
 def _seen_sources(c: CandidatesConfig, ds) -> list:
-    missing = [s for s in c.exclude_splits if getattr(ds, s) is None]
-    if missing:
-        raise CandidatesError(f"exclude_splits={c.exclude_splits}: the dataset has no {missing} split")
-    return [ds.split_csr(s) for s in c.exclude_splits]
+    """The per-user item CSRs of `exclude_splits`. A split the dataset lacks (valid, without a validation
+    slice) holds no items, so it excludes nothing."""
+    return [ds.split_csr(s) for s in c.exclude_splits if getattr(ds, s) is not None]
 
 
 def load_job(c: CandidatesConfig) -> Job:

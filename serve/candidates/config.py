@@ -28,8 +28,9 @@ class CandidatesConfig:
     search: str = _help("auto", "exact (blocked JAX top-k over the index's embeddings) | index (the index's own "
                                 "search, ScaNN) | auto (exact when the index is exact, else index)",
                         choices=SEARCH_MODES)
-    exclude_splits: list[str] = _help(["train"], "a user's items in these splits are never returned (seen items)",
-                                      choices=SPLITS)
+    exclude_splits: list[str] = _help(["train", "valid"], "a user's items in these splits are never returned "
+                                      "(seen items, as when ranking for the test evaluation); a split the data "
+                                      "lacks excludes nothing", choices=SPLITS)
     overfetch: int | None = _help(None, "extra ANN candidates per user beyond k, filtered for seen items; "
                                         "null = the 90th percentile of the users' seen counts", ge=0)
     leaves_to_search: int | None = _help(None, "ScaNN leaves scanned per user; null = the index's own setting",

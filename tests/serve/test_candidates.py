@@ -121,6 +121,25 @@ def test_a_killed_job_resumes_to_the_bytes_of_an_uninterrupted_one(tiny, tmp_pat
         generate(tiny.run, part, **{**args, "num_shards": 3})
 
 
+def test_validation_items_count_as_seen_like_in_the_test_evaluation(tmp_path):
+    from serve.export import export, validate as export_validate
+    from train.loop import write_untrained_run
+
+    run_dir = tmp_path / "run"
+    ds, _, _ = write_untrained_run(smoke_cfg("data.valid_fraction=0.3"), run_dir, step=3)
+    export(export_validate({"run_dir": str(run_dir), "num_queries": 20}))
+    assert ds.valid is not None and len(ds.valid) > 0
+    generate(run_dir, tmp_path / "out", k=ds.num_items)        # k = the corpus: every unseen item is returned
+    raw_items = ds.item_vocab.raw_ids
+    for user, row in enumerate(read_rows(tmp_path / "out")):
+        seen = {split: set(raw_items[_csr_rows(*ds.split_csr(split), user)].tolist()) for split in ("train", "valid")}
+        assert not (seen["train"] | seen["valid"]) & set(row["item_ids"]), user
+        assert len(row["item_ids"]) == ds.num_items - len(seen["train"] | seen["valid"])
+    generate(run_dir, tmp_path / "train_only", k=ds.num_items, exclude_splits=["train"])
+    assert any(len(r["item_ids"]) > len(d["item_ids"])
+               for r, d in zip(read_rows(tmp_path / "train_only"), read_rows(tmp_path / "out")))
+
+
 def test_users_file_unknown_ids_fail_by_default_and_are_skipped_on_request(tiny, tmp_path):
     raw = tiny.ds.user_vocab.raw_ids
     users = tmp_path / "users.txt"
