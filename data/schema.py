@@ -90,4 +90,5 @@ def out_of_range(config, prefix: str = "") -> str | None:
 def with_range(f: dataclasses.Field) -> str:
     """`f`'s description followed by its allowed values in brackets, for the config references."""
     rule = allowed(f)
-    return f"{f.metadata.get('help', '')} [{rule}{_nullable(f)}]" if rule else f.metadata.get("help", "")
+    each = "each " if f.default_factory is not dataclasses.MISSING and isinstance(f.default_factory(), list) else ""
+    return f"{f.metadata.get('help', '')} [{each}{rule}{_nullable(f)}]" if rule else f.metadata.get("help", "")
