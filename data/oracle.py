@@ -2,7 +2,7 @@
 
 These say what "good" means for a dataset: a trained model should beat `popularity_recall` and, on synthetic
 data, approach `synthetic_oracle_recall` (the Bayes-optimal ranking under the planted structure,
-P(cluster | user) * P(item | cluster), with the user's train items excluded).
+P(cluster | user) * P(item | cluster), with the items the evaluation excludes left out).
 
 Recall@k of a user = |top-k ∩ test items| / |test items| (the LightGCN convention), averaged over users with
 at least one test item, under the evaluation protocol of `Dataset.seen_csr` / `heldout_csr`: train items (and

@@ -28,7 +28,7 @@ def primary_k(ks: list[int]) -> int:
     return 20 if 20 in ks else ks[min(1, len(ks) - 1)]
 
 
-def _protocol_text(m: dict) -> str:
+def protocol_text(m: dict) -> str:
     """'training items excluded', naming validation items too when they were, and the dropped repeats."""
     p = m.get("protocol", {})
     text = " and ".join({"train": "training", "valid": "validation"}[s] for s in p.get("excluded_splits",
@@ -71,7 +71,7 @@ def markdown(m: dict) -> str:
     lines = [f"# Offline evaluation: {m.get('model_version', '')}", "",
              f"Run `{m.get('run_dir', '')}`, checkpoint step {m.get('step')}, split `{m.get('split', 'test')}`, "
              f"{m['num_users']} held-out users, all {m.get('dataset', {}).get('num_items', '?')} items ranked, "
-             f"{_protocol_text(m)}.", "", "## Model vs baselines", ""]
+             f"{protocol_text(m)}.", "", "## Model vs baselines", ""]
     lines += _method_table(m)
     for name, why in m.get("skipped", {}).items():
         lines += [f"{LABELS.get(name, name)} skipped: {why}.", ""]
@@ -190,7 +190,7 @@ def summary(m: dict) -> str:
     ks = m["ks"]
     names = [f"{metric}@{k}" for metric in ("recall", "ndcg") for k in ks]
     lines = [f"\noffline evaluation of {m.get('model_version', '?')} on {m['num_users']} held-out users "
-             f"({m.get('split', 'test')}), all items ranked, {_protocol_text(m)}:",
+             f"({m.get('split', 'test')}), all items ranked, {protocol_text(m)}:",
              f"{'':16s}" + "".join(f"{n:>11s}" for n in names)]
     for name, v in m["methods"].items():
         lines.append(f"{LABELS.get(name, name):16s}" + "".join(f"{v[n]:11.4f}" for n in names))
