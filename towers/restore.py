@@ -1,7 +1,9 @@
 """Restoring a trained model from a run directory alone: config, feature specs, vocabularies and the
 towers' parameters and ID tables from the latest (or a given) Orbax checkpoint.
 
-Eval, export and serving use this; it needs nothing from `train/` (optimizer state is not restored).
+Eval, export and serving use this; it needs nothing from `train/` (optimizer state is not restored). The
+checksums every checkpoint records of its arrays (`checksums`, shared with `train.checkpoint`, which writes
+them) are verified here too, so a damaged checkpoint is refused rather than exported or served.
 `TrainedModel.tables` is indexed by vocabulary row whatever the table's layout: a hashed table is turned into
 its per-id embeddings (`towers.id_tables.vocab_view`), and the padding rows of a table that was split over
 devices are dropped. The tables as trained stay in `id_tables`, and `id_embeddings` embeds any raw id, with
@@ -10,10 +12,12 @@ a hashed table also ids that were never in the vocabulary.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import pathlib
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
@@ -46,6 +50,7 @@ class TrainedModel:
     item_specs: list[FeatureSpec]
     id_tables: dict[str, jax.Array] = dataclasses.field(default_factory=dict)   # tables as trained
     hashing: dict[str, IdHashing] = dataclasses.field(default_factory=dict)     # hashed tables only
+    contents: str = ""     # sha256 of the parameters' checksums and the vocabularies (see `load_trained`)
 
     def id_embeddings(self, table: str, raw_ids) -> np.ndarray:
         """ID embeddings of raw ids, for `towers.embed` (as a table indexed by `np.arange(n)`).
@@ -66,9 +71,9 @@ class TrainedModel:
 
     @property
     def model_version(self) -> str:
-        """checkpoint step + a hash of the resolved config: what index and server versions are matched on."""
-        import hashlib
-        digest = hashlib.sha256(json.dumps(self.config, sort_keys=True).encode()).hexdigest()[:12]
+        """checkpoint step + a hash of the resolved config, the parameters and the vocabularies: what index and
+        server versions are matched on. The same config retrained on other data gives another version."""
+        digest = hashlib.sha256((json.dumps(self.config, sort_keys=True) + self.contents).encode()).hexdigest()[:12]
         return f"step{self.step}-{digest}"
 
     def parts(self) -> dict:
@@ -100,7 +105,9 @@ def load_trained(run_dir: str | pathlib.Path, step: int | None = None) -> Traine
     feature_vocabs = {p.name[len("feature."):-len(".npy")]: Vocab.load(p) for p in vocab_dir.glob("feature.*.npy")}
     model = TwoTower(as_config(config["model"], ModelConfig), user_specs, item_specs, rngs=nnx.Rngs(0))
     graphdef, abstract_params = nnx.split(model)
-    step, raw = _restore_state(_need(run_dir / "ckpt", "checkpoints"), step)
+    step, raw, sums = _restore_state(_need(run_dir / "ckpt", "checkpoints"), step)
+    contents = hashlib.sha256(json.dumps(sums, sort_keys=True).encode())
+    contents.update(vocabularies_digest(user_vocab, item_vocab, feature_vocabs).encode())
     pure = _unwrap_values(raw["params"])
     try:
         nnx.replace_by_pure_dict(abstract_params, pure)
@@ -111,7 +118,96 @@ def load_trained(run_dir: str | pathlib.Path, step: int | None = None) -> Traine
     tables = {name: _by_vocab_row(name, table, {"user": user_vocab, "item": item_vocab}[name], hashing.get(name))
               for name, table in id_tables.items()}
     return TrainedModel(run_dir, step, config, model, graphdef, abstract_params, tables, user_vocab, item_vocab,
-                        feature_vocabs, user_specs, item_specs, id_tables, hashing)
+                        feature_vocabs, user_specs, item_specs, id_tables, hashing, contents.hexdigest())
+
+
+def vocabularies_digest(user_vocab: Vocab, item_vocab: Vocab, feature_vocabs: dict[str, Vocab]) -> str:
+    """sha256 of every vocabulary's raw ids (dtype, length and bytes), in a fixed order."""
+    h = hashlib.sha256()
+    for name, vocab in [("user", user_vocab), ("item", item_vocab), *sorted(feature_vocabs.items())]:
+        ids = np.ascontiguousarray(vocab.raw_ids)
+        h.update(f"{name}:{ids.dtype.str}:{len(ids)}:".encode())
+        h.update(ids.tobytes())
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------- checksums of saved arrays
+#
+# A checkpoint's `extra` records a checksum of every array of the state as it was saved; a restore recomputes
+# them on what it read. The checksum is computed on the devices, over the global array whatever its layout:
+# two sums, modulo 2^32, of each 32-bit word times an odd weight drawn from the word's (row, column)
+# position in the array seen as [rows, everything else]. Integer sums do not depend on the order of addition,
+# so a table split over devices or processes, or restored into another mesh, gives the same checksum without
+# being gathered anywhere, and every process of a multi-process run gets the same value. Any change confined
+# to one word (every single-bit flip) changes both sums (an odd weight times a non-zero difference below 2^32
+# is never 0 modulo 2^32); a random change of several words goes unnoticed with probability about 2^-64.
+
+
+def leaf_name(path) -> str:
+    """"a/b/0/c" for a pytree path, the same for a typed state and the plain dicts Orbax restores without a
+    target (attribute, dict and sequence keys alike)."""
+    parts = []
+    for k in path:
+        for attr in ("key", "idx", "name"):
+            if hasattr(k, attr):
+                parts.append(str(getattr(k, attr)))
+                break
+        else:
+            parts.append(str(k))
+    return "/".join(parts)
+
+
+def _fmix32(h):
+    """MurmurHash3's finaliser: a bijective mix of uint32 words."""
+    h = h ^ (h >> 16)
+    h = h * jnp.uint32(0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = h * jnp.uint32(0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def _words(x):
+    """The array as uint32 words, [rows, everything else] (one word per element of 4 bytes or fewer)."""
+    x = x.reshape(x.shape[0] if x.ndim else 1, int(np.prod(x.shape[1:], dtype=np.int64)))
+    if x.dtype == jnp.bool_:
+        return x.astype(jnp.uint32)
+    unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}.get(x.dtype.itemsize)
+    if unsigned is None:
+        raise TypeError(f"cannot checksum a {x.dtype} array (x64 is off, every state array has at most 32 bits)")
+    return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+
+
+def _leaf_sums(x):
+    u = _words(x)
+    rows = jax.lax.broadcasted_iota(jnp.uint32, u.shape, 0)
+    cols = jax.lax.broadcasted_iota(jnp.uint32, u.shape, 1)
+    sums = [jnp.sum(u * (_fmix32(_fmix32(rows ^ jnp.uint32(salt)) + cols) | jnp.uint32(1)), dtype=jnp.uint32)
+            for salt in (0x9E3779B9, 0x7F4A7C15)]
+    finite = jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact) else jnp.bool_(True)
+    return jnp.stack([*sums, finite.astype(jnp.uint32)])
+
+
+_tree_sums = jax.jit(lambda leaves: jnp.stack([_leaf_sums(x) for x in leaves]))
+
+
+def checksums(tree) -> tuple[dict[str, str], list[str]]:
+    """({leaf name: 16 hex digits}, names of the leaves holding NaN or inf) of every array in `tree`.
+
+    Every process of a multi-process run must call this together (it is one computation over global arrays).
+    """
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    if not flat:
+        return {}, []
+    out = _tree_sums([x for _, x in flat])
+    out = np.asarray(out.addressable_data(0))   # replicated: every process holds the whole result
+    names = [leaf_name(path) for path, _ in flat]
+    sums = {name: f"{int(a):08x}{int(b):08x}" for name, (a, b, _) in zip(names, out)}
+    return sums, [name for name, row in zip(names, out) if not row[2]]
+
+
+def mismatches(got: dict[str, str], expected: dict[str, str]) -> list[str]:
+    """Names of the leaves whose checksum in `got` is not the `expected` one (or not recorded at all)."""
+    return [name for name, value in got.items() if expected.get(name) != value]
 
 
 def _by_vocab_row(name: str, table: jax.Array, vocab: Vocab, hashing: IdHashing | None) -> jax.Array:
@@ -136,7 +232,8 @@ def _unwrap_values(tree):
     return tree
 
 
-def _restore_state(ckpt_dir: pathlib.Path, step: int | None) -> tuple[int, dict]:
+def _restore_state(ckpt_dir: pathlib.Path, step: int | None) -> tuple[int, dict, dict[str, str]]:
+    """(step, {params, tables}, their checksums), verified against those recorded at save time."""
     with ocp.CheckpointManager(ckpt_dir.absolute(), options=ocp.CheckpointManagerOptions(create=False)) as mgr:
         steps = sorted(mgr.all_steps())
         if not steps:
@@ -149,11 +246,22 @@ def _restore_state(ckpt_dir: pathlib.Path, step: int | None) -> tuple[int, dict]
             # The saved layout when its devices exist, else everything on one device (e.g. serving a run that
             # split its tables over several).
             restore = ocp.args.StandardRestore(fallback_sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0]))
-            out = mgr.restore(step, args=ocp.args.Composite(state=restore))
+            out = mgr.restore(step, args=ocp.args.Composite(state=restore, extra=ocp.args.JsonRestore()))
         except Exception as e:  # noqa: BLE001
             raise RestoreError(f"checkpoint {ckpt_dir}/{step} cannot be read: {str(e).splitlines()[0][:300]}") from e
-    state = out["state"]
-    return step, {"params": state["params"], "tables": state["tables"]}
+    state, extra = out["state"], out["extra"]
+    model = {"params": state["params"], "tables": state["tables"]}
+    expected = extra.get("checksums") if isinstance(extra, dict) else None
+    if not isinstance(expected, dict):
+        raise RestoreError(f"checkpoint {ckpt_dir}/{step} records no checksums of its arrays, so its contents cannot "
+                           "be verified; it was not written by this version of `python -m train`")
+    got = checksums(model)[0]
+    bad = mismatches(got, expected)
+    if bad:
+        raise RestoreError(f"checkpoint {ckpt_dir}/{step} is corrupt: the checksum of {', '.join(bad[:5])} does not "
+                           "match the one recorded when it was saved")
+    return step, model, got
 
 
-__all__ = ["TrainedModel", "RestoreError", "load_trained"]
+__all__ = ["TrainedModel", "RestoreError", "load_trained", "checksums", "mismatches",
+           "vocabularies_digest"]

@@ -100,6 +100,9 @@ class CheckpointConfig:
     max_to_keep: int = _help(3, "checkpoints kept; older ones are deleted", gt=0)
     async_save: bool = _help(True, "write checkpoints in the background (Orbax async)")
     resume: bool = _help(True, "resume from the latest valid checkpoint in the run dir")
+    allow_config_change: list[str] = _help([], "keys (or data.vocabularies / data.contents) whose change from the "
+                                               "checkpoint's a resume accepts (recorded in config_changes.jsonl); "
+                                               "any other change that alters results refuses the resume")
 
 
 @dataclass

@@ -4,6 +4,10 @@ the model and the mesh, restore or create the state, train, evaluate.
 
 In a multi-process run (see `train/distributed.py`) every process runs all of this; only process 0 writes
 the run's files other than checkpoints, and evaluates.
+
+A resume first compares the newest usable checkpoint's config and data fingerprint with this run's
+(`train/resume.py`) and only then writes `config.yaml`, `vocab/` and the other run files, so a refused resume
+leaves the run directory as it was.
 """
 from __future__ import annotations
 
@@ -25,7 +29,8 @@ from towers.id_tables import TABLE_TOWERS, hashings, vocab_view
 from towers.two_tower import TwoTower
 from train import config as config_lib
 from train import distributed
-from train.checkpoint import Checkpointer
+from train import resume
+from train.checkpoint import Checkpointer, NonFiniteState
 from train.input import Prefetcher, prepare
 from train.mesh import padded_rows, table_bytes_per_device
 from train.metrics_writer import MetricWriter
@@ -177,17 +182,32 @@ def fresh_state(c: config_lib.Config, parts: Parts, ds, run_dir: pathlib.Path | 
 
 
 def restore_or_init(c: config_lib.Config, ckpt: Checkpointer, parts: Parts, ds, batches: Batches,
-                    run_dir: pathlib.Path | None) -> dict:
-    """The latest checkpoint, restored straight into the launcher's layout (split tables arrive split), or a
-    fresh state when there is none or `checkpoint.resume` is false."""
+                    run_dir: pathlib.Path | None, fingerprint: dict | None = None) -> tuple[dict, dict]:
+    """The latest usable checkpoint, restored straight into the launcher's layout (split tables arrive split),
+    or a fresh state when there is none or `checkpoint.resume` is false.
+
+    With `fingerprint` (`train.resume.fingerprint`), a checkpoint whose config or data differ in a way
+    `checkpoint.allow_config_change` does not accept refuses the resume (`ConfigError`) before its state is read.
+
+    Returns:
+      (state, the accepted changes {key: [old, new]} of the restored checkpoint's config).
+    """
     if c.checkpoint.resume:
-        restored = ckpt.restore_latest(create_state(c, parts, abstract=True))
+        changes = {}
+
+        def accept(step: int, extra: dict) -> None:
+            if fingerprint is not None:
+                changes.clear()
+                changes.update(resume.check(ckpt.directory.parent, step, extra.get("config"), fingerprint,
+                                            list(c.checkpoint.allow_config_change)))
+
+        restored = ckpt.restore_latest(create_state(c, parts, abstract=True), accept)
         if restored is not None:
             step, state, extra = restored
             batches.restore(extra["data"])
             log.info("resumed from %s at step %d", ckpt.directory, step)
-            return state
-    return fresh_state(c, parts, ds, run_dir)
+            return state, changes
+    return fresh_state(c, parts, ds, run_dir), {}
 
 
 def write_untrained_run(c: config_lib.Config, run_dir: str | pathlib.Path, *, step: int = 0):
@@ -237,9 +257,10 @@ def prepare_kwargs(step_cfg: StepConfig) -> dict:
 
 
 def train_loop(c, launcher, dev_state, batches, ckpt, writer, start: int, steps: int, step_cfg,
-               row_maps: dict | None = None):
+               row_maps: dict | None = None, extra: dict | None = None):
     """Steps `start+1 .. steps`: prefetched batches, metrics every `log_every_steps` (to `writer` unless it is
-    None, as on processes other than 0), checkpoints on the cadence and at the end."""
+    None, as on processes other than 0), checkpoints on the cadence and at the end, each with `extra` (the
+    config fingerprint) besides the data position. A state with NaN or inf stops the run before it is saved."""
     use = dict(prepare_kwargs(step_cfg), row_maps=row_maps)
 
     def source():
@@ -267,7 +288,10 @@ def train_loop(c, launcher, dev_state, batches, ckpt, writer, start: int, steps:
                     bar.set_postfix(loss=f"{last['train/loss']:.4f}",
                                     ex_s=f"{last['train/examples_per_sec']:,.0f}")
             if step % c.checkpoint.every_steps == 0 or step == steps:
-                ckpt.save(step, launcher.get_state(dev_state), {"data": data_pos}, force=True)
+                try:
+                    ckpt.save(step, launcher.get_state(dev_state), {**(extra or {}), "data": data_pos}, force=True)
+                except NonFiniteState as e:
+                    raise TrainingDiverged(str(e)) from None
             if bar is not None:
                 bar.update(1)
     finally:
@@ -287,16 +311,22 @@ def run(cfg, run_dir: str | pathlib.Path) -> dict:
     primary = distributed.is_primary()
     devices = select_devices(c)
     ds = load_data(c)
-    if primary:
-        save_artifacts(run_dir, c, ds)
-    row_maps = id_row_maps(c, ds, run_dir if primary else None)
+    fingerprint = resume.fingerprint(c, ds)
     steps = total_steps(c, len(ds.train))
     parts = build_parts(c, ds, steps, devices)
     batches = make_batches(c, ds)
     ckpt = Checkpointer(run_dir / "ckpt", every_steps=c.checkpoint.every_steps,
                         max_to_keep=c.checkpoint.max_to_keep, async_save=c.checkpoint.async_save)
-    dev_state = restore_or_init(c, ckpt, parts, ds, batches, run_dir if primary else None)
+    if primary:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    # Nothing but checkpoint directories is written before the resume is accepted.
+    dev_state, changes = restore_or_init(c, ckpt, parts, ds, batches, run_dir if primary else None, fingerprint)
     start = int(jax.device_get(dev_state["step"]))
+    if primary:
+        save_artifacts(run_dir, c, ds)
+        resume.record(run_dir, start, changes)
+        resume.drop_replayed_metrics(run_dir, start, evaluates_at=steps if c.eval.at_end else None)
+    row_maps = id_row_maps(c, ds, run_dir if primary else None)
     launcher = parts.launcher
     log.info("training %d steps (from step %d) on %d %s device(s) in %d process(es) with %s, mesh data=%d x "
              "model=%d, global batch %d; ID table bytes per device: %s", steps, start, len(devices),
@@ -307,7 +337,7 @@ def run(cfg, run_dir: str | pathlib.Path) -> dict:
     try:
         if start < steps:
             dev_state, last = train_loop(c, launcher, dev_state, batches, ckpt, writer, start, steps,
-                                         parts.step_cfg, row_maps)
+                                         parts.step_cfg, row_maps, {"config": fingerprint})
     finally:
         ckpt.close()
     state = launcher.get_state(dev_state)
