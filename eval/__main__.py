@@ -12,6 +12,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
+import configs  # noqa: E402
 from eval.config import known_keys, register_configs, validate  # noqa: E402
 from towers.cli import command, one_line_errors  # noqa: E402
 
@@ -19,7 +20,7 @@ register_configs()
 
 
 @command(known_keys)
-@hydra.main(version_base="1.3", config_path="../configs", config_name="evaluate")
+@hydra.main(version_base="1.3", config_path=str(configs.DIR), config_name="evaluate")
 def main(cfg: DictConfig) -> None:
     with one_line_errors():
         c = validate(cfg)

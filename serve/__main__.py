@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import logging
 import os
-import pathlib
 import sys
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+import configs
 from towers.cli import one_line_errors
 from towers.config import ConfigError
 
-CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "serve.yaml"
+CONFIG = configs.DIR / "serve.yaml"
 
 
 def parse_args(args: list[str]) -> dict:

@@ -18,6 +18,7 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+import configs
 from towers.cli import command, one_line_errors
 from towers.config import ConfigError, _help, to_typed  # noqa: F401
 
@@ -207,7 +208,7 @@ def known_keys() -> set[str]:
 
 
 @command(known_keys)
-@hydra.main(version_base="1.3", config_path="../configs", config_name="export")
+@hydra.main(version_base="1.3", config_path=str(configs.DIR), config_name="export")
 def main(cfg: DictConfig) -> None:
     with one_line_errors():
         c = validate(cfg)

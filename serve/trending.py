@@ -38,6 +38,7 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+import configs
 from towers.cli import command, one_line_errors
 from towers.config import ConfigError, _help, to_typed
 
@@ -369,7 +370,7 @@ def refresh(cfg) -> dict:
 
 
 @command(lambda: {f.name for f in fields(TrendingConfig)})
-@hydra.main(version_base="1.3", config_path="../configs", config_name="trending")
+@hydra.main(version_base="1.3", config_path=str(configs.DIR), config_name="trending")
 def main(cfg: DictConfig) -> None:
     with one_line_errors():
         c = validate(cfg)

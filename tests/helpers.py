@@ -5,8 +5,10 @@ import pathlib
 
 from hydra import compose, initialize_config_dir
 
+import configs
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
-CONFIGS = REPO / "configs"
+CONFIGS = configs.DIR
 
 
 def compose_cfg(*overrides: str):

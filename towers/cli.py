@@ -6,7 +6,7 @@ while Hydra composes the config, or inside the command's body (loading the data,
 A Hydra command is declared as
 
     @command(known_keys)
-    @hydra.main(version_base="1.3", config_path="../configs", config_name="train")
+    @hydra.main(version_base="1.3", config_path=str(configs.DIR), config_name="train")
     def main(cfg):
         with one_line_errors():
             ...

@@ -12,13 +12,14 @@ import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
+import configs  # noqa: E402
 from towers.cli import command, one_line_errors  # noqa: E402
 from towers.config import schema_keys  # noqa: E402
 from train.config import Config, validate  # noqa: E402
 
 
 @command(lambda: schema_keys(Config))
-@hydra.main(version_base="1.3", config_path="../configs", config_name="train")
+@hydra.main(version_base="1.3", config_path=str(configs.DIR), config_name="train")
 def main(cfg: DictConfig) -> None:
     with one_line_errors():
         c = validate(cfg)

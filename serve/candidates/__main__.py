@@ -16,12 +16,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
+import configs  # noqa: E402
 from serve.candidates.config import known_keys, validate  # noqa: E402
 from towers.cli import command, one_line_errors  # noqa: E402
 
 
 @command(known_keys)
-@hydra.main(version_base="1.3", config_path="../../configs", config_name="candidates")
+@hydra.main(version_base="1.3", config_path=str(configs.DIR), config_name="candidates")
 def main(cfg: DictConfig) -> None:
     with one_line_errors():
         c = validate(cfg)

@@ -25,11 +25,12 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+import configs
 from serve.candidates.config import CandidatesConfig, known_keys, validate
 from towers.cli import one_line_errors
 from towers.config import ConfigError, unknown_override
 
-CONFIG = pathlib.Path(__file__).resolve().parents[2] / "configs" / "candidates.yaml"
+CONFIG = configs.DIR / "candidates.yaml"
 log = logging.getLogger("twotower.candidates.beam")
 
 

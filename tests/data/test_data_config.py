@@ -1,14 +1,14 @@
 """The data config schema and the configs/data/*.yaml group files."""
 import dataclasses
-import pathlib
 
 import pytest
 from omegaconf import OmegaConf
 
+import configs
 from data import DataConfig, DataError, load, resolve_config
 from data.config import describe
 
-CONFIGS = pathlib.Path(__file__).resolve().parents[2] / "configs" / "data"
+CONFIGS = configs.DIR / "data"
 GROUP_FILES = sorted(CONFIGS.glob("*.yaml"))
 
 
