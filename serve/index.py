@@ -8,6 +8,10 @@ slot into s, one id after another), so ScaNN's own docid pickle is never used an
 
 Thread safety: every public method takes the index's reader-writer lock. Searches run concurrently with each
 other; `upsert`, `delete`, `save` and `rebuild` wait for running searches and block new ones while they run.
+`upsert` and `delete` are all-or-nothing: if any step fails (the backend part-way through, say), the change is
+undone before the lock is released and `MutationError` says so, so no search ever sees half of a change.
+`generation` counts the changes applied; `search_with_generation` reads it under the search's own lock, so a
+caller can label an answer with the exact corpus it came from.
 A server hot-swaps a whole index by building or loading a new `TopK` and replacing its reference to it
 (assignment is atomic); searches already inside the old index finish there.
 """
@@ -28,6 +32,11 @@ _WIDEN_ROUNDS = 2           # ANN retries with 4x more candidates and leaves bef
 
 class UnknownIdError(LookupError):
     """`delete` named ids the index does not hold (nothing was deleted)."""
+
+
+class MutationError(RuntimeError):
+    """An upsert or delete failed after validation (in the backend, or out of memory) and was undone: the index
+    holds and answers exactly what it did before the call."""
 
 
 class _RWLock:
@@ -113,6 +122,7 @@ class TopK:
         self._ids = np.zeros(0, np.int64)           # same capacity; the id of each slot
         self._n = 0
         self._pos: dict = {}                        # id -> slot
+        self.generation = 0                         # upserts and deletes applied since built or loaded
 
     # ----------------------------------------------------------------------------------------- public API
     @property
@@ -148,7 +158,7 @@ class TopK:
             raise ValueError(f"embeddings must hold at least one item of dim >= 1, got shape {emb.shape}")
         id_arr = _as_ids(ids, emb.shape[0], "ids")
         with self._lock.write():  # copies: deletes and upserts rewrite rows in place, never the caller's arrays
-            self._emb, self._ids, self._n = emb.copy(), id_arr.copy(), emb.shape[0]
+            self._emb, self._ids, self._n, self.generation = emb.copy(), id_arr.copy(), emb.shape[0], 0
             self._pos = {v: i for i, v in enumerate(id_arr.tolist())}
             self._backend_build()
         return self
@@ -166,16 +176,18 @@ class TopK:
           exclusions is the tail padded, with score -inf and id -1 (int ids) or "" (str ids).
         """
         with self._lock.read():
-            q = self._check_search(queries, k)
-            ex_rows, ex_slots = self._exclusions(exclude, q.shape[0])
-            if self.is_exact or not len(q):
-                scores, slots = self._exact(q, k, ex_rows, ex_slots)
-            else:
-                scores, slots = self._ann_with_exclusions(q, k, ex_rows, ex_slots)
-            return scores, self._slot_ids(slots)
+            return self._search(queries, k, exclude)
+
+    def search_with_generation(self, queries, k: int, *, exclude=None) -> tuple[np.ndarray, np.ndarray, int]:
+        """`search`, and the `generation` of the corpus it searched: both read under one hold of the lock, so
+        no upsert or delete can fall between them."""
+        with self._lock.read():
+            return (*self._search(queries, k, exclude), self.generation)
 
     def upsert(self, embeddings, ids) -> None:
-        """Inserts new ids and replaces the vectors of ids already held. embeddings: float[M, D]; ids [M]."""
+        """Inserts new ids and replaces the vectors of ids already held. embeddings: float[M, D]; ids [M].
+
+        Raises ValueError / TypeError for bad input, and `MutationError` (nothing changed) if applying fails."""
         with self._lock.write():
             emb = _as_matrix(embeddings, "upsert embeddings", self.dim, f"the index holds dim {self.dim}")
             id_arr = _as_ids(ids, emb.shape[0], "upsert ids")
@@ -183,13 +195,15 @@ class TopK:
                 raise TypeError(f"this index holds {self.id_kind} ids but upsert got {id_arr.dtype} ids")
             slots = np.array([self._pos.get(v, -1) for v in id_arr.tolist()], np.int64)
             old, new = slots >= 0, slots < 0
-            self._emb[slots[old]] = emb[old]
-            first = self._n
-            self._append(emb[new], id_arr[new])
-            self._backend_upsert(slots[old], emb[old], first, emb[new])
+            with self._undone_on_failure("upsert", slots[old], added=id_arr[new].tolist()):
+                self._emb[slots[old]] = emb[old]
+                first = self._n
+                self._append(emb[new], id_arr[new])
+                self._backend_upsert(slots[old], emb[old], first, emb[new])
 
     def delete(self, ids) -> None:
-        """Removes items; all-or-nothing. Raises `UnknownIdError` naming ids the index does not hold."""
+        """Removes items; all-or-nothing. Raises `UnknownIdError` naming ids the index does not hold, and
+        `MutationError` (nothing changed) if applying fails."""
         with self._lock.write():
             id_list = list(dict.fromkeys(np.asarray(ids).reshape(-1).tolist()))
             unknown = [v for v in id_list if v not in self._pos]
@@ -199,15 +213,18 @@ class TopK:
             if len(id_list) >= self._n:
                 raise ValueError(f"deleting {len(id_list)} of {self._n} items would leave the index empty; "
                                  "build a new index instead")
-            slots = []
-            for v in id_list:  # swap-remove, one id at a time: the order ScaNN's delete uses
-                slot, last = self._pos.pop(v), self._n - 1
-                if slot != last:
-                    self._emb[slot], self._ids[slot] = self._emb[last], self._ids[last]
-                    self._pos[self._ids[slot].item()] = slot
-                self._n -= 1
-                slots.append(slot)
-            self._backend_delete(slots)
+            # Swap-removes write only the deleted ids' slots and the last len(id_list) ones.
+            touched = np.union1d([self._pos[v] for v in id_list], np.arange(self._n - len(id_list), self._n))
+            with self._undone_on_failure("delete", touched):
+                slots = []
+                for v in id_list:  # swap-remove, one id at a time: the order ScaNN's delete uses
+                    slot, last = self._pos.pop(v), self._n - 1
+                    if slot != last:
+                        self._emb[slot], self._ids[slot] = self._emb[last], self._ids[last]
+                        self._pos[self._ids[slot].item()] = slot
+                    self._n -= 1
+                    slots.append(slot)
+                self._backend_delete(slots)
 
     def params(self) -> dict:
         """What `index.json` (and the manifest) record about this index."""
@@ -245,6 +262,45 @@ class TopK:
         return index
 
     # ------------------------------------------------------------------------------------------ internals
+    def _search(self, queries, k, exclude) -> tuple[np.ndarray, np.ndarray]:
+        """`search` without the lock (the caller holds it)."""
+        q = self._check_search(queries, k)
+        ex_rows, ex_slots = self._exclusions(exclude, q.shape[0])
+        if self.is_exact or not len(q):
+            scores, slots = self._exact(q, k, ex_rows, ex_slots)
+        else:
+            scores, slots = self._ann_with_exclusions(q, k, ex_rows, ex_slots)
+        return scores, self._slot_ids(slots)
+
+    @contextlib.contextmanager
+    def _undone_on_failure(self, what: str, touched: np.ndarray, added=()):
+        """Runs a mutation (the caller holds the write lock) that rewrites only the rows at `touched` and
+        appends `added` ids after the live rows; if it raises, puts the host arrays and the backend back as
+        they were and raises `MutationError`. Saving M rows, not a copy of the corpus, keeps small upserts
+        into a large index cheap. A success bumps `generation`."""
+        saved = (self._emb, self._ids, self._n, touched, self._emb[touched], self._ids[touched])
+        try:
+            yield
+        except BaseException as e:   # an interrupt, too, must not leave half a change behind
+            self._restore(saved, added)
+            if not isinstance(e, Exception):
+                raise
+            raise MutationError(f"{what} failed ({type(e).__name__}: {e}); it was undone, nothing was "
+                                "changed") from e
+        self.generation += 1
+
+    def _restore(self, saved: tuple, added) -> None:
+        """Puts back the state `_undone_on_failure` saved: the arrays (an append may have replaced them), the
+        rows at the touched slots and their ids' slots, without the appended ids; then the backend."""
+        emb, ids, n, touched, rows, row_ids = saved
+        for v in added:
+            self._pos.pop(v, None)
+        self._emb, self._ids, self._n = emb, ids, n
+        emb[touched], ids[touched] = rows, row_ids
+        for slot, v in zip(touched.tolist(), row_ids.tolist()):
+            self._pos[v] = slot
+        self._backend_restore(touched)
+
     def _check_search(self, queries, k) -> np.ndarray:
         q = _as_matrix(queries, "queries", self.dim, f"the index holds {self._n} items of dim {self.dim}, "
                                                      f"embeddings shape {(self._n, self.dim)}")
@@ -348,6 +404,10 @@ class TopK:
 
     def _backend_delete(self, slots: list[int]) -> None:
         pass
+
+    def _backend_restore(self, touched: np.ndarray) -> None:
+        """After a failed upsert or delete, with the host arrays restored: make the backend match them again
+        (only the rows at `touched` and any slots from `len(self)` on can differ). Must not raise."""
 
     def _backend_save(self, directory: pathlib.Path) -> None:
         pass

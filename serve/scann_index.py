@@ -8,12 +8,15 @@ whatever code that file names.
 """
 from __future__ import annotations
 
+import logging
 import math
 import pathlib
 
 import numpy as np
 
 from serve.index import TopK
+
+log = logging.getLogger("twotower.serve")
 
 
 # Every file ScaNN's `serialize` may write besides its docids pickle (scann 1.4: the assets that
@@ -207,6 +210,32 @@ class ScaNNIndex(TopK):
         if self._searcher.searcher.size() != self._n:
             raise RuntimeError(f"ScaNN holds {self._searcher.searcher.size()} items after delete, the index "
                                f"{self._n}: the id mapping is out of step; rebuild the index")
+
+    def _backend_restore(self, touched: np.ndarray) -> None:
+        """Undoes what a failed upsert or delete did to the searcher: items it appended are deleted from the
+        end (plain removals), slots it deleted are appended again, and the touched slots get their stored
+        vectors back; the searcher then holds what it held before the call. If that fails too, the searcher
+        is rebuilt from the stored vectors (slow, but it matches them); if even that fails, searches stay
+        exact (correct, slower) until `rebuild()`."""
+        if self._searcher is None:
+            return
+        searcher = self._searcher.searcher
+        try:
+            size = searcher.size()
+            if size > self._n:
+                searcher.delete(list(range(size - 1, self._n - 1, -1)))
+            elif size < self._n:
+                searcher.upsert([None] * (self._n - size), list(self._emb[size:self._n]), 1)
+            if touched.size:
+                searcher.upsert(touched.tolist(), list(self._emb[touched]), 1)
+            if searcher.size() != self._n:
+                raise RuntimeError(f"ScaNN holds {searcher.size()} items after the undo, the index {self._n}")
+        except Exception:  # noqa: BLE001 - the stored vectors are the truth: rebuild the searcher from them
+            log.exception("could not undo a failed change in ScaNN; rebuilding its searcher (%d items)", self._n)
+            try:
+                self._backend_build(leaves_to_search=self.num_leaves_to_search)
+            except Exception:  # noqa: BLE001 - exact search over the stored vectors is still correct
+                log.exception("rebuilding ScaNN failed; searching exactly until rebuild()")
 
     def _backend_save(self, directory: pathlib.Path) -> None:
         if self._searcher is not None:
