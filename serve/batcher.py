@@ -5,8 +5,9 @@
 or until `max_batch` items are queued, calls `fn(items)` once and resolves every item's future with its
 result. With `adaptive` (the default) the worker skips the wait when nothing else is queued and its last
 batch held a single item: at low load a lone request pays no batching delay, while under load requests queue
-up during each call and the wait fills the next batch. An exception from `fn` fails every future of that
-batch (the worker itself keeps running), so one bad batch never stops the service.
+up during each call and the wait fills the next batch. Any failure of a batch (an exception from `fn` or from
+`on_batch`, even a BaseException such as SystemExit) fails every future of that batch at once and the worker
+keeps running, so one bad batch never stops the service nor leaves a caller waiting for its timeout.
 
 `submit_async(item)`, called on an event loop, returns an `asyncio.Future` instead: the worker resolves all
 of a batch's asyncio futures with one `call_soon_threadsafe` per loop, so an event loop serving many
@@ -107,18 +108,21 @@ class MicroBatcher:
             self._last_size = len(batch)
             # Callers that gave up (cancelled futures) are dropped before the expensive call.
             live = [(item, fut) for item, fut in batch if _start(fut)]
-            if not live:
-                continue
+            if live:
+                _deliver([fut for _, fut in live], self._call([item for item, _ in live]))
+
+    def _call(self, items: list) -> Sequence[Any]:
+        """`fn`'s results for one batch, or its failure once per item: never raises, so the worker survives."""
+        try:
             if self._on_batch is not None:
-                self._on_batch(len(live))
-            try:
-                results = self._fn([item for item, _ in live])
-                if len(results) != len(live):
-                    raise RuntimeError(f"batch function returned {len(results)} results for {len(live)} items")
-            except Exception as e:  # noqa: BLE001 - fail this batch's callers, keep serving the next one
-                log.exception("batched call failed for %d items", len(live))
-                results = [e] * len(live)
-            _deliver([fut for _, fut in live], results)
+                self._on_batch(len(items))
+            results = self._fn(items)
+            if len(results) != len(items):
+                raise RuntimeError(f"batch function returned {len(results)} results for {len(items)} items")
+            return results
+        except BaseException as e:  # noqa: BLE001 - fail this batch's callers, keep serving the next one
+            log.exception("batched call failed for %d items", len(items))
+            return [e] * len(items)
 
 
 def _start(future) -> bool:
@@ -132,7 +136,7 @@ def _deliver(futures: list, results: Sequence[Any]) -> None:
     """Resolves each future with its result (an exception instance fails it); asyncio futures in one
     callback per event loop."""
     by_loop: dict = {}
-    for fut, result in zip(futures, results):
+    for fut, result in zip(futures, map(_as_failure, results)):
         if isinstance(fut, asyncio.Future):
             by_loop.setdefault(fut.get_loop(), []).append((fut, result))
         elif isinstance(result, BaseException):
@@ -144,6 +148,18 @@ def _deliver(futures: list, results: Sequence[Any]) -> None:
             loop.call_soon_threadsafe(_resolve, pairs)
         except RuntimeError:   # the loop was closed: nobody is waiting any more
             pass
+
+
+def _as_failure(result):
+    """`result`, unless it is an exception a caller should not receive as is: an asyncio future refuses to
+    hold StopIteration (it would leave every later future of the batch unresolved), and a BaseException
+    such as SystemExit would stop the caller's event loop. Those become a RuntimeError naming them."""
+    if isinstance(result, BaseException) and (isinstance(result, StopIteration) or
+                                              not isinstance(result, Exception)):
+        failure = RuntimeError(f"the batch failed: {type(result).__name__}: {result}")
+        failure.__cause__ = result
+        return failure
+    return result
 
 
 def _resolve(pairs: list) -> None:

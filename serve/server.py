@@ -11,8 +11,10 @@ the live index and its mutations (`ServerState`), then the ASGI guard (which als
 `/v1/topk` requests itself, see `_Guard`) and the app factory.
 
 Client input never causes a 5xx: bodies are validated by `serve.schemas`, oversized bodies get 413, every
-domain error is a `ClientError` with a 4xx status and a reason. Responses are ASCII JSON, so ids holding any
-unicode (lone surrogates included) can be echoed in error messages.
+domain error is a `ClientError` with a 4xx status and a reason. Server-side failures are answered at once
+and leave nothing half done: an upsert or delete the index fails to apply is undone (`MutationError`) and
+gets 500 saying nothing changed; a query whose micro-batch failed gets 503 (a retry runs in another batch).
+Responses are ASCII JSON, so ids holding any unicode (lone surrogates included) can be echoed in errors.
 
 Security: with an `auth_token`, every request other than `/v1/topk` and GETs (`/healthz`, `/metrics`, the
 docs) must carry `Authorization: Bearer <token>` (401 otherwise, checked before the body is read). A reload
@@ -41,7 +43,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve import schemas
 from serve.batcher import MicroBatcher
-from serve.index import UnknownIdError
+from serve.index import MutationError, UnknownIdError
 from serve.manifest import IndexLoadError, ModelVersionError, load_index
 from serve.metrics import Metrics
 from serve.model import ClientError, Model, Query, as_id_kind  # noqa: F401 (re-exported)
@@ -69,20 +71,26 @@ class AsciiJSONResponse(JSONResponse):
         return _ascii_json(content)
 
 
-def index_version(manifest: dict, mutations: int = 0) -> str:
-    """A short content hash of an export (its files' checksums), '+N' after N upserts/deletes since loading."""
-    digest = hashlib.sha256(json.dumps(manifest["files"], sort_keys=True).encode()).hexdigest()[:12]
-    return digest if not mutations else f"{digest}+{mutations}"
+def index_version(manifest: dict) -> str:
+    """A short content hash of an export (its files' checksums): the version of the index as loaded."""
+    return hashlib.sha256(json.dumps(manifest["files"], sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _with_mutations(version: str, mutations: int) -> str:
+    """The version of an index after `mutations` upserts/deletes since loading export `version`: 'version+N'."""
+    return version if not mutations else f"{version}+{mutations}"
 
 
 # ---------------------------------------------------------------------------------------- request encoding
 class ServerState:
     """The towers, the live index and its version, the batcher and the metrics of one server.
 
-    `current` is an (index, version) tuple replaced as a whole, so a batch reads one consistent pair even
-    while a reload swaps in a new index. Upserts, deletes and reloads are serialised by `_mutate`; upserts
-    made before a reload are dropped with the old index (the new export is the corpus of record). Reloads
-    reach only directories under `reload_root`.
+    `current` is an (index, export version) tuple replaced as a whole, so a batch reads one consistent pair
+    even while a reload swaps in a new index. Upserts and deletes change the index in place; the label of an
+    answer adds the index's `generation` (its mutations since loading) read under the same lock hold as the
+    search, so it names exactly the corpus that answer came from (`version`). Upserts, deletes and reloads
+    are serialised by `_mutate`; upserts made before a reload are dropped with the old index (the new export
+    is the corpus of record). Reloads reach only directories under `reload_root`.
     """
 
     def __init__(self, model: Model, index_dir: pathlib.Path, *, batch_sizes, max_wait_s: float,
@@ -90,7 +98,7 @@ class ServerState:
         self.model, self.metrics, self.reload_root = model, Metrics(), pathlib.Path(reload_root).resolve()
         index, manifest = load_index(index_dir, model_version=model.model_version)
         self._check_index(index, index_dir)
-        self.index_dir, self.manifest, self.mutations = pathlib.Path(index_dir), manifest, 0
+        self.index_dir, self.manifest = pathlib.Path(index_dir), manifest
         self.current = (index, index_version(manifest))
         self._mutate = threading.Lock()
         self.batcher = MicroBatcher(self._run_batch, max_batch=max(batch_sizes), max_wait_s=max_wait_s,
@@ -107,11 +115,12 @@ class ServerState:
     # --------------------------------------------------------------------------------------------- top-k
     def _run_batch(self, queries: list[Query]) -> list:
         """One user-tower call and one index search for a batch of queries (the batcher's worker thread)."""
-        index, version = self.current
+        index, exported = self.current
         emb = self.model.embed_queries(queries)
         k = min(max(q.k for q in queries), len(index))
         exclude = [q.exclude for q in queries] if any(q.exclude for q in queries) else None
-        scores, ids = index.search(emb, k, exclude=exclude)
+        scores, ids, generation = index.search_with_generation(emb, k, exclude=exclude)
+        version = _with_mutations(exported, generation)
         # -inf marks padding when exclusions leave fewer than k items. Python lists: cheaper than numpy rows.
         return [([{"id": v, "score": x} for v, x in zip(i[:q.k], s[:q.k]) if math.isfinite(x)], version)
                 for q, s, i in zip(queries, scores.tolist(), ids.tolist())]
@@ -121,17 +130,22 @@ class ServerState:
         if req.k > len(index):
             raise ClientError(422, f"k={req.k} exceeds the corpus size {len(index)}; ask for k in [1, {len(index)}]")
         query = self.model.make_query(req, index.id_kind)
+        answer = self.batcher.submit_async(query)
         try:
-            items, version = await asyncio.wait_for(self.batcher.submit_async(query), _REQUEST_TIMEOUT_S)
+            items, version = await asyncio.wait_for(answer, _REQUEST_TIMEOUT_S)
         except asyncio.TimeoutError:
             raise ClientError(503, f"no answer within {_REQUEST_TIMEOUT_S:.0f}s; the server is overloaded") from None
+        except ClientError:
+            raise
+        except Exception as e:   # the batch this query ran in failed (logged by the batcher); others go on
+            raise ClientError(503, f"the batch holding this query failed ({type(e).__name__}); retry") from None
         return {"items": items, "model_version": self.model.model_version, "index_version": version}
 
     # ----------------------------------------------------------------------------------------- mutations
-    def _bump(self, index) -> str:
-        self.mutations += 1
-        self.current = (index, index_version(self.manifest, self.mutations))
-        return self.current[1]
+    def live(self) -> tuple:
+        """(the live index, its version label now)."""
+        index, exported = self.current
+        return index, _with_mutations(exported, index.generation)
 
     def upsert(self, req: schemas.UpsertRequest) -> dict:
         with self._mutate:
@@ -139,9 +153,11 @@ class ServerState:
             ids, emb = self.model.item_embeddings(req.items, index.id_kind, index.dim)
             try:
                 index.upsert(emb, ids)
+            except MutationError as e:
+                raise _failed_mutation(e) from None
             except (ValueError, TypeError) as e:
                 raise ClientError(422, f"cannot upsert: {e}") from None
-            return {"upserted": len(ids), "index_size": len(index), "index_version": self._bump(index)}
+            return {"upserted": len(ids), "index_size": len(index), "index_version": self.live()[1]}
 
     def delete(self, req: schemas.DeleteRequest) -> dict:
         with self._mutate:
@@ -156,9 +172,11 @@ class ServerState:
                 held = set(index.ids().tolist())
                 unknown = [raw for raw, v in zip(req.ids, converted) if v is None or v not in held]
                 raise ClientError(404, f"unknown item ids (nothing was deleted): {unknown[:100]}") from None
+            except MutationError as e:
+                raise _failed_mutation(e) from None
             except ValueError as e:
                 raise ClientError(422, f"cannot delete: {e}") from None
-            return {"deleted": len(set(converted)), "index_size": len(index), "index_version": self._bump(index)}
+            return {"deleted": len(set(converted)), "index_size": len(index), "index_version": self.live()[1]}
 
     def _reload_dir(self, index_dir: str) -> pathlib.Path:
         """`index_dir` (absolute, or relative to the reload root) with every symlink resolved, if it lies under
@@ -184,16 +202,23 @@ class ServerState:
                 self._check_index(index, path)
             except IndexLoadError as e:
                 raise ClientError(409, str(e)) from None
-            self.index_dir, self.manifest, self.mutations = path, manifest, 0
+            self.index_dir, self.manifest = path, manifest
             self.current = (index, index_version(manifest))
             log.info("reloaded %s: %d items, version %s", path, len(index), self.current[1])
             return {"index_dir": str(path), "index_size": len(index),
                     "model_version": manifest["model_version"], "index_version": self.current[1]}
 
     def health(self) -> dict:
-        index, version = self.current
+        index, version = self.live()
         return {"status": "ok", "model_version": self.model.model_version, "index_version": version,
                 "index_size": len(index)}
+
+
+def _failed_mutation(e: MutationError) -> ClientError:
+    """A valid upsert or delete the index could not apply (and undid): 500, since the fault is the server's,
+    with the reason and the fact that nothing changed, so the client knows it may simply retry."""
+    log.error("%s", e, exc_info=e.__cause__)
+    return ClientError(500, f"internal error: {e}")
 
 
 def _json_media(scope) -> bool:
@@ -400,7 +425,7 @@ def create_app(run_dir, index_dir=None, *, step: int | None = None, batch_sizes=
 
     @app.get("/metrics", response_class=PlainTextResponse)
     def metrics():
-        index, version = state.current
+        index, version = state.live()
         return PlainTextResponse(state.metrics.render(len(index), version, model.model_version),
                                  media_type="text/plain; version=0.0.4")
 
