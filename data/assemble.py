@@ -135,7 +135,11 @@ def _split(user, item, ts, is_test, cfg: DataConfig, num_users: int, stats: dict
         train_idx, test_idx = order[~held], order[held]
     valid_idx = None
     if cfg.valid_fraction > 0:
-        held = splitlib.tail_mask(user[train_idx], num_users, cfg.valid_fraction)
+        # Temporal train rows already break ties with split_seed; a given split's keep file order, so the
+        # validation share breaks them here (with no timestamps: a seeded random share of each user's items).
+        tie_seed = cfg.split_seed if mode == "given" else None
+        held = splitlib.latest_share_mask(user[train_idx], ts[train_idx], num_users, cfg.valid_fraction,
+                                          tie_seed=tie_seed)
         train_idx, valid_idx = train_idx[~held], train_idx[held]
     return train_idx, valid_idx, test_idx
 

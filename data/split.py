@@ -8,6 +8,9 @@ Rules (also in the README):
   so at least one train interaction remains; their last n_test interactions are test. A user with a single
   interaction keeps it in train. test_fraction = 0 gives no test rows.
 * Validation: the same rule with `valid_fraction`, applied to each user's train part (its latest interactions).
+  Equal timestamps are ordered by the `split_seed` permutation here for both splits, so with a given split
+  that has no time (LightGCN files: all timestamps 0) each user's validation items are a seeded random share
+  of their train items, not the end of their train line in file order.
 * Cold items (`cold_item_fraction` f > 0): of the A items with at least one interaction, C = clip(floor(f * A),
   1, A - 1) chosen by a permutation seeded with `cold_item_seed` are held out of training entirely. The split
   above runs first; then every train and valid row of a cold item moves to test, so the warm test rows are
@@ -96,6 +99,26 @@ def tail_mask(user_sorted: np.ndarray, num_users: int, fraction: float) -> np.nd
     start = np.cumsum(counts) - counts
     rank = np.arange(user_sorted.shape[0], dtype=np.int64) - start[user_sorted]
     return rank >= (counts - n_tail)[user_sorted]
+
+
+def latest_share_mask(user: np.ndarray, ts: np.ndarray, num_users: int, fraction: float, *,
+                      tie_seed: int | None) -> np.ndarray:
+    """Marks each user's latest interactions per `tail_counts`, for rows in any order.
+
+    Args:
+      user: int [N] user rows.
+      ts: int64 [N] timestamps.
+      num_users: U.
+      fraction: held-out fraction.
+      tie_seed: seed of the order of a user's equal timestamps (see `canonical_order`); None keeps input order.
+
+    Returns:
+      bool [N] in the input order, True for held-out rows.
+    """
+    order = canonical_order(user, ts, tie_seed=tie_seed)
+    held = np.zeros(user.shape[0], dtype=bool)
+    held[order] = tail_mask(user[order], num_users, fraction)
+    return held
 
 
 def duplicate_mask(user: np.ndarray, item: np.ndarray, num_items: int, order: np.ndarray) -> np.ndarray:

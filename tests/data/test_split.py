@@ -161,3 +161,52 @@ def test_a_cold_item_in_train_is_rejected_and_the_fraction_is_range_checked():
         ds.replace(cold_items=np.unique(ds.train.item)[:1].astype(np.int32)).validate()
     with pytest.raises(DataError, match=r"data\.cold_item_fraction=1\.0: must be in \[0, 1\)"):
         _load(cold_item_fraction=1.0)
+
+
+def _given_split_with_valid(seed: int, n_users: int = 40, n_train: int = 20, **extra):
+    """A given split without timestamps (LightGCN-style): user u's train line lists items u*100 + 0..n_train-1
+    in increasing order (ids, like file order, grow along the line), one test item each."""
+    users = np.repeat(np.arange(n_users), n_train + 1)
+    pos = np.tile(np.arange(n_train + 1), n_users)
+    items = users * 100 + pos
+    is_test = pos == n_train
+    cfg = {"source": "lightgcn", "path": "x", "valid_fraction": 0.25, "split_seed": seed, **extra}
+    return assemble(RawLog("g", users, items, None, is_test), resolve_config(cfg))
+
+
+def _valid_positions(ds):
+    """Per user, the positions (0 = first in file) of their validation items on their train line."""
+    raw = ds.item_vocab.raw_ids
+    out = {}
+    for row in range(ds.num_users):
+        user = ds.user_vocab.raw_ids[row]
+        out[user] = sorted((raw[ds.valid.item[ds.valid.user == row]] - user * 100).tolist())
+    return out
+
+
+def test_given_split_validation_is_a_seeded_random_share_not_the_file_tail():
+    a, again, b = _given_split_with_valid(0), _given_split_with_valid(0), _given_split_with_valid(1)
+    picks_a, picks_b = _valid_positions(a), _valid_positions(b)
+    assert picks_a == _valid_positions(again)  # same seed, same slice
+    assert picks_a != picks_b  # another seed, another slice
+    assert all(len(p) == 5 for p in picks_a.values())  # floor(0.25 * 20) per user
+    # Not the tail of the line: the chosen positions spread over the whole line (mean ~9.5 for a uniform
+    # share; the tail 15..19 has mean 17), and the first half of the line is picked too.
+    chosen = np.concatenate([np.array(p) for p in picks_a.values()])
+    assert abs(chosen.mean() - 9.5) < 1.5
+    assert (chosen < 10).mean() > 0.35
+    # Train and valid partition each user's train line; train keeps its file order.
+    indptr, train_items = a.train_csr()
+    raw = a.item_vocab.raw_ids
+    for row in range(a.num_users):
+        line = raw[train_items[indptr[row]:indptr[row + 1]]]
+        assert np.all(np.diff(line) > 0) and len(line) == 15
+    assert a.stats["num_train"] + a.stats["num_valid"] == 40 * 20
+
+
+def test_given_split_validation_keeps_a_train_item_for_every_user():
+    ds = _given_split_with_valid(3, n_users=30, n_train=2, valid_fraction=0.9)
+    assert np.bincount(ds.train.user, minlength=30).min() == 1
+    assert np.bincount(ds.valid.user, minlength=30).min() == 1
+    single = _given_split_with_valid(3, n_users=5, n_train=1, valid_fraction=0.5)
+    assert single.valid is not None and len(single.valid) == 0  # one train item stays in train
