@@ -1,14 +1,11 @@
 """Approximate top-k with ScaNN for the evaluation run, and the overlap of approximate with exact results.
 
-The searcher is configured and built by the serving index's rule (`serve.index.scann_settings` and
-`build_scann_searcher`: a k-means tree with about sqrt(N) leaves, anisotropic asymmetric hashing and exact
-re-scoring of the best candidates), so the ANN metrics measure the index that serving would build. Below
-``brute_force_below`` items ScaNN's brute-force scorer is used: it is faster there, and the tree needs more
-items than leaves.
-
-Searching with exclusions: the index knows nothing of a user's training items, so each user asks for k plus the
-number of items they exclude and the excluded ones are dropped afterwards. Users are grouped by that count
-(rounded up to a power of two) so that one heavy user does not make every query fetch hundreds of neighbours.
+The searcher is configured and built by the rule the serving index follows (`towers.inference.search`'s
+`scann_settings` and `build_scann_searcher`: a k-means tree with about sqrt(N) leaves, anisotropic asymmetric
+hashing and exact re-scoring of the best candidates), and searched with exclusions as serving searches it
+(`topk_excluding`: over-fetch, drop the user's excluded items, widen for users left short, exact past that), so
+the ANN metrics measure what serving would return. Below ``brute_force_below`` items ScaNN's brute-force
+scorer is used: it is faster there, and the tree needs more items than leaves.
 """
 from __future__ import annotations
 
@@ -17,11 +14,11 @@ import time
 
 import numpy as np
 
-from eval.metrics import PAD, csr_pairs, sorted_unique
-from serve.scann_index import build_scann_searcher, scann_settings
+from data.types import PAD, csr_pairs
+from towers.inference.search import (build_scann_searcher, default_overfetch, exact_topk_host, import_scann,
+                                     scann_settings, topk_excluding, widened_leaves)
 
-INSTALL_HINT = ("ScaNN is needed for the ANN metrics: `pip install 'scann>=1.4.2'` (Linux wheels for x86-64 "
-                "and arm64, no TensorFlow needed), or run with ann.enabled=false")
+INSTALL_HINT = "ScaNN is needed for the ANN metrics; install it, or run with ann.enabled=false"
 
 
 # The settings recorded in the report (training sample size and threads do not change what is measured).
@@ -35,11 +32,13 @@ class AnnIndex:
 
     Attributes:
       searcher: the ``scann_ops_pybind.ScannSearcher``.
-      num_items: N, the rows indexed (row n is item id n).
+      item_emb: float32[N, D] the indexed embeddings (row n is item id n), for users answered exactly.
+      num_items: N, the rows indexed.
       params: the settings used (mode "brute_force" or "tree_ah", leaves, reorder, ...), for the report.
       build_seconds: wall time of the build.
     """
     searcher: object
+    item_emb: np.ndarray
     num_items: int
     params: dict
     build_seconds: float
@@ -47,10 +46,9 @@ class AnnIndex:
 
 def _import_scann():
     try:
-        import scann  # noqa: PLC0415 - optional at import time of this package
+        return import_scann()
     except ImportError as e:
         raise ImportError(f"{INSTALL_HINT} ({e})") from e
-    return scann
 
 
 def build_index(item_emb, k: int = 100, *, brute_force_below: int = 20_000, num_leaves: int | None = None,
@@ -90,27 +88,7 @@ def build_index(item_emb, k: int = 100, *, brute_force_below: int = 20_000, num_
         raise ValueError(f"ann: {e} (ann.num_leaves, ann.brute_force_below)") from None
     searcher = build_scann_searcher(db, settings, k)
     params = {key: settings[key] for key in _REPORTED if key in settings}
-    return AnnIndex(searcher, n, params, round(time.perf_counter() - t0, 3))
-
-
-def _fetch_sizes(counts: np.ndarray, k: int, n: int) -> np.ndarray:
-    """Neighbours to fetch per user: k plus the exclusion count rounded up to a power of two, at most N."""
-    extra = np.where(counts > 0, 2 ** np.ceil(np.log2(np.maximum(counts, 1))), 0).astype(np.int64)
-    return np.minimum(k + extra, n)
-
-
-def _drop_excluded(found: np.ndarray, rows: np.ndarray, ex_keys: np.ndarray, n: int, k: int) -> np.ndarray:
-    """Keeps the first k found ids of each row that are not excluded; -1 pads short rows.
-
-    found: int64[G, F] ids (-1 = nothing found); rows: int64[G] the users' positions; ex_keys: sorted
-    position * n + item keys of the excluded pairs.
-    """
-    keys = rows[:, None] * n + found
-    pos = np.minimum(np.searchsorted(ex_keys, keys), max(ex_keys.size - 1, 0))
-    bad = (found < 0) | ((ex_keys[pos] == keys) if ex_keys.size else False)
-    order = np.argsort(bad, axis=1, kind="stable")[:, :k]
-    kept = np.take_along_axis(found, order, axis=1)
-    return np.where(np.take_along_axis(bad, order, axis=1), PAD, kept)
+    return AnnIndex(searcher, db, n, params, round(time.perf_counter() - t0, 3))
 
 
 def ann_topk(index: AnnIndex, user_emb, k: int, *, exclude_indptr=None, exclude_items=None,
@@ -132,25 +110,30 @@ def ann_topk(index: AnnIndex, user_emb, k: int, *, exclude_indptr=None, exclude_
     q, n = queries.shape[0], index.num_items
     if not isinstance(k, (int, np.integer)) or not 1 <= k <= n:
         raise ValueError(f"k must be an int in [1, N={n}], got {k!r}")
-    if exclude_indptr is None:
-        rows, cols = np.zeros(0, np.int64), np.zeros(0, np.int64)
-    else:
+    ex_indptr = ex_items = None
+    if exclude_indptr is not None:
         rows, cols, num_rows = csr_pairs(exclude_indptr, exclude_items, users, num_cols=n, name="exclusions")
         if num_rows != q:
             raise ValueError(f"the exclusion CSR selects {num_rows} rows but user_emb has {q} rows")
-    ex_keys = sorted_unique(rows * n + cols)
-    counts = np.bincount(ex_keys // n, minlength=q) if ex_keys.size else np.zeros(q, np.int64)
-    fetch = _fetch_sizes(counts, int(k), n)
-    out = np.full((q, k), PAD, np.int32)
-    for size in np.unique(fetch):
-        group = np.flatnonzero(fetch == size)
-        pre = max(index.params.get("reorder", 0), 2 * int(size)) if index.params["mode"] == "tree_ah" else None
-        found, scores = index.searcher.search_batched_parallel(queries[group], final_num_neighbors=int(size),
-                                                               pre_reorder_num_neighbors=pre)
-        # When the probed leaves hold fewer than `size` items, ScaNN pads with id 0 and a NaN score.
-        found = np.where(np.isnan(scores), PAD, np.asarray(found, dtype=np.int64))
-        out[group, :] = _drop_excluded(found, group.astype(np.int64), ex_keys, n, int(k))
-    return out
+        ex_indptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=q))]).astype(np.int64)
+        ex_items = cols
+    tree = index.params["mode"] == "tree_ah"
+
+    def ann(batch, fetch, attempt):
+        pre = max(index.params.get("reorder", 0), 2 * fetch) if tree else None
+        leaves = widened_leaves(index.params["num_leaves_to_search"], index.params["num_leaves"], attempt) \
+            if tree else None
+        ids, scores = index.searcher.search_batched_parallel(batch, final_num_neighbors=fetch,
+                                                             pre_reorder_num_neighbors=pre, leaves_to_search=leaves)
+        return scores, ids
+
+    def exact(rows, sub_indptr, sub_items):
+        return exact_topk_host(queries[rows], index.item_emb, int(k), sub_indptr, sub_items)
+
+    counts = np.zeros(q, np.int64) if ex_indptr is None else np.diff(ex_indptr)
+    _, ids, _ = topk_excluding(ann, exact, queries, int(k), ex_indptr, ex_items, num_items=n,
+                               overfetch=default_overfetch(counts))
+    return ids.astype(np.int32)
 
 
 def overlap_at_k(approx, exact, ks) -> dict[str, float]:

@@ -11,13 +11,11 @@ import time
 
 import numpy as np
 
-from data.batching import item_audience_mean, user_history
 from data.types import sub_csr
 from eval.baselines import most_popular_topk
 from eval.metrics import evaluate_rankings
-from eval.topk import exact_topk
-from towers.embed import embed_items, embed_users, trained_item_rows
-from towers.two_tower import feature_names
+from towers.inference.embed import embed_items, embed_users
+from towers.inference.exact import exact_topk
 
 
 def heldout_users(ds, split: str = "test", max_users: int | None = None, seed: int = 0) -> np.ndarray:
@@ -53,24 +51,13 @@ def protocol(ds, split: str = "test") -> dict:
             "repeat_rows_dropped": int(indptr[-1] - truth_indptr[-1]), "users_dropped": int(lost.sum())}
 
 
-def model_embeddings(model_parts: dict, ds, users: np.ndarray, history_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """(user embeddings [Q, d], item embeddings [N, d]) for `users` and every item of `ds`.
+def model_embeddings(trained, ds, users: np.ndarray, history_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """(user embeddings [Q, d], item embeddings [N, d]) for `users` and every item of `ds`, by the inference
+    layer's recipe (`towers.inference.embed`), the one export, trending, the server and candidates follow.
 
-    model_parts: {"graphdef", "params", "tables": {"user"?, "item"?}, "model"} as restored or trained.
+    trained: a `towers.restore.TrainedModel`, or `towers.inference.embed.Towers` during training.
     """
-    graphdef, params, tables, model = (model_parts[k] for k in ("graphdef", "params", "tables", "model"))
-    user_names, item_names = feature_names(model)
-    # Items without training interactions (cold items) embed from features alone: their ID rows never trained.
-    items = trained_item_rows(np.arange(ds.num_items, dtype=np.int32), ds.item_counts())
-    item_table = tables.get("item") if model.item.use_id else None
-    audience = item_audience_mean(ds, tables["user"]) if model.item.use_history else None
-    item_emb = embed_items(graphdef, params, item_table, items, {k: ds.item_features[k] for k in item_names},
-                           audience=audience)
-    history = user_history(ds, users, history_len) if model.user.use_history else None
-    user_table = tables.get("user") if model.user.use_id else None
-    user_emb = embed_users(graphdef, params, user_table, tables.get("item"), users,
-                           {k: ds.user_features[k][users] for k in user_names}, history)
-    return user_emb, item_emb
+    return embed_users(trained, ds, users, history_len=history_len), embed_items(trained, ds)
 
 
 def evaluate(user_emb: np.ndarray, item_emb: np.ndarray, ds, users: np.ndarray, ks: list[int], *,

@@ -3,7 +3,8 @@
 Inputs are ranked item ids per user, ``retrieved[Q, K]`` (best first, ``-1`` = "no item", never a hit), and the
 held-out items per user as a CSR matrix ``(indptr int64[R+1], items int32[nnz])``, the layout ``data`` uses.
 
-Row selection, shared by every function here and in ``eval.topk`` / ``eval.baselines``: pass the full CSR plus
+Row selection (`data.types.csr_pairs`), shared by every function here, ``eval.baselines`` and the search of
+``towers.inference.search``: pass the full CSR plus
 ``users: int[Q]`` (row ``i`` of ``retrieved`` belongs to CSR row ``users[i]``), or leave ``users=None`` when the
 CSR is already sliced so that its rows align with the rows of ``retrieved`` (then ``R == Q``).
 
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 import numpy as np
 
-PAD = -1  # id meaning "no item" in ranked lists
+from data.types import PAD, csr_pairs
 
 _METRICS = ("recall", "ndcg", "hitrate", "mrr", "precision")
 
@@ -33,64 +34,6 @@ def sorted_unique(values: np.ndarray) -> np.ndarray:
     """np.unique for 1-D int arrays by sort + neighbour compare; numpy 2's hash-based unique is ~5x slower here."""
     values = np.sort(values)
     return values[np.r_[True, values[1:] != values[:-1]]] if values.size else values
-
-
-def _check_csr(indptr, indices, num_cols: int | None, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """Validates a CSR matrix; returns (indptr as int64, indices)."""
-    indptr = np.asarray(indptr)
-    indices = np.asarray(indices)
-    if indptr.ndim != 1 or indptr.size == 0 or indices.ndim != 1:
-        raise ValueError(f"{name}: expected indptr int[R+1] and indices int[nnz], got shapes "
-                         f"{indptr.shape} and {indices.shape}")
-    if not (np.issubdtype(indptr.dtype, np.integer) and np.issubdtype(indices.dtype, np.integer)):
-        raise ValueError(f"{name}: indptr and indices must be integer arrays, got {indptr.dtype} and "
-                         f"{indices.dtype}")
-    indptr = indptr.astype(np.int64, copy=False)
-    if indptr[0] != 0 or indptr[-1] != indices.size or np.any(np.diff(indptr) < 0):
-        raise ValueError(f"{name}: indptr must start at 0, be non-decreasing and end at len(indices)="
-                         f"{indices.size}; got indptr[0]={indptr[0]}, indptr[-1]={indptr[-1]}")
-    if indices.size and indices.min() < 0:
-        raise ValueError(f"{name}: column ids must be >= 0, found {indices.min()}")
-    if num_cols is not None and indices.size and indices.max() >= num_cols:
-        raise ValueError(f"{name}: column id {indices.max()} is out of range for {num_cols} items")
-    return indptr, indices
-
-
-def csr_pairs(indptr, indices, users=None, *, num_cols: int | None = None,
-              name: str = "csr") -> tuple[np.ndarray, np.ndarray, int]:
-    """Expands selected CSR rows into (row, column) pairs without a per-row Python loop.
-
-    Args:
-      indptr: int[R + 1] row offsets, non-decreasing, ``indptr[0] == 0``, ``indptr[-1] == len(indices)``.
-      indices: int[nnz] column ids (item ids), each in ``[0, num_cols)`` when ``num_cols`` is given, else ``>= 0``.
-      users: optional int[Q] rows to select (repeats allowed); None selects all R rows in order.
-      num_cols: optional upper bound (exclusive) for the column ids, checked.
-      name: how the CSR is called in error messages.
-
-    Returns:
-      ``(rows int64[M], cols int64[M], num_rows)``: ``rows`` are positions in ``users`` (``0..Q-1``), or CSR
-      rows when ``users`` is None; ``num_rows`` is Q (or R).
-    """
-    indptr, indices = _check_csr(indptr, indices, num_cols, name)
-    num_csr_rows = indptr.size - 1
-    if users is None:
-        rows = np.repeat(np.arange(num_csr_rows, dtype=np.int64), np.diff(indptr))
-        return rows, indices.astype(np.int64, copy=False), num_csr_rows
-    users = np.asarray(users)
-    if users.ndim != 1 or not (np.issubdtype(users.dtype, np.integer) or users.size == 0):
-        raise ValueError(f"{name}: users must be a 1-D integer array, got shape {users.shape} "
-                         f"dtype {users.dtype}")
-    users = users.astype(np.int64, copy=False)
-    if users.size and (users.min() < 0 or users.max() >= num_csr_rows):
-        raise ValueError(f"{name}: users must be in [0, {num_csr_rows}) (the CSR has {num_csr_rows} rows), "
-                         f"got min {users.min()} max {users.max()}")
-    starts = indptr[users]
-    lengths = indptr[users + 1] - starts
-    out_starts = np.cumsum(lengths) - lengths
-    # Position of each output element in `indices`: its row's CSR start plus its offset within the row.
-    pos = np.arange(lengths.sum(), dtype=np.int64) + np.repeat(starts - out_starts, lengths)
-    rows = np.repeat(np.arange(users.size, dtype=np.int64), lengths)
-    return rows, indices[pos].astype(np.int64, copy=False), users.size
 
 
 def _check_retrieved(retrieved) -> np.ndarray:

@@ -5,7 +5,7 @@ hand-made embeddings). Every method is scored on the same users, held-out items 
 metric code; `eval.holdout.heldout` gives them (the dataset's protocol: each user's training items are excluded,
 and validation items too when ranking for test; held-out items repeating an excluded item are not truth):
 
-- ``model``: exact full-corpus top-k of the two-tower embeddings (``eval.topk.exact_topk``);
+- ``model``: exact full-corpus top-k of the two-tower embeddings (``towers.inference.exact.exact_topk``);
 - ``model_ann``: the same embeddings searched with ScaNN (``eval.ann``), with its overlap with the exact top-k;
 - ``most_popular`` and ``ease`` baselines (``eval.baselines``, ``eval.ease``).
 """
@@ -50,6 +50,7 @@ def load_run(c: EvaluateConfig, timing: dict):
                           "as written by `python -m train hydra.run.dir=...`)")
     from data.errors import DataError
     from data.load import load as load_dataset
+    from towers.inference.vocab import VocabularyMismatch, check_vocabularies
     from towers.restore import RestoreError, load_trained
 
     with phase("restore_model", timing, "restore the towers"):
@@ -63,27 +64,11 @@ def load_run(c: EvaluateConfig, timing: dict):
             ds = load_dataset(data_cfg)
         except DataError as e:
             raise ConfigError(f"data: {str(e).splitlines()[0]}") from None
-    check_vocabs(trained, ds)
+    try:
+        check_vocabularies(trained, ds)
+    except VocabularyMismatch as e:
+        raise ConfigError(f"{e}; evaluate on the data the run was trained on, or fix the data.* overrides") from None
     return trained, ds, data_cfg
-
-
-def check_vocabs(trained, ds) -> None:
-    """The dataset must map raw ids to the same rows the model was trained with (same ids, same order)."""
-    for side in ("user", "item"):
-        run_ids = getattr(trained, f"{side}_vocab").raw_ids
-        data_ids = getattr(ds, f"{side}_vocab").raw_ids
-        if run_ids.dtype.kind == data_ids.dtype.kind and np.array_equal(run_ids, data_ids):
-            continue
-        where = ""
-        if run_ids.dtype.kind == data_ids.dtype.kind:
-            common = min(run_ids.size, data_ids.size)
-            diff = np.flatnonzero(run_ids[:common] != data_ids[:common])
-            if diff.size:
-                i = int(diff[0])
-                where = f"; first difference at row {i}: run {run_ids[i].item()!r} vs data {data_ids[i].item()!r}"
-        raise ConfigError(f"the dataset's {side} vocabulary does not match the run's vocab/{side}.npy (run: "
-                          f"{run_ids.size} {run_ids.dtype} ids, data: {data_ids.size} {data_ids.dtype} ids{where}); "
-                          "evaluate on the data the run was trained on, or fix the data.* overrides")
 
 
 # ---------------------------------------------------------------- ranking
@@ -118,7 +103,7 @@ def rank_methods(user_emb, item_emb, ds, users: np.ndarray, held: dict, c: Evalu
                  timing: dict) -> tuple[dict, dict]:
     """Ranked ids [Q, max(ks)] of every method, and notes (ANN settings, skipped methods)."""
     from eval.baselines import most_popular_topk
-    from eval.topk import exact_topk
+    from towers.inference.exact import exact_topk
 
     kmax = max(c.ks)
     notes = {"skipped": {}}
@@ -226,7 +211,7 @@ def run(c: EvaluateConfig) -> dict:
     if users.size == 0:
         raise ConfigError(f"split={c.split!r}: no user has a held-out item; nothing to evaluate")
     with phase("embed", timing, f"embed {len(users)} users and {ds.num_items} items"):
-        user_emb, item_emb = model_embeddings(trained.parts(), ds, users, int(data_cfg.get("history_len", 0)))
+        user_emb, item_emb = model_embeddings(trained, ds, users, int(data_cfg.get("history_len", 0)))
     metrics = evaluate_embeddings(user_emb, item_emb, ds, users, c, timing)
     out_dir = pathlib.Path(c.out_dir) if c.out_dir else default_out_dir(c, trained.run_dir, trained.step)
     metrics = {

@@ -1,5 +1,5 @@
 """Batch-candidate search benchmark: users/s of the top-100 unseen items over a synthetic 1M x 64 corpus, exact
-(blocked JAX, `eval.topk.exact_topk`) against the ScaNN index, and recall@100 of the ScaNN candidates against
+(blocked JAX, `towers.inference.exact.exact_topk`) against the ScaNN index, and recall@100 of the ScaNN candidates against
 the exact ones.
 
 The corpus and queries are those of `scripts/bench_serve.py` (clustered unit vectors around 1,000 centres,
@@ -71,7 +71,8 @@ def recall(got: np.ndarray, want: np.ndarray) -> float:
 
 
 def main() -> None:
-    from serve.candidates.search import Corpus, default_overfetch, topk_unseen
+    from serve.candidates.search import Corpus, topk_unseen
+    from towers.inference.search import default_overfetch
     from serve.scann_index import ScaNNIndex
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

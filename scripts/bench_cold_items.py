@@ -2,7 +2,7 @@
 
 Protocol: `data.cold_item_fraction` of the items (a seeded permutation) are held out of training entirely and
 all their interactions moved to test. After training, each cold item is embedded from its features (ID row
--1, see `towers.embed.trained_item_rows`), and each user with a held-out cold item ranks ONLY the C cold items.
+-1, see `towers.inference.embed.trained_item_rows`), and each user with a held-out cold item ranks ONLY the C cold items.
 Recall@k (|top-k ∩ H| / |H|, H = the user's held-out cold items) is compared with a random ranking of the same
 C items, whose expected recall@k is exactly min(k, C) / C for every user. For reference the same cold items are
 also ranked with their own (never positively trained) ID rows.
@@ -25,7 +25,8 @@ import numpy as np  # noqa: E402
 
 from data.batching import item_audience_mean, user_history  # noqa: E402
 from eval.metrics import recall_at_k  # noqa: E402
-from towers.embed import embed_items, embed_users, trained_item_rows  # noqa: E402
+from towers.embed import embed_items, embed_users  # noqa: E402
+from towers.inference.embed import trained_item_rows  # noqa: E402
 from towers.two_tower import feature_names  # noqa: E402
 
 

@@ -82,41 +82,30 @@ def validate(cfg: DictConfig | dict) -> ExportConfig:
 
 
 def _load_model_and_data(c: ExportConfig):
-    """The restored towers and the dataset they were trained on (vocabularies checked equal)."""
+    """The restored towers and the dataset they were trained on (`check_vocabularies`: same raw ids, same rows)."""
     from data.load import load
+    from towers.inference.vocab import VocabularyMismatch, check_vocabularies
     from towers.restore import load_trained
 
     trained = load_trained(c.run_dir, c.step)
     ds = load(trained.config["data"])
-    for side, saved, loaded in (("item", trained.item_vocab, ds.item_vocab),
-                                ("user", trained.user_vocab, ds.user_vocab)):
-        if not np.array_equal(saved.raw_ids, loaded.raw_ids):
-            raise ExportError(f"the dataset reloaded from {c.run_dir}/config.yaml has {len(loaded)} {side} ids "
-                              f"but the run's vocab/{side}.npy has {len(saved)} (or a different order): the data "
-                              "changed since training; export from the data the model was trained on")
+    try:
+        check_vocabularies(trained, ds)
+    except VocabularyMismatch as e:
+        raise ExportError(f"{e}; export from the data the model was trained on") from None
     return trained, ds
 
 
 def item_embeddings(trained, ds, batch_size: int) -> np.ndarray:
-    """float32[N, D]: every item through the item tower, in chunks (with progress lines)."""
-    from data.batching import item_audience_mean
-    from towers.embed import embed_items, trained_item_rows
-    from towers.two_tower import feature_names
+    """float32[N, D]: every item through the item tower (`towers.inference.embed`), in chunks of full batches
+    (one compiled shape), with progress lines."""
+    from towers.inference.embed import embed_items
 
-    n, names = ds.num_items, feature_names(trained.model)[1]
-    counts = ds.item_counts()
-    table = trained.tables.get("item") if trained.model.item.use_id else None
+    n = ds.num_items
     chunk, out, t0 = batch_size * 16, [], time.perf_counter()
     for a in range(0, n, chunk):
         rows = np.arange(a, min(a + chunk, n), dtype=np.int32)
-        # A chunk shorter than one batch would compile a new shape: pad it to a full batch (ID row -1).
-        size = len(rows) if n < batch_size else max(len(rows), batch_size)
-        padded = np.concatenate([rows, np.full(size - len(rows), -1, np.int32)])
-        feats = {k: ds.item_features[k][np.maximum(padded, 0)] for k in names}
-        # Items with no training interactions embed from features alone (their ID rows never trained).
-        aud = item_audience_mean(ds, trained.tables["user"], padded) if trained.model.item.use_history else None
-        out.append(embed_items(trained.graphdef, trained.params, table, trained_item_rows(padded, counts), feats,
-                               batch_size=batch_size, audience=aud)[:len(rows)])
+        out.append(embed_items(trained, ds, rows, buckets=(min(batch_size, n),)))
         done = a + len(rows)
         log.info("embedded %d/%d items (%.0f items/s)", done, n, done / max(time.perf_counter() - t0, 1e-9))
     return np.concatenate(out).astype(np.float32)
@@ -124,17 +113,11 @@ def item_embeddings(trained, ds, batch_size: int) -> np.ndarray:
 
 def query_embeddings(trained, ds, num_queries: int, seed: int, batch_size: int) -> np.ndarray:
     """float32[Q, D]: a seeded sample of users with their train histories through the user tower."""
-    from data.batching import user_history
-    from towers.embed import embed_users
-    from towers.two_tower import feature_names
+    from towers.inference.embed import embed_users
 
     rng = np.random.default_rng(seed)
     users = np.sort(rng.choice(ds.num_users, min(num_queries, ds.num_users), replace=False)).astype(np.int32)
-    model, names = trained.model, feature_names(trained.model)[0]
-    history = user_history(ds, users, trained.config["data"]["history_len"]) if model.user.use_history else None
-    table = trained.tables.get("user") if model.user.use_id else None
-    return embed_users(trained.graphdef, trained.params, table, trained.tables.get("item"), users,
-                       {k: ds.user_features[k][users] for k in names}, history, batch_size=batch_size)
+    return embed_users(trained, ds, users, batch_size=batch_size)
 
 
 def ann_recall(index, exact_ids: np.ndarray, queries: np.ndarray, k: int) -> float:
@@ -165,7 +148,8 @@ def export(cfg) -> dict:
       ConfigError: invalid config. ExportError: data mismatch or recall below `min_recall`.
       towers.restore.RestoreError: an unreadable run directory.
     """
-    from serve.index import BruteForce, make_index
+    from serve.index import BruteForce
+    from serve.indexes import make_index
     from serve.manifest import write_index
 
     c = cfg if isinstance(cfg, ExportConfig) else validate(cfg)

@@ -1,6 +1,6 @@
 """Top-k retrieval backends behind one interface, `TopK`: `BruteForce` (exact, numpy, the reference) here,
 and `serve.scann_index.ScaNNIndex` (ScaNN tree + asymmetric hashing + exact reordering; exact below a corpus
-size). `make_index` builds either from an `index:` config and `TopK.load` reads either back.
+size). `serve.indexes.make_index` builds either from an `index:` config and `TopK.load` reads either back.
 
 Both keep the item embeddings and ids themselves, in "slot" order: slot i holds `ids[i]`. ScaNN numbers its
 datapoints the same way (checked on scann 1.4.2: an insert appends a slot; deleting slot s moves the last
@@ -25,9 +25,9 @@ import threading
 import numpy as np
 
 from data.ids import as_id_array
+from towers.inference.search import exact_topk_host, topk_excluding
 
-_SCORE_BYTES = 1 << 28      # exact search scores at most this many bytes of [queries, items] at once
-_WIDEN_ROUNDS = 2           # ANN retries with 4x more candidates and leaves before exact search takes over
+_ANN_ATTEMPTS = 3           # ANN searches (each deeper and 4x wider) before exact search answers a query
 
 
 class UnknownIdError(LookupError):
@@ -96,25 +96,26 @@ def _as_ids(ids, n: int, what: str) -> np.ndarray:
     return arr
 
 
-def _best_first(scores: np.ndarray) -> bool:
-    """Whether float32 [Q, k] ANN scores are all present (no NaN padding) and non-increasing along each row:
-    then a stable sort by score keeps every row as it is."""
-    return scores.dtype == np.float32 and bool((scores[:, 1:] <= scores[:, :-1]).all()) and \
-        not np.isnan(scores[:, :1]).any()
-
-
 class TopK:
     """Maximum-inner-product top-k over a mutable item corpus.
 
     Subclasses set `kind`, `is_exact` and implement the `_backend_*` hooks; the base class owns ids, vectors,
     validation, exclusions and persistence (`ids.npy`, `embeddings.npy`, `index.json` + backend files).
-    Ties between equal scores come in an unspecified order.
+    Searching is the inference layer's (`towers.inference.search`): equal scores come by slot, smaller first.
+    Every subclass registers its `kind` for `load`; `serve.indexes` imports them all.
 
     `files` names every file `save` may write (relative paths): a loader refuses any other file, so an index
     directory can never slip in something a library would execute on load (a pickle, say).
     """
     kind = "abstract"
     files: tuple[str, ...] = ("embeddings.npy", "ids.npy", "index.json")
+
+    _kinds: dict[str, type["TopK"]] = {}
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "kind" in cls.__dict__:   # a subclass of a backend (a test double, say) does not replace it
+            TopK._kinds[cls.kind] = cls
 
     def __init__(self):
         self._lock = _RWLock()
@@ -244,12 +245,20 @@ class TopK:
         return sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file())
 
     @staticmethod
+    def registered(kind) -> type["TopK"]:
+        """The subclass registered for `kind`. Raises ValueError for any other (`serve.indexes` imports every
+        backend, so all of them are registered once it is imported)."""
+        if kind not in TopK._kinds:
+            raise ValueError(f"index type {kind!r} is not one of {sorted(TopK._kinds)}")
+        return TopK._kinds[kind]
+
+    @staticmethod
     def load(directory) -> "TopK":
         """Reads an index written by `save` (no checksum checks: `serve.manifest.load_index` does those)."""
         d = pathlib.Path(directory)
         params = json.loads((d / "index.json").read_text())
         try:
-            cls = index_class(params.get("type"))
+            cls = TopK.registered(params.get("type"))
         except ValueError as e:
             raise ValueError(f"{d}/index.json: {e}") from None
         index = cls._from_params(params)
@@ -331,51 +340,21 @@ class TopK:
 
     def _exact(self, q, k, ex_rows, ex_slots) -> tuple[np.ndarray, np.ndarray]:
         """Exact top-k over the live slots: (scores float32[Q, k], slots int64[Q, k], -1 where none is left)."""
-        n, emb = self._n, self._emb[:self._n]
-        block = max(1, _SCORE_BYTES // (4 * n))
-        out_s, out_i = np.zeros((len(q), k), np.float32), np.zeros((len(q), k), np.int64)
-        for a in range(0, len(q), block):
-            s = q[a:a + block] @ emb.T
-            sel = (ex_rows >= a) & (ex_rows < a + block)
-            s[ex_rows[sel] - a, ex_slots[sel]] = -np.inf
-            top = np.argpartition(-s, k - 1, axis=1)[:, :k] if k < n else np.tile(np.arange(n), (len(s), 1))
-            vals = np.take_along_axis(s, top, axis=1)
-            order = np.lexsort((top, -vals))
-            out_s[a:a + block] = np.take_along_axis(vals, order, axis=1)
-            out_i[a:a + block] = np.take_along_axis(top, order, axis=1)
-        out_i[out_s == -np.inf] = -1
-        return out_s, out_i
+        return exact_topk_host(q, self._emb[:self._n], k, *_pairs_csr(ex_rows, ex_slots, len(q)))
 
     def _ann_with_exclusions(self, q, k, ex_rows, ex_slots) -> tuple[np.ndarray, np.ndarray]:
-        """ANN search that over-fetches k + (most exclusions of a query), widens the search for queries left
-        short, and answers those still short exactly, so a query gets k items whenever k are eligible."""
-        num_ex = np.bincount(ex_rows, minlength=len(q))
-        want = np.minimum(k, self._n - num_ex)
-        fetch, leaves = min(self._n, k + int(num_ex.max(initial=0))), None
-        scores, slots = np.full((len(q), k), -np.inf, np.float32), np.full((len(q), k), -1, np.int64)
-        todo = np.arange(len(q))
-        for _ in range(_WIDEN_ROUNDS + 1):
-            cand_s, cand_i, leaves = self._backend_ann(q[todo], fetch, leaves)
-            if not ex_rows.size and fetch == k and _best_first(cand_s):
-                return cand_s, cand_i   # the common case: what the general path below would return as is
-            valid = ~np.isnan(cand_s)
-            if ex_rows.size:
-                pair_keys = ex_rows * self._n + ex_slots
-                keys = todo[:, None] * self._n + np.where(valid, cand_i, 0)
-                valid &= ~np.isin(keys, pair_keys)
-            order = np.argsort(np.where(valid, -cand_s, np.inf), axis=1, kind="stable")[:, :k]
-            got_s = np.take_along_axis(np.where(valid, cand_s, -np.inf), order, axis=1)
-            got_i = np.where(got_s > -np.inf, np.take_along_axis(cand_i, order, axis=1), -1)
-            width = got_s.shape[1]
-            scores[todo, :width], slots[todo, :width] = got_s, got_i
-            todo = todo[valid.sum(axis=1) < want[todo]]
-            if not todo.size:
-                return scores, slots
-            fetch = min(self._n, 4 * fetch)
-        sel = np.isin(ex_rows, todo)
-        remap = np.searchsorted(todo, ex_rows[sel])
-        scores[todo], slots[todo] = self._exact(q[todo], k, remap, ex_slots[sel])
-        return scores, slots
+        """`towers.inference.search.topk_excluding` over the backend: over-fetch k + (most exclusions of a query),
+        search again deeper and wider for queries left short, and answer those still short exactly, so a query
+        gets k items whenever k are eligible."""
+        indptr, slots = _pairs_csr(ex_rows, ex_slots, len(q))
+
+        def exact(rows, sub_indptr, sub_slots):
+            return exact_topk_host(q[rows], self._emb[:self._n], k, sub_indptr, sub_slots)
+
+        scores, found, _ = topk_excluding(self._backend_ann, exact, q, k, indptr, slots, num_items=self._n,
+                                          overfetch=int(np.diff(indptr).max(initial=0)),
+                                          max_attempts=_ANN_ATTEMPTS)
+        return scores, found
 
     def _append(self, emb: np.ndarray, ids: np.ndarray) -> None:
         m = emb.shape[0]
@@ -415,7 +394,9 @@ class TopK:
     def _backend_load(self, directory: pathlib.Path, params: dict) -> None:
         pass
 
-    def _backend_ann(self, q, fetch, leaves):
+    def _backend_ann(self, q, fetch: int, attempt: int) -> tuple[np.ndarray, np.ndarray]:
+        """(scores float32[Q, fetch], slots int64[Q, fetch]) without exclusions, NaN / -1 for missing ones;
+        `attempt` counts the searches so far for these queries (search wider on later ones)."""
         raise NotImplementedError
 
 
@@ -424,23 +405,8 @@ class BruteForce(TopK):
     kind = "brute_force"
 
 
-def index_class(kind) -> type[TopK]:
-    """The `TopK` subclass of an index type ("brute_force" | "scann"). Raises ValueError for any other."""
-    from serve.scann_index import ScaNNIndex   # imports this module: not at the top
-
-    classes = {"brute_force": BruteForce, "scann": ScaNNIndex}
-    if kind not in classes:
-        raise ValueError(f"index type {kind!r} is not one of {sorted(classes)}")
-    return classes[kind]
-
-
-def make_index(config: dict | None = None) -> TopK:
-    """An empty index from an `index:` config: {"type": "scann" | "brute_force", ...ScaNNIndex args}."""
-    config = dict(config or {"type": "scann"})
-    kind = config.pop("type", "scann")
-    if kind == "brute_force":
-        return BruteForce()
-    if kind == "scann":
-        from serve.scann_index import ScaNNIndex
-        return ScaNNIndex(**config)
-    raise ValueError(f"index.type={kind!r}: must be scann or brute_force")
+def _pairs_csr(rows: np.ndarray, slots: np.ndarray, num_queries: int) -> tuple[np.ndarray, np.ndarray]:
+    """(query row, slot) pairs -> a CSR aligned with the queries."""
+    order = np.argsort(rows, kind="stable")
+    indptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=num_queries))]).astype(np.int64)
+    return indptr, slots[order]

@@ -36,7 +36,8 @@ import uuid
 
 import numpy as np
 
-from serve.index import TopK, index_class
+from serve.index import TopK
+from serve.indexes import index_class
 
 log = logging.getLogger("twotower.manifest")
 

@@ -4,7 +4,6 @@ vocabularies; `ClientError` carries a 4xx status and reason for any bad request.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import types
 
 import numpy as np
@@ -58,33 +57,23 @@ class Query:
     id_emb: np.ndarray | None = None
 
 
-def _stack(queries: list[Query], own: list, fetch, pad: int, filler=None) -> np.ndarray:
-    """One tower input for a batch, [len(queries) + pad, ...]: each query's own array, or where that is None
-    the stored one of its user row, from one `fetch(rows)` call for all of them; padded with `filler` or a
-    copy of the first query's array."""
-    missing = [q.row for q, part in zip(queries, own) if part is None]
-    if missing:
-        stored = iter(fetch(np.asarray(missing, np.int64)))
-        own = [next(stored) if part is None else part for part in own]
-    return np.stack(own + [own[0] if filler is None else filler] * pad)
-
-
 class Model:
     """The restored towers plus the training data's lookups (stored user features and histories, item
     features), turning raw requests into tower inputs and running the towers at padded batch sizes."""
 
     def __init__(self, run_dir, *, step: int | None, batch_sizes: tuple[int, ...]):
-        from data.batching import user_history
         from data.load import load
+        from towers.inference.vocab import VocabularyMismatch, check_vocabularies
         from towers.restore import load_trained
         from towers.two_tower import feature_names
 
         self.trained = t = load_trained(run_dir, step)
         self.ds = load(t.config["data"])
-        if len(self.ds.item_vocab) != len(t.item_vocab) or len(self.ds.user_vocab) != len(t.user_vocab):
-            raise IndexLoadError(f"the data of {run_dir}/config.yaml no longer matches the run's vocabularies; "
-                                 "serve from the data the model was trained on")
-        self.batch_sizes, self._user_history = batch_sizes, user_history
+        try:   # the same ids in the same rows, not only as many: stored features, histories, exclude_seen
+            check_vocabularies(t, self.ds)
+        except VocabularyMismatch as e:
+            raise IndexLoadError(f"{e}; serve from the data the model was trained on") from None
+        self.batch_sizes = batch_sizes
         self.model_version = t.model_version
         self.user_names, self.item_names = feature_names(t.model)
         self.specs = {**{s.name: s for s in t.model.item.features.specs},
@@ -99,7 +88,6 @@ class Model:
         self.item_hashed = t.model.item.use_id and "item" in t.hashing
         self.item_table = t.tables.get("item")
         self.output_dim = int(t.config["model"]["output_dim"])
-        self._forward = None
 
     # ------------------------------------------------------------------------------------------ features
     def _code(self, name: str, value) -> int:
@@ -191,63 +179,35 @@ class Model:
             exclude += self.trained.item_vocab.raw_ids[np.asarray(seen, np.int64)].tolist() if seen else []
         return Query(row, feats, history, req.k, exclude, id_emb)
 
-    def _bucket(self, n: int) -> int:
-        return next((b for b in self.batch_sizes if b >= n), self.batch_sizes[-1])
-
-    def _user_forward(self):
-        """The user tower as one jitted call over pre-flattened parameters, built on first use.
-
-        `towers.embed.embed_users` takes the graph definition as a static argument and the parameters as an
-        `nnx.State`: each call hashes the one and flattens the other in Python, which costs more than the
-        tower itself at serving batch sizes. Here both happen once (the graph definition is closed over, the
-        parameters become a flat list of arrays), and the towers' own forward function runs inside.
-        """
-        if self._forward is None:
-            import jax
-
-            from towers.embed import user_forward   # the forward `embed_users` runs, for identical answers
-
-            t = self.trained
-            leaves, treedef = jax.tree.flatten(t.params)
-            graphdef = t.graphdef
-
-            def forward(leaves, user_table, item_table, ids, history, feats, extra_id_emb):
-                return user_forward(graphdef, jax.tree.unflatten(treedef, leaves), user_table, item_table, ids,
-                                    history, feats, extra_id_emb)
-
-            self._forward = functools.partial(jax.jit(forward), leaves, self.user_table, self.item_table)
-        return self._forward
-
     def embed_queries(self, queries: list[Query]) -> np.ndarray:
-        """float32[len(queries), D] in one user-tower call, padded to a compiled batch size. Stored features
-        and histories of known users (None in their queries) are gathered for the batch in one go."""
-        cap = self.batch_sizes[-1]
-        if len(queries) > cap:
-            return np.concatenate([self.embed_queries(queries[a:a + cap]) for a in range(0, len(queries), cap)])
-        pad = self._bucket(len(queries)) - len(queries)
-        rows = np.asarray([q.row for q in queries] + [-1] * pad, np.int32)
-        feats = {n: _stack(queries, [None if q.feats is None else q.feats[n] for q in queries],
-                           lambda r, n=n: self.ds.user_features[n][r], pad)
+        """float32[len(queries), D] through `towers.inference.embed.embed_users`, padded to a compiled batch
+        size. Stored features and histories of known users (None in their queries) are gathered for the batch
+        in one go (`stored_user_inputs`)."""
+        from towers.inference.embed import UserInputs, embed_users, stored_user_inputs
+
+        missing = [q.row for q in queries if q.feats is None or (self.use_history and q.history is None)]
+        stored = stored_user_inputs(self.trained, self.ds, np.asarray(missing, np.int32), self.history_len)
+        at = {row: j for j, row in enumerate(missing)}
+        feats = {n: np.stack([stored.features[n][at[q.row]] if q.feats is None else q.feats[n] for q in queries])
                  for n in self.user_names}
         history = None
         if self.use_history:
-            history = _stack(queries, [q.history for q in queries],
-                             lambda r: self._user_history(self.ds, r, self.history_len), pad,
-                             np.full(self.history_len, -1, np.int32))
-        extra = None
-        if self.user_hashed:
-            extra = np.zeros((len(rows), self.user_table.shape[1]), np.float32)
+            history = np.stack([stored.history[at[q.row]] if q.history is None else q.history for q in queries])
+        id_emb = None
+        if self.user_hashed:   # always given (zeros for ids in the vocabulary): one compiled shape per size
+            id_emb = np.zeros((len(queries), self.user_table.shape[1]), np.float32)
             for j, q in enumerate(queries):
                 if q.id_emb is not None:
-                    extra[j] = q.id_emb
-        return np.asarray(self._user_forward()(rows, history, feats, extra))[:len(queries)]
+                    id_emb[j] = q.id_emb
+        inputs = UserInputs(np.asarray([q.row for q in queries], np.int32), feats, history, id_emb)
+        return embed_users(self.trained, self.ds, inputs, buckets=self.batch_sizes)
 
     def item_embeddings(self, items, id_kind: str, dim: int) -> tuple[list, np.ndarray]:
         """Upsert items -> (ids of `id_kind`, float32[M, dim]): explicit embeddings as given, features through
-        the item tower (with the ID row when the id is in the trained vocabulary, or for any id when the item
-        table is hashed)."""
-        from data.batching import item_audience_mean
-        from towers.embed import embed_items
+        the item tower by the recipe export and evaluation follow (`towers.inference.embed.embed_items`): the ID
+        row only of an item that trained, features alone otherwise, the hashed rows of a new id when the item
+        table is hashed."""
+        from towers.inference.embed import embed_items
 
         ids = [as_id_kind(it.id, id_kind) for it in items]
         bad = [it.id for it, v in zip(items, ids) if v is None]
@@ -266,20 +226,9 @@ class Model:
             rows = self.trained.item_vocab.lookup(np.asarray(keys), missing="minus_one").astype(np.int32)
             feats = [self.features(self.item_names, self.ds.item_features, int(r), items[j].features)
                      for j, r in zip(by_feat, rows)]
-            size = self._bucket(len(by_feat)) if len(by_feat) <= self.batch_sizes[-1] else self.batch_sizes[-1]
-            pad = max(0, size - len(by_feat))
-            rows = np.concatenate([rows, np.full(pad, -1, np.int32)])
-            stacked = {n: np.stack([f[n] for f in feats] + [feats[0][n]] * pad) for n in self.item_names}
-            t = self.trained
-            # A known item pools its training audience, a new one (row -1, padding too) has none.
-            audience = item_audience_mean(self.ds, self.user_table, rows) if t.model.item.use_history else None
-            table = self.item_table if t.model.item.use_id else None
-            if self.item_hashed:   # every id has hashed rows: the tower reads them as a table of these items
-                table = np.zeros((len(rows), self.item_table.shape[1]), np.float32)   # padded: one compile
-                table[:len(by_feat)] = t.id_embeddings("item", np.asarray(keys))
-                rows[:len(by_feat)] = np.arange(len(by_feat))
-            emb[by_feat] = embed_items(t.graphdef, t.params, table, rows, stacked, batch_size=size,
-                                       audience=audience)[:len(by_feat)]
+            stacked = {n: np.stack([f[n] for f in feats]) for n in self.item_names}
+            emb[by_feat] = embed_items(self.trained, self.ds, rows, features=stacked, raw_ids=np.asarray(keys),
+                                       buckets=self.batch_sizes)
         return ids, emb
 
     def warmup(self) -> None:

@@ -1,6 +1,5 @@
-"""The ScaNN backend of `serve.index.TopK`: `ScaNNIndex`, and `scann_settings` / `build_scann_searcher`, the one
-place that says how ScaNN is configured for a corpus (the evaluation's ANN metrics, `eval.ann`, build their
-searcher with them too).
+"""The ScaNN backend of `serve.index.TopK`: `ScaNNIndex`, configured and built by the inference layer's rule
+(`towers.inference.search.scann_settings` / `build_scann_searcher`, which the evaluation's ANN metrics use too).
 
 ScaNN's datapoints are the index's slots (see `serve.index`), so its own docid pickle is never used: never
 written, and never read (`load_scann_searcher`), since unpickling a file from an index directory would run
@@ -15,6 +14,7 @@ import pathlib
 import numpy as np
 
 from serve.index import TopK
+from towers.inference.search import build_scann_searcher, import_scann, scann_settings, widened_leaves
 
 log = logging.getLogger("twotower.serve")
 
@@ -24,77 +24,6 @@ log = logging.getLogger("twotower.serve")
 SCANN_FILES = ("scann_assets.pbtxt", "scann_config.pb", "ah_codebook.pb", "serialized_partitioner.pb",
                "datapoint_to_token.npy", "hashed_dataset.npy", "int8_dataset.npy", "int8_multipliers.npy",
                "dp_norms.npy", "dataset.npy")
-
-
-def _import_scann():
-    try:
-        from scann import scann_ops_pybind
-    except ImportError as e:
-        raise ImportError("ScaNNIndex needs the `scann` package (pip install scann>=1.4.2, Linux x86-64); "
-                          "or use BruteForce / index=brute_force") from e
-    return scann_ops_pybind
-
-
-def scann_settings(num_items: int, *, num_leaves: int | None = None, num_leaves_to_search: int | None = None,
-                   dimensions_per_block: int = 2, anisotropic_quantization_threshold: float = 0.2,
-                   reorder: int = 100, training_sample_size: int = 100_000, brute_force_below: int = 20_000,
-                   training_threads: int = 0) -> dict:
-    """How ScaNN is configured for a corpus of `num_items`: the one rule the serving index and evaluation share.
-
-    Args:
-      num_items: N, the corpus size.
-      num_leaves: k-means tree leaves; None = round(sqrt(N)) (at least 2).
-      num_leaves_to_search: leaves scanned per query; None = ceil(num_leaves / 10); capped at num_leaves.
-      dimensions_per_block, anisotropic_quantization_threshold: asymmetric-hashing settings.
-      reorder: candidates rescored exactly (the searcher's default; searches may pass their own).
-      training_sample_size: points sampled to train the tree and the AH codebooks (capped at N).
-      brute_force_below: corpora smaller than this get {"mode": "brute_force"}.
-      training_threads: threads for training; 0 = all cores.
-
-    Returns:
-      {"mode": "brute_force"}, or {"mode": "tree_ah", "num_leaves", "num_leaves_to_search",
-      "dimensions_per_block", "anisotropic_quantization_threshold", "reorder", "training_sample_size",
-      "training_threads"} for `build_scann_searcher`.
-
-    Raises:
-      ValueError: a tree with at least as many leaves as items.
-    """
-    if num_items < brute_force_below:
-        return {"mode": "brute_force"}
-    leaves = num_leaves or max(2, round(math.sqrt(num_items)))
-    if leaves >= num_items:
-        raise ValueError(f"num_leaves={leaves} must be smaller than the {num_items} items; lower num_leaves or "
-                         "raise brute_force_below so this corpus is searched by brute force")
-    search = min(leaves, num_leaves_to_search or max(1, math.ceil(leaves / 10)))
-    return {"mode": "tree_ah", "num_leaves": leaves, "num_leaves_to_search": search,
-            "dimensions_per_block": dimensions_per_block,
-            "anisotropic_quantization_threshold": anisotropic_quantization_threshold, "reorder": reorder,
-            "training_sample_size": min(num_items, training_sample_size), "training_threads": training_threads}
-
-
-def build_scann_searcher(db: np.ndarray, settings: dict, num_neighbors: int = 10):
-    """A dot-product ScaNN searcher over `db` as `scann_settings` describes it.
-
-    Args:
-      db: float32 [N, D] item embeddings, C-contiguous; row n is datapoint n.
-      settings: from `scann_settings(N, ...)`. "tree_ah": k-means tree, anisotropic AH, exact reordering;
-        "brute_force": ScaNN's brute-force scorer (for callers that want a ScaNN searcher at any size;
-        `ScaNNIndex` searches such corpora with numpy instead).
-      num_neighbors: the searcher's default k (searches usually pass their own).
-
-    Returns:
-      a ``scann_ops_pybind.ScannSearcher``.
-    """
-    builder = _import_scann().builder(db, num_neighbors, "dot_product")
-    if settings["mode"] == "brute_force":
-        return builder.score_brute_force().build()
-    s = settings
-    return (builder.tree(num_leaves=s["num_leaves"], num_leaves_to_search=s["num_leaves_to_search"],
-                         training_sample_size=s["training_sample_size"])
-            .score_ah(s["dimensions_per_block"],
-                      anisotropic_quantization_threshold=s["anisotropic_quantization_threshold"],
-                      training_sample_size=s["training_sample_size"])
-            .reorder(s["reorder"]).set_n_training_threads(s["training_threads"]).build())
 
 
 def load_scann_searcher(artifacts: pathlib.Path):
@@ -111,7 +40,7 @@ def load_scann_searcher(artifacts: pathlib.Path):
     from google.protobuf import text_format
     from scann.scann_ops import scann_assets_pb2
 
-    ops = _import_scann()
+    ops = import_scann()
     text = (artifacts / "scann_assets.pbtxt").read_text()
     paths = [a.asset_path for a in text_format.Parse(text, scann_assets_pb2.ScannAssets()).assets]
     bad = [p for p in paths if p not in SCANN_FILES or not (artifacts / p).is_file()]
@@ -185,12 +114,12 @@ class ScaNNIndex(TopK):
         self.num_leaves, self.num_leaves_to_search = settings["num_leaves"], settings["num_leaves_to_search"]
         self._searcher = build_scann_searcher(self._emb[:self._n], settings)
 
-    def _backend_ann(self, q, fetch, leaves):
-        leaves = self.num_leaves_to_search if leaves is None else min(self.num_leaves, 4 * leaves)
+    def _backend_ann(self, q, fetch, attempt):
+        leaves = widened_leaves(self.num_leaves_to_search, self.num_leaves, attempt)
         # `reorder` is sized for k=10: deeper fetches (large k, many exclusions) rescore proportionally more.
         pre = max(self.config["reorder"], math.ceil(fetch * self.config["reorder"] / 10))
         idx, dist = self._searcher.searcher.search_batched(q, fetch, pre, leaves, len(q) >= 256, 256)
-        return dist, idx.astype(np.int64), leaves
+        return dist, idx.astype(np.int64)
 
     def _backend_upsert(self, replaced, replaced_emb, first_new, new_emb) -> None:
         if self._searcher is None:

@@ -14,11 +14,12 @@ Log format (`log=PATH`, Parquet file/directory or CSV with a header row), one ro
                  features.json: raw values as in training (strings for features with a value vocabulary,
                  integer codes for those without, numbers for dense features, lists for multi-hot ones).
 
-Items in the run's vocabulary are embedded with their ID row and their training features (the log's feature
-values are ignored for them); items not in the vocabulary are new and are embedded from their features alone
-(ID row -1), taken from their latest row in the log, each raw value encoded with the run's `feature_vocabs`
-(an unknown value becomes code 0, or is dropped from a multi-hot list). `log=run` scores the run's own
-train/valid/test interactions (no new items).
+Items are embedded as export and the server embed them (`towers.inference.embed`): items in the run's
+vocabulary with their training features (the log's feature values are ignored for them) and their ID row if
+they trained; items not in the vocabulary are new and are embedded from their features (and, with a hashed
+item table, their id's hashed rows), taken from their latest row in the log, each raw value encoded with the
+run's `feature_vocabs` (an unknown value becomes code 0, or is dropped from a multi-hot list). `log=run`
+scores the run's own train/valid/test interactions (no new items).
 """
 from __future__ import annotations
 
@@ -274,9 +275,9 @@ def trending_items(c: TrendingConfig, log_: Log, item_vocab) -> dict:
 
 
 def embed_trending(trained, ds, log_: Log, picked: dict, batch_size: int) -> np.ndarray:
-    """float32[K, D]: known items through their ID row and training features, new items from log features."""
-    from data.batching import item_audience_mean
-    from towers.embed import embed_items, trained_item_rows
+    """float32[K, D] by the inference layer's recipe (`towers.inference.embed.embed_items`, as export and the
+    server embed items): known items with their training features, new items with their log features."""
+    from towers.inference.embed import embed_items
     from towers.two_tower import feature_names
 
     rows, names = picked["rows"], feature_names(trained.model)[1]
@@ -290,12 +291,7 @@ def embed_trending(trained, ds, log_: Log, picked: dict, batch_size: int) -> np.
         if new.any():
             values[new] = fresh[s.name]
         feats[s.name] = values
-    table = trained.tables.get("item") if trained.model.item.use_id else None
-    # Known items that never trained (no training interactions) embed from features alone, like new ones; new
-    # items have no audience yet.
-    audience = item_audience_mean(ds, trained.tables["user"], rows) if trained.model.item.use_history else None
-    return embed_items(trained.graphdef, trained.params, table, trained_item_rows(rows, ds.item_counts()), feats,
-                       batch_size=min(batch_size, max(len(rows), 1)), audience=audience).astype(np.float32)
+    return embed_items(trained, ds, rows, features=feats, raw_ids=picked["ids"], batch_size=batch_size)
 
 
 def _post_items(server: str, model_version: str, ids: np.ndarray, emb: np.ndarray) -> dict:

@@ -1,7 +1,8 @@
-"""Batched inference: every item, or a set of users, through its tower (jit, fixed batch shapes).
+"""The towers on table rows: items or users through their tower (jit, fixed batch shapes).
 
-Used by end-of-training evaluation, `python -m eval`, export and serving. Inputs are arrays indexed by row
-(ID tables, feature arrays, history rows), so nothing here knows about files or training.
+`towers.inference.embed` decides what a run's items and users feed in (which ID rows, features, audiences,
+histories) and calls these; everything else calls that. Inputs are arrays indexed by row (ID tables, feature
+arrays, history rows), so nothing here knows about files, datasets or training.
 """
 from __future__ import annotations
 
@@ -101,26 +102,6 @@ def embed_items(graphdef, params, item_table, item_rows: np.ndarray, item_featur
     aud = None if audience is None else {"mean": np.asarray(audience[0], np.float32),
                                          "has": np.asarray(audience[1], bool)}
     return _run_batched(fn, len(item_rows), batch_size, item_rows, item_features, aud)
-
-
-def trained_item_rows(item_rows: np.ndarray, train_counts: np.ndarray) -> np.ndarray:
-    """The ID row each item should read: its own row, or -1 (features alone) when it has no training data.
-
-    An item with no training interaction (a cold item held out of training, or a catalog item nobody chose)
-    has an ID row that was never trained as a positive: it holds its random initial value plus whatever it
-    received as a sampled negative. The item tower learns to embed from features alone with a zeroed row
-    (`id_dropout`), so that is what such items get.
-
-    Args:
-      item_rows: int[N] item rows (-1 entries stay -1).
-      train_counts: int[num_items] training interactions per item (`Dataset.item_counts()`).
-    Returns:
-      int32[N] rows for `embed_items`.
-    """
-    rows = np.asarray(item_rows, dtype=np.int32)
-    counts = np.asarray(train_counts)
-    trained = (rows >= 0) & (counts[np.maximum(rows, 0)] > 0)
-    return np.where(trained, rows, -1).astype(np.int32)
 
 
 def embed_users(graphdef, params, user_table, item_table, user_rows: np.ndarray,

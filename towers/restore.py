@@ -53,7 +53,7 @@ class TrainedModel:
     contents: str = ""     # sha256 of the parameters' checksums and the vocabularies (see `load_trained`)
 
     def id_embeddings(self, table: str, raw_ids) -> np.ndarray:
-        """ID embeddings of raw ids, for `towers.embed` (as a table indexed by `np.arange(n)`).
+        """ID embeddings of raw ids, for `towers.inference.embed` (as a table indexed by `np.arange(n)`).
 
         Args:
           table: "user" or "item".
@@ -75,9 +75,6 @@ class TrainedModel:
         server versions are matched on. The same config retrained on other data gives another version."""
         digest = hashlib.sha256((json.dumps(self.config, sort_keys=True) + self.contents).encode()).hexdigest()[:12]
         return f"step{self.step}-{digest}"
-
-    def parts(self) -> dict:
-        return {"graphdef": self.graphdef, "params": self.params, "tables": self.tables, "model": self.model}
 
 
 def _need(path: pathlib.Path, what: str) -> pathlib.Path:

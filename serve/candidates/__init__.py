@@ -29,7 +29,8 @@ import uuid
 import numpy as np
 
 from serve.candidates.config import CandidatesConfig, validate
-from serve.candidates.search import Corpus, SearchStats, default_overfetch, seen_csr, topk_unseen
+from serve.candidates.search import Corpus, seen_csr, topk_unseen
+from towers.inference.search import SearchStats, default_overfetch
 
 log = logging.getLogger("twotower.candidates")
 FORMAT_VERSION = "1"
@@ -58,15 +59,6 @@ class Job:
 
 
 # ------------------------------------------------------------------------------------------------ loading
-def _check_vocabs(trained, ds) -> None:
-    for side in ("user", "item"):
-        saved, loaded = getattr(trained, f"{side}_vocab").raw_ids, getattr(ds, f"{side}_vocab").raw_ids
-        if saved.dtype.kind != loaded.dtype.kind or not np.array_equal(saved, loaded):
-            raise CandidatesError(f"the dataset reloaded from {trained.run_dir}/config.yaml has {len(loaded)} {side} "
-                                  f"ids but the run's vocab/{side}.npy has {len(saved)} (or another order): the "
-                                  "data changed since training; generate candidates from the data the model saw")
-
-
 def _load_index(c: CandidatesConfig, trained):
     from serve.manifest import IndexLoadError, load_index
 
@@ -123,11 +115,15 @@ def load_job(c: CandidatesConfig) -> Job:
     """Restores the towers, reloads their data, loads the index (its model version must be the run's) and
     resolves the users. Raises `CandidatesError` or `towers.restore.RestoreError`."""
     from data.load import load
+    from towers.inference.vocab import VocabularyMismatch, check_vocabularies
     from towers.restore import load_trained
 
     trained = load_trained(c.run_dir, c.step)
     ds = load(trained.config["data"])
-    _check_vocabs(trained, ds)
+    try:
+        check_vocabularies(trained, ds)
+    except VocabularyMismatch as e:
+        raise CandidatesError(f"{e}; generate candidates from the data the model saw") from None
     index, index_version = _load_index(c, trained)
     corpus = Corpus(index, c.search, user_block=c.user_block, item_block=c.item_block)
     try:
@@ -169,23 +165,11 @@ def shard_users(users: np.ndarray, num_shards: int, shard_index: int) -> np.ndar
 
 
 def embed_user_rows(job: Job, rows: np.ndarray) -> np.ndarray:
-    """float32[Q, D] user embeddings, in tower calls of exactly `batch_size` users (one compiled shape)."""
-    from data.batching import user_history
-    from towers.embed import embed_users
-    from towers.two_tower import feature_names
+    """float32[Q, D] user embeddings (`towers.inference.embed`), in tower calls of exactly `batch_size` users
+    (one compiled shape)."""
+    from towers.inference.embed import embed_users
 
-    t, size = job.trained, job.config.batch_size
-    padded = np.full(-(-len(rows) // size) * size, -1, np.int32)
-    padded[:len(rows)] = rows
-    gather = np.maximum(padded, 0)          # padding rows read user 0's features; their outputs are dropped
-    feats = {k: job.ds.user_features[k][gather] for k in feature_names(t.model)[0]}
-    history = None
-    if t.model.user.use_history:
-        history = user_history(job.ds, gather, int(t.config["data"].get("history_len", 0)))
-        history[len(rows):] = -1
-    table = t.tables.get("user") if t.model.user.use_id else None
-    emb = embed_users(t.graphdef, t.params, table, t.tables.get("item"), padded, feats, history, batch_size=size)
-    return emb[:len(rows)]
+    return embed_users(job.trained, job.ds, rows, buckets=(job.config.batch_size,))
 
 
 def candidates_for(job: Job, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, SearchStats]:

@@ -5,7 +5,8 @@ import pytest
 
 from scripts.bench_cold_items import cold_item_recall, cold_truth
 from tests.helpers import compose_cfg
-from towers.embed import embed_items, trained_item_rows
+from towers.embed import embed_items
+from towers.inference.embed import trained_item_rows
 from towers.two_tower import feature_names
 
 pytestmark = [pytest.mark.realdata, pytest.mark.slow]

@@ -5,7 +5,8 @@ import threading
 import numpy as np
 import pytest
 
-from serve.index import BruteForce, UnknownIdError, make_index
+from serve.index import BruteForce, UnknownIdError
+from serve.indexes import make_index
 from serve.scann_index import ScaNNIndex
 
 

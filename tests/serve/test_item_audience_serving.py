@@ -12,6 +12,7 @@ from serve.export import item_embeddings as export_item_embeddings
 from serve.model import Model
 from tests.helpers import smoke_cfg
 from towers.embed import embed_items
+from towers.inference.embed import Towers
 
 UNSEEN = 10**9 + 7
 
@@ -25,9 +26,9 @@ def audience_model(tmp_path_factory):
     return Model(run_dir, step=None, batch_sizes=(1, 4))
 
 
-def _parts(m: Model) -> dict:
+def _parts(m: Model) -> Towers:
     t = m.trained
-    return {"graphdef": t.graphdef, "params": t.params, "tables": t.tables, "model": t.model}
+    return Towers(t.graphdef, t.params, t.tables, t.model)
 
 
 def test_eval_and_export_embed_every_item_with_its_whole_audience(audience_model):

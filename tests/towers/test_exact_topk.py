@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from eval import topk
-from eval.topk import exact_topk
+from towers.inference import exact as topk
+from towers.inference.exact import exact_topk
 
 
 def reference_topk(user_emb, item_emb, k, indptr=None, items=None, users=None):

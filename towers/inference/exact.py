@@ -1,4 +1,6 @@
-"""Exact full-corpus top-k by dot product, streamed over user blocks and item tiles (JAX, jit).
+"""Exact full-corpus top-k by dot product with per-user exclusions, streamed over user blocks and item tiles
+(JAX, jit): for large batches of users (evaluation, batch candidates). `towers.inference.search` holds the
+rest of the search layer (host exact search, ScaNN, exclusions over an approximate search) and no JAX.
 
 The Q x N score matrix is never materialised. One jitted call maps over a batch of user blocks (``lax.map``); for
 each block a ``lax.scan`` walks the item tiles, scores one ``[user_block, item_block]`` tile with a matmul, sets
@@ -30,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eval.metrics import PAD, csr_pairs
+from data.types import PAD, csr_pairs
 
 _BLOCKS_PER_CALL = 16  # most user blocks per jitted call (bounds the exclusion arrays sent per call)
 
