@@ -81,7 +81,8 @@ class TrainLoopConfig:
                           choices=("pmap", "shard_map", "jit"))
     num_devices: int | None = _help(None, "devices to use; null = all local devices", gt=0)
     log_every_steps: int = _help(100, "write metrics (JSON lines, TensorBoard) every N steps", gt=0)
-    progress: bool = _help(True, "show a progress bar with steps/s and examples/s")
+    progress: bool = _help(True, "report steps/s, examples/s, loss and ETA every log_every_steps: a "
+                                   "progress bar on a terminal, else one log line")
     prefetch: int = _help(2, "batches prepared ahead in a background thread", gt=0)
     distributed: DistributedConfig = field(default_factory=DistributedConfig,
                                            metadata={"help": "multi-process (multi-host) set-up"})

@@ -11,11 +11,14 @@ leaves the run directory as it was.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import datetime
 import json
 import logging
 import math
 import pathlib
+import sys
 import time
 
 import jax
@@ -25,6 +28,7 @@ from omegaconf import OmegaConf
 
 from data.batching import Batches, negative_pool
 from data.load import load as load_dataset
+from eval.report import protocol_text
 from towers.id_tables import TABLE_TOWERS, hashings, vocab_view
 from towers.two_tower import TwoTower
 from train import config as config_lib
@@ -229,17 +233,110 @@ def write_untrained_run(c: config_lib.Config, run_dir: str | pathlib.Path, *, st
 
 
 # ---------------------------------------------------------------- loop
-def _summarise(window: list[dict], step: int, seconds: float, batch: int) -> dict:
-    sums = jax.tree.map(lambda *xs: float(np.sum(xs)), *jax.device_get(window))
+def _summarise(window: list[dict], step: int, steps_timed: int, seconds: float, batch: int) -> dict:
+    """The means of a log window's metrics (host copies) and its throughput: `steps_timed` steps took `seconds`."""
+    sums = jax.tree.map(lambda *xs: float(np.sum(xs)), *window)
     count = max(sums.pop("count"), 1.0)
     out = {"train/loss": sums.pop("loss_sum") / count,
            "train/grad_norm": math.sqrt(sums.pop("grad_norm_sq") / len(window))}
     out.update({f"train/{k.removesuffix('_sum')}": v / count for k, v in sums.items()})
-    out["train/steps_per_sec"] = len(window) / max(seconds, 1e-9)
+    out["train/steps_per_sec"] = steps_timed / max(seconds, 1e-9)
     out["train/examples_per_sec"] = out["train/steps_per_sec"] * batch
     if not all(math.isfinite(v) for v in out.values()):
         raise TrainingDiverged(f"non-finite metrics in steps {step - len(window) + 1}..{step}: {out}")
     return out
+
+
+class WindowClock:
+    """Wall-clock time of the training steps, read only where the device has finished them.
+
+    JAX dispatches a step and returns before it has run, so a clock read after dispatching a window's steps
+    times their dispatch, not their execution, and overstates throughput the more often metrics are logged.
+    This clock is read at synchronised points only: once the first step has finished (`first_step`; it
+    includes compilation and the first batch, and is reported on its own as `first_step_seconds`) and once each
+    log window's metrics have been fetched (`lap`), so the first window's clock starts after the first step.
+    Checkpoint saves (`saving_checkpoint`) are timed on their own and left out of the window they fall in.
+    """
+
+    def __init__(self):
+        self.mark = time.perf_counter()
+        self.started = self.mark
+        self.first_step_seconds: float | None = None
+        self.steps = 0              # steps since `mark`, the first step excepted
+        self.saving = 0.0           # checkpoint seconds since the last lap
+        self.checkpoint_seconds = 0.0
+
+    def first_step(self, metrics) -> None:
+        """Waits for the first step and starts the first window's clock."""
+        jax.block_until_ready(metrics)
+        now = time.perf_counter()
+        self.first_step_seconds, self.mark = now - self.mark, now
+
+    def step(self) -> None:
+        self.steps += 1
+
+    def lap(self) -> tuple[int, float, float]:
+        """(steps, their seconds, checkpoint seconds) since the last lap; call once the window's metrics are on
+        the host. A window that holds only the first step is timed with its compilation: nothing else to time."""
+        now = time.perf_counter()
+        steps, seconds, saving = self.steps, now - self.mark - self.saving, self.saving
+        if steps == 0:
+            steps, seconds = 1, self.first_step_seconds
+        self.mark, self.steps, self.saving = now, 0, 0.0
+        return steps, seconds, saving
+
+    @contextlib.contextmanager
+    def saving_checkpoint(self, state):
+        """Times a checkpoint save apart from the steps: the steps it would wait for are finished first."""
+        jax.block_until_ready(state)
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            seconds = time.perf_counter() - t0
+            self.saving += seconds
+            self.checkpoint_seconds += seconds
+
+    def totals(self) -> dict[str, float]:
+        """For `final_metrics.json`: the first step, the whole loop (saves included) and the saves."""
+        return {"first_step_seconds": self.first_step_seconds or 0.0,
+                "training_seconds": time.perf_counter() - self.started,
+                "checkpoint_seconds": self.checkpoint_seconds}
+
+
+class Progress:
+    """Progress for whoever watches the run, every log window: steps/s, examples/s, loss and ETA.
+
+    On a terminal, a tqdm bar on stderr. Written to a file or a pipe, a bar leaves one carriage-return frame per
+    step in the log, so there it is one `log.info` line per log window instead. Nothing when not `enabled`.
+    """
+
+    def __init__(self, start: int, steps: int, *, enabled: bool):
+        self.steps, self.enabled, self.bar = steps, enabled, None
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+            self.bar = tqdm(total=steps, initial=start, unit="step", dynamic_ncols=True, file=sys.stderr)
+
+    def step(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def window(self, step: int, metrics: dict[str, float]) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{metrics['train/loss']:.4f}",
+                                 ex_s=f"{metrics['train/examples_per_sec']:,.0f}")
+        elif self.enabled:
+            eta = (self.steps - step) / max(metrics["train/steps_per_sec"], 1e-9)
+            line = (f"step {step}/{self.steps} ({100 * step / self.steps:.0f}%): "
+                    f"{metrics['train/steps_per_sec']:.2f} steps/s, {metrics['train/examples_per_sec']:,.0f} "
+                    f"examples/s, loss {metrics['train/loss']:.4f}, ETA {datetime.timedelta(seconds=round(eta))}")
+            if "train/first_step_seconds" in metrics:
+                line += f"; first step {metrics['train/first_step_seconds']:.1f}s (compilation included)"
+            log.info("%s", line)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def make_batches(c: config_lib.Config, ds, seed: int | None = None) -> Batches:
@@ -260,7 +357,15 @@ def train_loop(c, launcher, dev_state, batches, ckpt, writer, start: int, steps:
                row_maps: dict | None = None, extra: dict | None = None):
     """Steps `start+1 .. steps`: prefetched batches, metrics every `log_every_steps` (to `writer` unless it is
     None, as on processes other than 0), checkpoints on the cadence and at the end, each with `extra` (the
-    config fingerprint) besides the data position. A state with NaN or inf stops the run before it is saved."""
+    config fingerprint) besides the data position. A state with NaN or inf stops the run before it is saved.
+
+    Throughput is timed by a `WindowClock`: each logged line's steps/s covers the steps the device finished
+    since the previous line, without the first step (compilation; `train/first_step_seconds` on the first line)
+    and without checkpoint saves (`train/checkpoint_seconds`).
+
+    Returns:
+      (state, the last logged metrics, `WindowClock.totals()`).
+    """
     use = dict(prepare_kwargs(step_cfg), row_maps=row_maps)
 
     def source():
@@ -269,36 +374,41 @@ def train_loop(c, launcher, dev_state, batches, ckpt, writer, start: int, steps:
             yield b, batches.state()
 
     feed = Prefetcher(source(), lambda bs: (prepare(bs[0], **use), bs[1]), depth=c.train.prefetch)
-    bar = None
-    if c.train.progress and distributed.is_primary():
-        from tqdm import tqdm
-        bar = tqdm(total=steps, initial=start, unit="step", dynamic_ncols=True)
-    window, t_window, last = [], time.perf_counter(), {}
+    progress = Progress(start, steps, enabled=c.train.progress and distributed.is_primary())
+    clock = WindowClock()
+    window, last = [], {}
     try:
         for step in range(start + 1, steps + 1):
             (local, shared), data_pos = next(feed)
             dev_state, metrics = launcher(dev_state, *launcher.put_batch(local, shared))
             window.append(metrics)
+            if step == start + 1:
+                clock.first_step(metrics)
+            else:
+                clock.step()
             if step % c.train.log_every_steps == 0 or step == steps:
-                last = _summarise(window, step, time.perf_counter() - t_window, c.train.global_batch_size)
+                window = jax.device_get(window)   # waits for the window's steps: only now is the clock read
+                steps_timed, seconds, saving = clock.lap()
+                last = _summarise(window, step, steps_timed, seconds, c.train.global_batch_size)
+                last["train/checkpoint_seconds"] = saving
+                if step - len(window) == start:
+                    last["train/first_step_seconds"] = clock.first_step_seconds
                 if writer is not None:
                     writer.write(step, last)
-                window, t_window = [], time.perf_counter()
-                if bar is not None:
-                    bar.set_postfix(loss=f"{last['train/loss']:.4f}",
-                                    ex_s=f"{last['train/examples_per_sec']:,.0f}")
+                progress.window(step, last)
+                window = []
             if step % c.checkpoint.every_steps == 0 or step == steps:
-                try:
-                    ckpt.save(step, launcher.get_state(dev_state), {**(extra or {}), "data": data_pos}, force=True)
-                except NonFiniteState as e:
-                    raise TrainingDiverged(str(e)) from None
-            if bar is not None:
-                bar.update(1)
+                with clock.saving_checkpoint(dev_state):
+                    try:
+                        ckpt.save(step, launcher.get_state(dev_state), {**(extra or {}), "data": data_pos},
+                                  force=True)
+                    except NonFiniteState as e:
+                        raise TrainingDiverged(str(e)) from None
+            progress.step()
     finally:
         feed.close()
-        if bar is not None:
-            bar.close()
-    return dev_state, last
+        progress.close()
+    return dev_state, last, clock.totals()
 
 
 # ---------------------------------------------------------------- entry point
@@ -332,19 +442,24 @@ def run(cfg, run_dir: str | pathlib.Path) -> dict:
              "model=%d, global batch %d; ID table bytes per device: %s", steps, start, len(devices),
              devices[0].platform, jax.process_count(), c.train.launcher, launcher.n // launcher.model_size,
              launcher.model_size, c.train.global_batch_size, table_bytes_per_device(dev_state["tables"]))
-    writer = MetricWriter(run_dir) if primary else None
-    last = {}
+    # TensorBoard hides the events of steps after `start` that an attempt which crashed after checkpoint `start`
+    # logged, as `drop_replayed_metrics` removed them from metrics.jsonl.
+    writer = MetricWriter(run_dir, purge_step=start + 1) if primary else None
+    last, timing = {}, {}
     try:
         if start < steps:
-            dev_state, last = train_loop(c, launcher, dev_state, batches, ckpt, writer, start, steps,
-                                         parts.step_cfg, row_maps, {"config": fingerprint})
+            dev_state, last, timing = train_loop(c, launcher, dev_state, batches, ckpt, writer, start, steps,
+                                                 parts.step_cfg, row_maps, {"config": fingerprint})
     finally:
         ckpt.close()
     state = launcher.get_state(dev_state)
-    result = {"steps": steps, "train": last}
+    result = {"steps": steps, "train": last, "timing": timing}
     if c.eval.at_end:
+        t0 = time.perf_counter()
         ev = final_eval(c, parts.model, parts.graphdef, state, ds, row_maps)   # every process joins the gather
+        timing["eval_seconds"] = time.perf_counter() - t0
         if primary:
+            log.info("evaluated in %.1fs", timing["eval_seconds"])
             result["eval"] = ev
             writer.write(steps, {f"eval/{name}/{k}": v for name in ("model", "most_popular")
                                  for k, v in ev[name].items()})
@@ -362,7 +477,6 @@ def final_eval(c, model, graphdef, state, ds, row_maps: dict | None = None) -> d
     indexes every table by vocabulary row.
     """
     from eval.holdout import evaluate, heldout_users, model_embeddings
-    from towers.inference.embed import Towers
 
     params, tables = distributed.host_copy((state["params"], state["tables"]))
     if not distributed.is_primary():
@@ -372,14 +486,15 @@ def final_eval(c, model, graphdef, state, ds, row_maps: dict | None = None) -> d
     # and host (numpy) tables would be copied to the device again for every batch.
     params, tables = jax.device_put((params, tables), jax.local_devices()[0])
     users = heldout_users(ds, max_users=c.eval.max_users, seed=c.eval.seed)
-    user_emb, item_emb = model_embeddings(Towers(graphdef, params, tables, model), ds, users, c.data.history_len)
+    parts = {"graphdef": graphdef, "params": params, "tables": tables, "model": model}
+    user_emb, item_emb = model_embeddings(parts, ds, users, c.data.history_len)
     return evaluate(user_emb, item_emb, ds, users, list(c.eval.ks), user_block=c.eval.user_block,
                     item_block=c.eval.item_block)
 
 
 def print_report(ev: dict, ks: list[int]) -> None:
     names = [f"{m}@{k}" for m in ("recall", "ndcg") for k in ks]
-    print(f"\nheld-out evaluation over {ev['num_users']} users, all items ranked, training items excluded:")
+    print(f"\nheld-out evaluation over {ev['num_users']} users, all items ranked, {protocol_text(ev)}:")
     print(f"{'':14s}" + "".join(f"{n:>12s}" for n in names))
     for who in ("model", "most_popular"):
         print(f"{who:14s}" + "".join(f"{ev[who][n]:12.4f}" for n in names))

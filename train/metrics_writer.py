@@ -1,5 +1,9 @@
 """Metric output: one JSON line per log step (`metrics.jsonl`) and TensorBoard events (tensorboardX, no
-TensorFlow needed), both under the run directory."""
+TensorFlow needed), both under the run directory.
+
+A resumed run passes `purge_step`, its first step: TensorBoard then hides the events of that step and later
+ones written before (by an attempt that crashed after logging them), so each step shows once, as in
+`metrics.jsonl` (whose replayed lines `train.resume.drop_replayed_metrics` removes)."""
 from __future__ import annotations
 
 import json
@@ -8,13 +12,13 @@ import time
 
 
 class MetricWriter:
-    def __init__(self, run_dir: pathlib.Path, *, tensorboard: bool = True):
+    def __init__(self, run_dir: pathlib.Path, *, tensorboard: bool = True, purge_step: int | None = None):
         self.path = pathlib.Path(run_dir) / "metrics.jsonl"
         self._file = open(self.path, "a", buffering=1)
         self._tb = None
         if tensorboard:
             from tensorboardX import SummaryWriter
-            self._tb = SummaryWriter(str(pathlib.Path(run_dir) / "tensorboard"))
+            self._tb = SummaryWriter(str(pathlib.Path(run_dir) / "tensorboard"), purge_step=purge_step)
 
     def write(self, step: int, metrics: dict[str, float]):
         row = {"step": int(step), "time": round(time.time(), 3), **{k: float(v) for k, v in metrics.items()}}
