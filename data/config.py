@@ -60,9 +60,9 @@ class DataConfig:
     test_fraction: float = _key(0.2, "temporal: per user, the last floor(f*n) (at least 1) interactions are test",
                                 ge=0, lt=1)
     valid_fraction: float = _key(0.0, "per user, carve floor(f*n_train) (at least 1) of the latest train "
-                                      "interactions as validation (equal timestamps ordered by split_seed, so a given split "
-                                      "without time gets a seeded random share); 0 = no validation split",
-                                ge=0, lt=1)
+                                      "interactions as validation (equal timestamps ordered by split_seed, so "
+                                      "a given split without time gets a seeded random share); 0 = no "
+                                      "validation split", ge=0, lt=1)
     split_seed: int = _key(0, "seed of the tie-break between interactions with equal timestamps (temporal test "
                               "and validation, given-split validation)", ge=0)
     cold_item_fraction: float = _key(0.0, "cold-start protocol: this share of the items with interactions is "
