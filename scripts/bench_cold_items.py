@@ -2,10 +2,10 @@
 
 Protocol: `data.cold_item_fraction` of the items (a seeded permutation) are held out of training entirely and
 all their interactions moved to test. After training, each cold item is embedded from its features (ID row
--1, see `towers.inference.embed.trained_item_rows`), and each user with a held-out cold item ranks ONLY the C cold items.
-Recall@k (|top-k ∩ H| / |H|, H = the user's held-out cold items) is compared with a random ranking of the same
-C items, whose expected recall@k is exactly min(k, C) / C for every user. For reference the same cold items are
-also ranked with their own (never positively trained) ID rows.
+-1, see `towers.inference.embed.trained_item_rows`), and each user with a held-out cold item ranks ONLY the C
+cold items. Recall@k (|top-k ∩ H| / |H|, H = the user's held-out cold items) is compared with a random ranking
+of the same C items, whose expected recall@k is exactly min(k, C) / C for every user. For reference the same
+cold items are also ranked with their own (never positively trained) ID rows.
 
   TWOTOWER_DATA_DIR=../shared/data python scripts/bench_cold_items.py                # ml-100k, 20 epochs
   TWOTOWER_DATA_DIR=../shared/data python scripts/bench_cold_items.py --epochs 3 --fraction 0.2

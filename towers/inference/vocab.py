@@ -30,7 +30,8 @@ def vocabulary_difference(run_ids: np.ndarray, data_ids: np.ndarray) -> str | No
 
 
 def check_vocabularies(run, dataset) -> None:
-    """Raises `VocabularyMismatch` (one line, without a remedy: callers add theirs) unless `dataset` maps every raw id to the row `run` was trained with.
+    """Raises `VocabularyMismatch` (one line, without a remedy: callers add theirs) unless `dataset` maps every
+    raw id to the row `run` was trained with.
 
     Args:
       run: a `towers.restore.TrainedModel` (its `user_vocab`, `item_vocab`, `feature_vocabs` and `run_dir`).
