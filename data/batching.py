@@ -160,24 +160,31 @@ class Batches:
       history_mode: "causal" or "sample" (see module docstring).
       seed: shuffling, negatives and sampled-history seed.
       item_history_len: HI, audience slots per item (0 = none; see module docstring).
+      negatives_per_row: M_r, items drawn uniformly (from the same pool) for each example on its own
+        (0 = none); drawn after everything else, so the other arrays are the same with or without them.
 
     Each batch: user int32 [B], item int32 [B], neg_item int32 [M], history int32 [B, H],
     item_history int32 [B, HI] and neg_item_history int32 [M, HI] (user rows, -1 padded; only when HI > 0),
     user_feat {name: [B, ...]}, item_feat {name: [B, ...]}, neg_item_feat {name: [M, ...]},
-    item_logq float32 [B], neg_item_logq float32 [M] (log p(item) under the training data).
+    item_logq float32 [B], neg_item_logq float32 [M] (log p(item) under the training data); with M_r > 0 also
+    row_neg_item int32 [B, M_r], row_neg_item_feat {name: [B, M_r, ...]} and row_neg_item_logq float32 [B, M_r].
     """
 
     def __init__(self, ds: Dataset, *, batch_size: int, num_negatives: int, history_len: int,
-                 history_mode: str = "causal", seed: int = 0, item_history_len: int = 0):
-        if batch_size < 1 or num_negatives < 0 or history_len < 0 or item_history_len < 0:
-            raise DataError(f"need batch_size >= 1, num_negatives >= 0, history_len >= 0, item_history_len >= 0; "
-                            f"got {batch_size}, {num_negatives}, {history_len}, {item_history_len}")
+                 history_mode: str = "causal", seed: int = 0, item_history_len: int = 0,
+                 negatives_per_row: int = 0):
+        if (batch_size < 1 or num_negatives < 0 or history_len < 0 or item_history_len < 0
+                or negatives_per_row < 0):
+            raise DataError(f"need batch_size >= 1, num_negatives >= 0, history_len >= 0, item_history_len >= 0, "
+                            f"negatives_per_row >= 0; got {batch_size}, {num_negatives}, {history_len}, "
+                            f"{item_history_len}, {negatives_per_row}")
         if history_mode not in HISTORY_MODES:
             raise DataError(f"history_mode must be one of {HISTORY_MODES}, got {history_mode!r}")
         self.ds = ds
         self.batch_size, self.num_negatives = batch_size, num_negatives
         self.history_len, self.history_mode, self.seed = history_len, history_mode, seed
         self.item_history_len = item_history_len
+        self.negatives_per_row = negatives_per_row
         self._indptr, self._items = ds.train_csr()
         self.examples_per_epoch = int(self._items.shape[0])
         if self.examples_per_epoch == 0:
@@ -246,7 +253,17 @@ class Batches:
         }
         if self.item_history_len:
             batch["item_history"], batch["neg_item_history"] = self._audiences(ex, user, item, neg, rng)
+        if self.negatives_per_row:
+            batch.update(self._row_negatives(len(ex), rng))
         return batch
+
+    def _row_negatives(self, batch_size: int, rng) -> dict:
+        """Each example's own `negatives_per_row` uniform draws from the negative pool, their features and log p."""
+        draws = rng.integers(0, self.num_negative_candidates, (batch_size, self.negatives_per_row))
+        neg = self._negative_pool[draws]
+        return {"row_neg_item": neg,
+                "row_neg_item_feat": {k: v[neg] for k, v in self.ds.item_features.items()},
+                "row_neg_item_logq": self._logq[neg]}
 
     def _audiences(self, ex, user, item, neg, rng) -> tuple[np.ndarray, np.ndarray]:
         """Sampled audiences of the positives (without the example's user) and of the negatives."""

@@ -34,6 +34,13 @@ class LossConfig:
                                            "num_negatives uniform items (needs num_negatives > 0)")
     ccl_margin: float = _help(0.9, "ccl: negatives with cosine above this margin are pushed down", ge=-1, lt=1)
     ccl_negative_weight: float = _help(150.0, "ccl: weight of the mean negative term against the positive's", ge=0)
+    bsl_negative_power: float = _help(1.0, "softmax: exponent p on the negatives' summed exp, loss = -log(e^pos / "
+                                           "(e^pos + (sum_neg e^neg)^p)) (BSL); 1 = plain softmax", gt=0)
+    negatives_per_row: int = _help(0, "uniformly drawn corpus items of each example's own (BSL and SimpleX draw "
+                                      "negatives this way), beside the num_negatives shared ones; log q "
+                                      "log(M_r / N); 0 = none", ge=0)
+    user_dropout: float = _help(0.0, "dropout on the user embedding in training (renormalised when "
+                                     "model.normalize), before the scores", ge=0, lt=1)
 
 
 @dataclass
@@ -146,12 +153,19 @@ def validate(cfg: DictConfig | dict, *, num_devices: int | None = None) -> Confi
     line each)."""
     c = to_schema(cfg)
     resolve_config(c.data)
-    if not c.loss.in_batch_negatives and c.loss.num_negatives == 0:
-        _fail("loss.in_batch_negatives", False, "leaves no negatives with loss.num_negatives=0; draw uniform "
-                                                "negatives or keep the in-batch ones")
+    if not c.loss.in_batch_negatives and c.loss.num_negatives == 0 and c.loss.negatives_per_row == 0:
+        _fail("loss.in_batch_negatives", False, "leaves no negatives with loss.num_negatives=0 and "
+                                                "loss.negatives_per_row=0; draw uniform negatives or keep the "
+                                                "in-batch ones")
     if c.loss.name == "ccl":
         if not c.model.normalize:
             _fail("loss.name", "ccl", "scores cosines, so it needs model.normalize=true")
+        if c.loss.bsl_negative_power != 1.0:
+            _fail("loss.bsl_negative_power", c.loss.bsl_negative_power, "applies to the softmax only; set it to "
+                                                                         "1.0 with loss.name=ccl")
+    if c.loss.negatives_per_row and c.model.item.use_history:
+        _fail("loss.negatives_per_row", c.loss.negatives_per_row, "cannot be combined with item audiences "
+                                                                   "(model.item.use_history=true) yet; set one off")
     if c.model.user.use_history and c.data.history_len <= 0:
         _fail("data.history_len", c.data.history_len, "must be > 0 when model.user.use_history is true")
     if c.model.item.use_history:

@@ -20,6 +20,21 @@ def bucket(n: int, cap: int) -> int:
     return int(min(cap, max(MIN_BUCKET, 1 << max(0, int(n - 1).bit_length()))))
 
 
+def _unique_inverse(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`np.unique(ids, return_inverse=True)` for non-negative ids. When the ids span a range not much wider than
+    their count (per-row negatives: 1024 x 800 draws from a few 10k items) a presence mask over that range
+    replaces the sort: about 8 ms instead of 180 ms for 820k ids, the same result."""
+    if ids.size == 0:
+        return np.unique(ids, return_inverse=True)
+    span = int(ids.max()) + 1
+    if span > max(8 * ids.size, 1 << 16):
+        return np.unique(ids, return_inverse=True)
+    present = np.zeros(span, bool)
+    present[ids] = True
+    position = np.cumsum(present, dtype=np.int64) - 1
+    return np.flatnonzero(present).astype(ids.dtype), position[ids]
+
+
 def unique_rows(ids: np.ndarray, cap: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """De-duplicates table rows.
 
@@ -32,7 +47,7 @@ def unique_rows(ids: np.ndarray, cap: int) -> tuple[np.ndarray, np.ndarray, np.n
     """
     flat = ids.reshape(-1)
     real = flat >= 0
-    uniq, inv = np.unique(flat[real], return_inverse=True)
+    uniq, inv = _unique_inverse(flat[real])
     size = bucket(len(uniq), cap)
     padded = np.zeros(size, np.int32)
     padded[: len(uniq)] = uniq
@@ -64,13 +79,19 @@ def prepare(batch: dict, *, use_user_table: bool, use_item_table: bool, use_hist
       local: {"user", "item", "neg_item", "user_idx", "item_idx", "neg_idx", "history_idx", "history_mask",
               "user_feat", "item_feat", "neg_item_feat", "item_logq", "neg_item_logq", "mask"} with leading dim B
               (or M); with use_item_history also "item_history_idx", "item_history_mask" [B, HI] and
-              "neg_item_history_idx", "neg_item_history_mask" [M, HI].
+              "neg_item_history_idx", "neg_item_history_mask" [M, HI]; when the batch has per-row negatives
+              also "row_neg_item", "row_neg_item_feat", "row_neg_item_logq" and "row_neg_idx" [B, M_r]
+              (their rows are de-duplicated with the other item rows, so the sparse update covers them).
       shared: {"user_uniq", "user_valid", "item_uniq", "item_valid"} (only for tables in use).
     """
     maps = row_maps or {}
     B, M = len(batch["user"]), len(batch["neg_item"])
     local = {k: batch[k] for k in ("user", "item", "neg_item", "user_feat", "item_feat", "neg_item_feat",
                                    "item_logq", "neg_item_logq")}
+    per_row = "row_neg_item" in batch
+    if per_row:
+        local.update({k: batch[k] for k in ("row_neg_item", "row_neg_item_feat", "row_neg_item_logq")})
+    row_neg = batch["row_neg_item"] if per_row else np.zeros((B, 0), np.int32)
     local["mask"] = np.ones(B, np.float32)
     shared = {}
     if use_user_table:
@@ -88,13 +109,16 @@ def prepare(batch: dict, *, use_user_table: bool, use_item_table: bool, use_hist
             shared["user_uniq"], shared["user_valid"], local["user_idx"] = unique_rows(ids, ids.size)
     if use_item_table:
         hist = batch["history"] if use_history else np.zeros((B, 0), np.int32)
-        ids = _table_rows(np.concatenate([batch["item"], batch["neg_item"], hist.reshape(-1)]), maps.get("item"))
+        ids = _table_rows(np.concatenate([batch["item"], batch["neg_item"], hist.reshape(-1), row_neg.reshape(-1)]),
+                          maps.get("item"))
         uniq, valid, inv = unique_rows(ids, ids.size)
         shared["item_uniq"], shared["item_valid"] = uniq, valid
         local["item_idx"], local["neg_idx"] = inv[:B], inv[B:B + M]
         if use_history:
-            local["history_idx"] = inv[B + M:].reshape(hist.shape + inv.shape[1:])
+            local["history_idx"] = inv[B + M:B + M + hist.size].reshape(hist.shape + inv.shape[1:])
             local["history_mask"] = hist >= 0
+        if per_row:
+            local["row_neg_idx"] = inv[B + M + hist.size:].reshape(row_neg.shape + inv.shape[1:])
     return local, shared
 
 

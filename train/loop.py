@@ -151,7 +151,8 @@ def build_parts(c: config_lib.Config, ds, steps: int, devices: list, table_rows:
         logq_correction=c.loss.logq_correction, logq_mixture=c.loss.logq_mixture,
         remove_accidental_hits=c.loss.remove_accidental_hits, embedding_l2=c.loss.embedding_l2,
         in_batch_negatives=c.loss.in_batch_negatives, loss_type=c.loss.name, ccl_margin=c.loss.ccl_margin,
-        ccl_negative_weight=c.loss.ccl_negative_weight,
+        ccl_negative_weight=c.loss.ccl_negative_weight, negative_power=c.loss.bsl_negative_power,
+        negatives_per_row=c.loss.negatives_per_row, user_dropout=c.loss.user_dropout,
         use_user_table="user" in sizes, use_item_table="item" in sizes, use_history=c.model.user.use_history,
         use_item_history=c.model.item.use_history)
     step_fn = make_step(graphdef=graphdef, cfg=step_cfg, dense_tx=dense_tx, sparse_opts=sparse_opts)
@@ -344,7 +345,8 @@ def make_batches(c: config_lib.Config, ds, seed: int | None = None) -> Batches:
     return Batches(ds, batch_size=c.train.global_batch_size, num_negatives=c.loss.num_negatives,
                    history_len=c.data.history_len if c.model.user.use_history else 0,
                    history_mode=c.data.history_mode, seed=c.seed if seed is None else seed,
-                   item_history_len=c.data.item_history_len if c.model.item.use_history else 0)
+                   item_history_len=c.data.item_history_len if c.model.item.use_history else 0,
+                   negatives_per_row=c.loss.negatives_per_row)
 
 
 def prepare_kwargs(step_cfg: StepConfig) -> dict:

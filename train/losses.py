@@ -2,10 +2,11 @@
 
 Each row of a batch is one (query, positive item) pair. Its candidates are the positives of the whole *global*
 batch (gathered across devices) plus M uniformly drawn corpus items shared by all rows (mixed negative sampling,
-Yang et al., WWW 2020). The chain, in the order `retrieval_loss` applies it:
+Yang et al., WWW 2020), plus optionally M_r uniform items of the row's own ([batch, M_r], as BSL and SimpleX
+draw them). The chain, in the order `retrieval_loss` applies it:
 
-    scores -> apply_temperature -> apply_logq_correction -> mask_accidental_hits
-           -> (hard_negative_mining) -> softmax_cross_entropy
+    (user dropout, in the step) -> scores (+ row_scores) -> apply_temperature -> apply_logq_correction
+           -> mask_accidental_hits -> (hard_negative_mining) -> softmax_cross_entropy | bsl_cross_entropy
 
 `loss_type="ccl"` swaps the softmax for SimpleX's cosine contrastive loss (Mao et al., CIKM 2021) on the raw
 cosine scores of the same candidates: `relu(1 - cos(q, pos)) + w * mean_neg relu(cos(q, neg) - margin)`; no
@@ -50,6 +51,24 @@ def log_expected_count(prob, num_draws) -> jax.Array:
     return jnp.log(jnp.asarray(num_draws, jnp.float32) * jnp.asarray(prob, jnp.float32))
 
 
+def apply_dropout(x: jax.Array, keep: jax.Array, rate: float) -> jax.Array:
+    """Inverted dropout with a given mask: kept entries scaled by 1 / (1 - rate), the others zero.
+
+    Args:
+      x: [..., dim] values (the user embeddings q).
+      keep: bool[..., dim] (or broadcastable) entries kept.
+      rate: drop probability in [0, 1).
+    """
+    return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
+
+
+def dropout(x: jax.Array, rate: float, rng: jax.Array) -> jax.Array:
+    """Inverted dropout of each entry with probability `rate` (training only: the caller passes a fresh key)."""
+    if rate <= 0:
+        return x
+    return apply_dropout(x, jax.random.bernoulli(rng, 1.0 - rate, x.shape), rate)
+
+
 def scores(q: jax.Array, c: jax.Array) -> jax.Array:
     """Dot-product scores of every query with every candidate.
 
@@ -64,6 +83,20 @@ def scores(q: jax.Array, c: jax.Array) -> jax.Array:
     return jnp.einsum("bd,cd->bc", q, c, preferred_element_type=out_dtype)
 
 
+def row_scores(q: jax.Array, c: jax.Array) -> jax.Array:
+    """Scores of each query with its own candidates.
+
+    Args:
+      q: [batch, dim] query embeddings.
+      c: [batch, num_per_row, dim] row i's candidates.
+
+    Returns:
+      [batch, num_per_row] scores, at least float32.
+    """
+    out_dtype = jnp.promote_types(jnp.result_type(q, c), jnp.float32)
+    return jnp.einsum("bd,bmd->bm", q, c, preferred_element_type=out_dtype)
+
+
 def apply_temperature(logits: jax.Array, temperature) -> jax.Array:
     """Divides [batch, num_candidates] logits by a scalar temperature (> 0; smaller = sharper softmax)."""
     return logits / temperature
@@ -74,13 +107,15 @@ def apply_logq_correction(logits: jax.Array, candidate_logq: jax.Array) -> jax.A
 
     Args:
       logits: [batch, num_candidates].
-      candidate_logq: [num_candidates] log q of each candidate (see `log_expected_count`).
+      candidate_logq: [num_candidates] log q of each candidate (see `log_expected_count`), or
+        [batch, num_candidates] when rows have candidates of their own.
 
     Returns:
-      [batch, num_candidates] `logits - candidate_logq[None, :]`. Subtracting (not adding) is the correct sign:
-      a popular candidate's logit goes down.
+      [batch, num_candidates] `logits - candidate_logq` (broadcast over rows). Subtracting (not adding) is the
+      correct sign: a popular candidate's logit goes down.
     """
-    return logits - candidate_logq[None, :].astype(logits.dtype)
+    logq = candidate_logq if candidate_logq.ndim == 2 else candidate_logq[None, :]
+    return logits - logq.astype(logits.dtype)
 
 
 def accidental_hits(label_ids: jax.Array, candidate_ids: jax.Array, label_cols: jax.Array) -> jax.Array:
@@ -97,6 +132,19 @@ def accidental_hits(label_ids: jax.Array, candidate_ids: jax.Array, label_cols: 
     same_item = candidate_ids[None, :] == label_ids[:, None]
     cols = jnp.arange(candidate_ids.shape[0])
     return same_item & (cols[None, :] != label_cols[:, None])
+
+
+def row_accidental_hits(label_ids: jax.Array, row_ids: jax.Array) -> jax.Array:
+    """Where a row's own negative is the row's positive item.
+
+    Args:
+      label_ids: [batch] item id of each row's positive.
+      row_ids: [batch, per_row] item ids of each row's own negatives.
+
+    Returns:
+      bool[batch, per_row], True at accidental hits.
+    """
+    return row_ids == label_ids[:, None]
 
 
 def mask_accidental_hits(logits, label_ids, candidate_ids, label_cols) -> jax.Array:
@@ -121,6 +169,39 @@ def softmax_cross_entropy(logits: jax.Array, label_cols: jax.Array) -> jax.Array
       [batch] `logsumexp(logits[i]) - logits[i, label_cols[i]]`.
     """
     return optax.softmax_cross_entropy_with_integer_labels(logits, label_cols)
+
+
+def bsl_cross_entropy(logits: jax.Array, label_cols: jax.Array, negative_power: float) -> jax.Array:
+    """Per-row softmax cross entropy with the negatives' log-sum-exp raised to a power (BSL, Wu et al. 2024).
+
+    With z = logits[i], p = `negative_power` and N(i) every column but the label:
+
+        loss_i = -log( exp(z_label) / (exp(z_label) + (sum_{j in N(i)} exp(z_j)) ** p) )
+               = softplus(p * logsumexp_{j in N(i)} z_j - z_label)
+
+    p = 1 is the plain softmax cross entropy. p > 1 weighs the negatives' partition more (BSL's extra
+    robustness on the negative side: its exponent is the ratio of the two temperatures, tau_2 / tau_1).
+    BSL's code sums the negatives only, `-z_label + p * logsumexp_N z`; here the label stays in the denominator
+    so that p = 1 is exactly the softmax the rest of the chain uses. The two agree while the negatives' term
+    dominates; they differ for a row whose label already outscores its negatives by far, which then stops
+    pulling here (as in the softmax) but keeps pulling in BSL's form. Masked columns (`masked_value`) drop out
+    of the sum; a row without negatives costs 0.
+
+    Args:
+      logits: [batch, num_candidates] after temperature, log q and masking.
+      label_cols: int[batch] column of each row's label.
+      negative_power: p > 0.
+
+    Returns:
+      [batch] per-row losses.
+    """
+    is_label = jnp.arange(logits.shape[1])[None, :] == label_cols[:, None]
+    floor = masked_value(logits.dtype)
+    neg_lse = jax.nn.logsumexp(jnp.where(is_label, floor, logits), axis=1)
+    # Clipped at the masked value: p * (a very negative number) must not overflow to -inf.
+    neg_term = jnp.maximum(negative_power * neg_lse, floor)
+    label_logit = jnp.take_along_axis(logits, label_cols[:, None], axis=1)[:, 0]
+    return jax.nn.softplus(neg_term - label_logit)
 
 
 def cosine_contrastive_loss(raw: jax.Array, label_cols: jax.Array, removed: jax.Array, *, margin: float,
@@ -195,7 +276,8 @@ def _shape_error(name, x, expected, why):
 
 
 def _check_inputs(q, c, temperature, candidate_ids, candidate_logq, label_ids, neg_c, neg_ids, neg_logq, mask,
-                  remove_accidental_hits, in_batch_negatives=True, loss_type="softmax", num_hard_negatives=None):
+                  remove_accidental_hits, in_batch_negatives=True, loss_type="softmax", num_hard_negatives=None,
+                  row_neg_c=None, row_neg_ids=None, row_neg_logq=None, negative_power=1.0):
     """Raises ValueError at trace time for inconsistent arguments (the message says what to change)."""
     if q.ndim != 2 or q.shape != c.shape:
         raise ValueError(f"retrieval_loss: q has shape {tuple(q.shape)} and c has shape {tuple(c.shape)}; both must "
@@ -220,17 +302,40 @@ def _check_inputs(q, c, temperature, candidate_ids, candidate_logq, label_ids, n
         if (candidate_logq is None) != (neg_logq is None):
             raise ValueError("retrieval_loss: the log-q correction needs both candidate_logq and neg_logq (or "
                              "neither); correcting only one source biases the softmax towards the other.")
-    if remove_accidental_hits and (candidate_ids is None or (neg_c is not None and neg_ids is None)):
+    _check_row_negatives(q, candidate_logq, row_neg_c, row_neg_ids, row_neg_logq)
+    if remove_accidental_hits and (candidate_ids is None or (neg_c is not None and neg_ids is None)
+                                   or (row_neg_c is not None and row_neg_ids is None)):
         raise ValueError("retrieval_loss: remove_accidental_hits=True needs item ids: pass candidate_ids [batch] "
-                         "(and neg_ids [num_negatives] with neg_c), or set remove_accidental_hits=False.")
+                         "(and neg_ids [num_negatives] with neg_c, row_neg_ids [batch, per_row] with row_neg_c), "
+                         "or set remove_accidental_hits=False.")
+    if isinstance(negative_power, (int, float)) and not negative_power > 0:
+        raise ValueError(f"retrieval_loss: negative_power={negative_power} must be > 0 (1 = plain softmax).")
     if loss_type not in ("softmax", "ccl"):
         raise ValueError(f"retrieval_loss: loss_type={loss_type!r} must be 'softmax' or 'ccl'.")
-    if not in_batch_negatives and neg_c is None:
+    if not in_batch_negatives and neg_c is None and row_neg_c is None:
         raise ValueError("retrieval_loss: in_batch_negatives=False leaves no negatives without neg_c; pass "
                          "sampled negatives or keep the in-batch ones.")
     if loss_type == "ccl" and num_hard_negatives is not None:
         raise ValueError("retrieval_loss: num_hard_negatives applies to the softmax only; drop it with "
                          "loss_type='ccl'.")
+
+
+def _check_row_negatives(q, candidate_logq, row_neg_c, row_neg_ids, row_neg_logq):
+    """The per-row negatives' shapes agree with q, and their log q comes exactly when the in-batch one does."""
+    if row_neg_c is None:
+        if row_neg_ids is not None or row_neg_logq is not None:
+            raise ValueError("retrieval_loss: row_neg_ids/row_neg_logq were given without row_neg_c; pass the "
+                             "per-row negatives' embeddings as row_neg_c [batch, per_row, dim] or drop them.")
+        return
+    batch, dim = q.shape
+    if row_neg_c.ndim != 3 or row_neg_c.shape[0] != batch or row_neg_c.shape[2] != dim:
+        _shape_error("row_neg_c", row_neg_c, (batch, "per_row", dim), f"q of shape {tuple(q.shape)}")
+    for name, x in (("row_neg_ids", row_neg_ids), ("row_neg_logq", row_neg_logq)):
+        if x is not None and x.shape != row_neg_c.shape[:2]:
+            _shape_error(name, x, row_neg_c.shape[:2], f"row_neg_c of shape {tuple(row_neg_c.shape)}")
+    if (candidate_logq is None) != (row_neg_logq is None):
+        raise ValueError("retrieval_loss: the log-q correction needs both candidate_logq and row_neg_logq (or "
+                         "neither); correcting only one source biases the softmax towards the other.")
 
 
 def _gather(x, axis_name):
@@ -256,11 +361,23 @@ def _global_candidates(c, candidate_ids, candidate_logq, neg_c, neg_ids, neg_log
     return cands, ids, logq, in_batch.shape[0]
 
 
+def _append_row_negatives(raw, removed, hits, logq, row_raw, row_hits, row_logq):
+    """The [batch, C] score, removed, hit and log q arrays with the rows' own [batch, M_r] columns appended
+    (log q becomes [batch, C + M_r]; row_hits None = no hits)."""
+    removed = jnp.pad(removed, ((0, 0), (0, row_raw.shape[1])))
+    hits = jnp.concatenate([hits, jnp.zeros(row_raw.shape, bool) if row_hits is None else row_hits], axis=1)
+    if logq is not None:
+        logq = jnp.concatenate([jnp.broadcast_to(logq[None, :], raw.shape), row_logq.astype(logq.dtype)], axis=1)
+    return jnp.concatenate([raw, row_raw], axis=1), removed, hits, logq
+
+
 def retrieval_loss(q, c, *, temperature, candidate_ids=None, candidate_logq=None, label_ids=None, neg_c=None,
                    neg_ids=None, neg_logq=None, axis_name=None, mask=None, remove_accidental_hits=True,
                    gather_negatives=True, num_hard_negatives=None, recall_ks=(), in_batch_negatives=True,
-                   loss_type="softmax", ccl_margin=0.9, ccl_negative_weight=150.0):
-    """Sampled softmax over [global in-batch positives ∪ M negatives], with log-q and accidental-hit corrections.
+                   loss_type="softmax", ccl_margin=0.9, ccl_negative_weight=150.0, row_neg_c=None,
+                   row_neg_ids=None, row_neg_logq=None, negative_power=1.0):
+    """Sampled softmax over [global in-batch positives ∪ M negatives ∪ the row's own M_r negatives], with log-q
+    and accidental-hit corrections.
 
     Row i's label is in-batch column `axis_index * batch + i`. With `axis_name` set (inside pmap or shard_map)
     c, candidate_ids, candidate_logq and mask are all-gathered (tiled, device order), and so are the negatives
@@ -290,6 +407,11 @@ def retrieval_loss(q, c, *, temperature, candidate_ids=None, candidate_logq=None
       loss_type: "softmax" (sampled softmax cross entropy) or "ccl" (`cosine_contrastive_loss` on the raw
         scores; temperature and log q are then unused).
       ccl_margin, ccl_negative_weight: the CCL margin and negative weight.
+      row_neg_c: optional [batch, per_row, dim] negatives of each row's own (never gathered: row i scores only
+        row_neg_c[i]); their columns follow the shared ones.
+      row_neg_ids: optional int[batch, per_row]; needed with row_neg_c when removing accidental hits.
+      row_neg_logq: optional float[batch, per_row]; required with row_neg_c exactly when candidate_logq is given.
+      negative_power: the exponent on the negatives' log-sum-exp (`bsl_cross_entropy`); 1 = plain softmax.
 
     Returns:
       (loss_sum, count, extras): float32 scalars `sum(mask * loss_row)` and `sum(mask)`, and a dict of sums:
@@ -297,7 +419,8 @@ def retrieval_loss(q, c, *, temperature, candidate_ids=None, candidate_logq=None
       and `hits@{k}_sum` for each k in recall_ks. Divide by `count` on the host.
     """
     _check_inputs(q, c, temperature, candidate_ids, candidate_logq, label_ids, neg_c, neg_ids, neg_logq, mask,
-                  remove_accidental_hits, in_batch_negatives, loss_type, num_hard_negatives)
+                  remove_accidental_hits, in_batch_negatives, loss_type, num_hard_negatives, row_neg_c,
+                  row_neg_ids, row_neg_logq, negative_power)
     batch = q.shape[0]
     row_mask = jnp.ones((batch,), jnp.float32) if mask is None else mask.astype(jnp.float32)
     label_ids = candidate_ids if label_ids is None else label_ids
@@ -315,9 +438,13 @@ def retrieval_loss(q, c, *, temperature, candidate_ids=None, candidate_logq=None
         keep = jnp.pad(keep, (0, cands.shape[0] - keep.shape[0]), constant_values=True)
         removed = ~keep[None, :] & (jnp.arange(cands.shape[0])[None, :] != label_cols[:, None])
     hits = accidental_hits(label_ids, ids, label_cols) if remove_accidental_hits else jnp.zeros_like(removed)
+    if row_neg_c is not None:  # the row's own negatives: more columns, each row with its own items
+        row_hits = row_accidental_hits(label_ids, row_neg_ids) if remove_accidental_hits else None
+        raw, removed, hits, logq = _append_row_negatives(raw, removed, hits, logq, row_scores(q, row_neg_c),
+                                                         row_hits, row_neg_logq)
     shown = removed  # the in-batch recall metric ranks all real candidates, whatever the loss uses
     if not in_batch_negatives:
-        cols = jnp.arange(cands.shape[0])
+        cols = jnp.arange(raw.shape[1])
         in_batch = cols < num_in_batch
         removed = removed | (in_batch[None, :] & (cols[None, :] != label_cols[:, None]))
 
@@ -332,7 +459,10 @@ def retrieval_loss(q, c, *, temperature, candidate_ids=None, candidate_logq=None
     loss_cols = label_cols
     if num_hard_negatives is not None:
         logits, loss_cols = hard_negative_mining(logits, label_cols, num_hard_negatives)
-    per_row = softmax_cross_entropy(logits, loss_cols)
+    if negative_power == 1.0:
+        per_row = softmax_cross_entropy(logits, loss_cols)
+    else:
+        per_row = bsl_cross_entropy(logits, loss_cols, negative_power)
     return _finish(per_row, raw, shown, hits, row_mask, label_cols, recall_ks)
 
 

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from towers.layers import l2_normalize
 from train import losses
 
 
@@ -49,6 +50,9 @@ class StepConfig:
     ccl_margin: float = 0.9
     ccl_negative_weight: float = 150.0
     use_item_history: bool = False
+    negative_power: float = 1.0
+    negatives_per_row: int = 0
+    user_dropout: float = 0.0
 
 
 def _psum(x, axis_name):
@@ -112,28 +116,42 @@ def _rows_of(rows: jax.Array, idx: jax.Array, base_ndim: int) -> jax.Array:
     return out.sum(axis=-2) if idx.ndim > base_ndim else out
 
 
-def candidate_logq(local: dict, cfg: StepConfig) -> tuple[jax.Array, jax.Array]:
+def candidate_logq(local: dict, cfg: StepConfig) -> tuple[jax.Array, jax.Array, jax.Array | None]:
     """log of each candidate's expected count in the candidate set (Yi et al. 2019).
 
-    In-batch positives were drawn by the data distribution: expected count B_global * p(item). Uniform
-    negatives: M_global / num_items each (num_items = the pool they are drawn from). Per source (the default),
+    In-batch positives were drawn by the data distribution: expected count B_global * p(item). Shared uniform
+    negatives: M_global / num_items each (num_items = the pool they are drawn from). A row's own uniform
+    negatives (`negatives_per_row` M_r): M_r / num_items each, a sampler per row. Per source (the default),
     each candidate is corrected by its own sampler's count. With `cfg.logq_mixture`, every candidate is
-    corrected by its expected count in the union of both samples, B p(item) + M / num_items: the proposal the
-    candidate set was really drawn from. Per source overstates the correction of a rare item drawn in-batch
-    (log B p alone is very negative, though uniform sampling alone would have drawn it M/N times).
+    corrected by its expected count in the union of the samples a row sees, B p(item) + (M + M_r) / num_items:
+    the proposal the candidate set was really drawn from. Per source overstates the correction of a rare item
+    drawn in-batch (log B p alone is very negative, though uniform sampling alone would have drawn it M/N
+    times) and of an item drawn by both uniform samplers.
+
+    Returns:
+      (in-batch float32[B], shared negatives float32[M], the rows' own float32[B, M_r] or None).
     """
     log_b = jnp.log(float(cfg.global_batch))
     uniform = math.log(max(cfg.global_negatives, 1) / cfg.num_items)
+    per_row = cfg.negatives_per_row
+    row_uniform = math.log(max(per_row, 1) / cfg.num_items)
+    all_uniform = math.log(max(cfg.global_negatives + per_row, 1) / cfg.num_items)
     pos = log_b + local["item_logq"]
     neg = jnp.full(local["neg_item"].shape, uniform, jnp.float32)
+    row = jnp.full(local["row_neg_item"].shape, row_uniform, jnp.float32) if per_row else None
     if not cfg.in_batch_negatives:
-        # Only the uniform sampler draws negatives, so every candidate (the label too) has its constant count.
-        return jnp.full(local["item_logq"].shape, uniform, jnp.float32), neg
-    if cfg.logq_mixture and cfg.global_negatives:
+        # Only the uniform samplers draw negatives, so the label has their joint constant count (with one
+        # sampler, every candidate has the same count and the correction cancels).
+        if cfg.logq_mixture:
+            neg = jnp.full_like(neg, all_uniform)
+            row = None if row is None else jnp.full_like(row, all_uniform)
+        return jnp.full(local["item_logq"].shape, all_uniform, jnp.float32), neg, row
+    if cfg.logq_mixture and (cfg.global_negatives or per_row):
         # Every in-batch item is a training item, so it is in the uniform pool too (cold items are neither).
-        pos = jnp.logaddexp(pos, uniform)
-        neg = jnp.logaddexp(log_b + local["neg_item_logq"], uniform)
-    return pos.astype(jnp.float32), neg.astype(jnp.float32)
+        pos = jnp.logaddexp(pos, all_uniform)
+        neg = jnp.logaddexp(log_b + local["neg_item_logq"], all_uniform)
+        row = None if row is None else jnp.logaddexp(log_b + local["row_neg_item_logq"], all_uniform)
+    return pos.astype(jnp.float32), neg.astype(jnp.float32), None if row is None else row.astype(jnp.float32)
 
 
 def tower_inputs(params_rows: dict, local: dict, cfg: StepConfig) -> dict:
@@ -148,9 +166,32 @@ def tower_inputs(params_rows: dict, local: dict, cfg: StepConfig) -> dict:
     if cfg.use_item_table:
         out["item_id"] = _rows_of(item_rows, local["item_idx"], 1)
         out["neg_id"] = _rows_of(item_rows, local["neg_idx"], 1)
+        if cfg.negatives_per_row:
+            out["row_neg_id"] = _rows_of(item_rows, local["row_neg_idx"], 2)
         if cfg.use_history:
             out["history"] = _rows_of(item_rows, local["history_idx"], 2)
     return out
+
+
+def row_negative_embeddings(model, x: dict, local: dict, rng: jax.Array) -> jax.Array:
+    """[B, M_r, dim] item-tower embeddings of each row's own negatives (flattened through the tower)."""
+    ids = local["row_neg_item"]
+    flat = lambda a: a.reshape(ids.size, *a.shape[2:])  # noqa: E731
+    id_rows = x.get("row_neg_id")
+    out = model.item(jax.tree.map(flat, local["row_neg_item_feat"]), None if id_rows is None else flat(id_rows),
+                     dropout_rng=rng)
+    return out.reshape(*ids.shape, out.shape[-1])
+
+
+def user_embeddings(model, x: dict, local: dict, rng: jax.Array, cfg: StepConfig) -> jax.Array:
+    """q, with `cfg.user_dropout` on it (training only: this is the loss's path). A normalising tower's q is
+    normalised again after the dropout, so the scores stay cosines (SimpleX drops out, then takes cosines)."""
+    q = model.user(local["user_feat"], x.get("user_id"), x.get("history"), local.get("history_mask"),
+                   dropout_rng=rng)
+    if not cfg.user_dropout:
+        return q
+    q = losses.dropout(q, cfg.user_dropout, jax.random.fold_in(rng, 1))
+    return l2_normalize(q) if model.user.normalize else q
 
 
 def loss_fn(params, rows: dict, local: dict, rng: jax.Array, *, graphdef, cfg: StepConfig,
@@ -159,22 +200,25 @@ def loss_fn(params, rows: dict, local: dict, rng: jax.Array, *, graphdef, cfg: S
     model = nnx.merge(graphdef, params)
     x = tower_inputs(rows, local, cfg)
     k_user, k_item, k_neg = jax.random.split(rng, 3)
-    q = model.user(local["user_feat"], x.get("user_id"), x.get("history"), local.get("history_mask"),
-                   dropout_rng=k_user)
+    q = user_embeddings(model, x, local, k_user, cfg)
     c = model.item(local["item_feat"], x.get("item_id"), x.get("item_history"), local.get("item_history_mask"),
                    dropout_rng=k_item)
     nc = model.item(local["neg_item_feat"], x.get("neg_id"), x.get("neg_item_history"),
                     local.get("neg_item_history_mask"), dropout_rng=k_neg) if cfg.global_negatives else None
-    pos_logq, neg_logq = candidate_logq(local, cfg) if cfg.logq_correction else (None, None)
+    per_row = cfg.negatives_per_row
+    row_nc = row_negative_embeddings(model, x, local, jax.random.fold_in(k_neg, 1)) if per_row else None
+    pos_logq, neg_logq, row_logq = candidate_logq(local, cfg) if cfg.logq_correction else (None, None, None)
     loss_sum, count, extras = losses.retrieval_loss(
         q, c, temperature=cfg.temperature,
         candidate_ids=local["item"], candidate_logq=pos_logq, label_ids=local["item"],
         neg_c=nc,
         neg_ids=local["neg_item"] if cfg.global_negatives else None,
         neg_logq=neg_logq if cfg.global_negatives else None,
+        row_neg_c=row_nc, row_neg_ids=local["row_neg_item"] if per_row else None, row_neg_logq=row_logq,
         axis_name=axis_name, mask=local["mask"], remove_accidental_hits=cfg.remove_accidental_hits,
         recall_ks=(10,), in_batch_negatives=cfg.in_batch_negatives, loss_type=cfg.loss_type,
-        ccl_margin=cfg.ccl_margin, ccl_negative_weight=cfg.ccl_negative_weight)
+        ccl_margin=cfg.ccl_margin, ccl_negative_weight=cfg.ccl_negative_weight,
+        negative_power=cfg.negative_power)
     total = _psum(count, axis_name)
     loss = loss_sum / total
     if cfg.embedding_l2:

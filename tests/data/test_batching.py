@@ -226,3 +226,42 @@ def test_item_audience_mean_is_the_mean_user_row(ds):
     assert not sub_has[1] and (sub[1] == 0).all()
     with pytest.raises(DataError, match="user table"):
         item_audience_mean(ds, table[:5])
+
+
+# ---------------------------------------------------------------- per-row negatives (loss.negatives_per_row)
+def test_row_negatives_are_each_rows_own_uniform_draws_and_leave_the_rest_unchanged():
+    from train.input import prepare
+
+    cold_ds = load({"source": "synthetic", "num_users": 300, "num_items": 200, "interactions_per_user": 15,
+                    "seed": 3, "cold_item_fraction": 0.2})
+    kw = dict(batch_size=64, num_negatives=16, history_len=3, seed=4)
+    plain, with_rows = Batches(cold_ds, **kw).next_batch(), Batches(cold_ds, negatives_per_row=50, **kw).next_batch()
+    for key, value in plain.items():  # drawn after everything else: the other arrays are the same
+        for name, array in (value.items() if isinstance(value, dict) else [(None, value)]):
+            np.testing.assert_array_equal(with_rows[key] if name is None else with_rows[key][name], array)
+    rows = with_rows["row_neg_item"]
+    assert rows.shape == (64, 50) and rows.dtype == np.int32
+    assert not set(cold_ds.cold_items.tolist()) & set(rows.ravel().tolist())  # the same pool as the shared ones
+    assert len({tuple(r) for r in rows}) == 64  # each row its own draws
+    np.testing.assert_array_equal(with_rows["row_neg_item_logq"], cold_ds.item_log_prob()[rows])
+    for name, values in cold_ds.item_features.items():
+        np.testing.assert_array_equal(with_rows["row_neg_item_feat"][name], values[rows])
+    # The step's de-duplicated item rows cover them: uniq[row_neg_idx] gives back their ids.
+    local, shared = prepare(with_rows, use_user_table=True, use_item_table=True, use_history=True)
+    np.testing.assert_array_equal(shared["item_uniq"][local["row_neg_idx"]], rows)
+    np.testing.assert_array_equal(shared["item_uniq"][local["history_idx"]][with_rows["history"] >= 0],
+                                  with_rows["history"][with_rows["history"] >= 0])
+    np.testing.assert_array_equal(shared["item_uniq"][local["neg_idx"]], with_rows["neg_item"])
+
+
+@pytest.mark.parametrize("span", [50, 10**9])
+def test_unique_rows_equals_numpy_unique_for_dense_and_sparse_ids(span):
+    from train.input import unique_rows
+
+    rng = np.random.default_rng(span % 97)
+    ids = rng.integers(-1, span, (40, 7)).astype(np.int64)  # -1 is padding
+    uniq, valid, inverse = unique_rows(ids, ids.size)
+    want = np.unique(ids[ids >= 0])
+    np.testing.assert_array_equal(uniq[valid], want)
+    np.testing.assert_array_equal(uniq[inverse][ids >= 0], ids[ids >= 0])
+    assert not valid[len(want):].any() and (inverse[ids < 0] == 0).all()

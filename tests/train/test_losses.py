@@ -1,4 +1,5 @@
 """The retrieval loss chain against float64 numpy references, on one device and across 4 fake devices."""
+import dataclasses
 import math
 
 import jax
@@ -42,7 +43,7 @@ def np_retrieval(q, cands, label_cols, *, temperature=1.0, logq=None, label_ids=
 # One compiled program per call signature: much faster than op-by-op dispatch on a 2-core CPU.
 retrieval_loss = jax.jit(losses.retrieval_loss, static_argnames=(
     "temperature", "axis_name", "remove_accidental_hits", "gather_negatives", "num_hard_negatives", "recall_ks",
-    "in_batch_negatives", "loss_type", "ccl_margin", "ccl_negative_weight"))
+    "in_batch_negatives", "loss_type", "ccl_margin", "ccl_negative_weight", "negative_power"))
 
 
 def rand(key, *shape):
@@ -301,20 +302,21 @@ def test_mixture_logq_is_the_expected_count_in_both_samples():
     local = {"item_logq": jnp.log(jnp.asarray(p_pos, jnp.float32)),
              "neg_item_logq": jnp.log(jnp.asarray(p_neg, jnp.float32)), "neg_item": jnp.zeros(M, jnp.int32)}
     per_source = StepConfig(1.0, B, M, N, True, True, 0.0, False, True, False)
-    pos, neg = candidate_logq(local, per_source)
+    pos, neg, row = candidate_logq(local, per_source)
+    assert row is None
     np.testing.assert_allclose(pos, np.log(B * p_pos), rtol=1e-5)
     np.testing.assert_allclose(neg, np.full(M, np.log(M / N)), rtol=1e-5)
     mixture = StepConfig(1.0, B, M, N, True, True, 0.0, False, True, False, logq_mixture=True)
-    pos, neg = candidate_logq(local, mixture)
+    pos, neg, _ = candidate_logq(local, mixture)
     np.testing.assert_allclose(pos, np.log(B * p_pos + M / N), rtol=1e-5)
     np.testing.assert_allclose(neg, np.log(B * p_neg + M / N), rtol=1e-5)
     # The rare negative's correction is about the uniform sampler's; a popular one's about the data's.
     assert abs(float(neg[1]) - np.log(M / N)) < 0.01 and abs(float(neg[0]) - np.log(B * 0.5)) < 0.1
     # Without uniform negatives the union is the batch alone.
-    pos, _ = candidate_logq(local, StepConfig(1.0, B, 0, N, True, True, 0.0, False, True, False, logq_mixture=True))
+    pos, _, _ = candidate_logq(local, StepConfig(1.0, B, 0, N, True, True, 0.0, False, True, False, logq_mixture=True))
     np.testing.assert_allclose(pos, np.log(B * p_pos), rtol=1e-5)
     # Uniform negatives only: every candidate, the label too, has the uniform sampler's constant count.
-    pos, neg = candidate_logq(local, StepConfig(1.0, B, M, N, True, True, 0.0, False, True, False,
+    pos, neg, _ = candidate_logq(local, StepConfig(1.0, B, M, N, True, True, 0.0, False, True, False,
                                                 in_batch_negatives=False))
     np.testing.assert_allclose(pos, np.full(B, np.log(M / N)), rtol=1e-5)
     np.testing.assert_allclose(neg, np.full(M, np.log(M / N)), rtol=1e-5)
@@ -416,3 +418,261 @@ def test_ccl_and_uniform_only_pmap_match_single_device(kw):
     for got, want in zip(per_device, single):
         np.testing.assert_allclose(np.sum(got), want, rtol=1e-5)
     assert float(single[0]) != float(jax.jit(_loss())(**case)[0])  # not the default loss by accident
+
+
+# ---------------------------------------------------------------- BSL, per-row negatives, user dropout
+def np_bsl(logits, label_cols, keep, power):
+    """Per-row -log(e^label / (e^label + (sum over kept non-label columns of e^z)^power)), in float64."""
+    out = []
+    for i, row in enumerate(np.asarray(logits, np.float64)):
+        negs = [row[j] for j in range(len(row)) if keep[i, j] and j != label_cols[i]]
+        neg_lse = np.logaddexp.reduce(negs) if negs else -np.inf
+        out.append(np.logaddexp(0.0, power * neg_lse - row[label_cols[i]]))
+    return np.array(out)
+
+
+def test_bsl_cross_entropy_matches_numpy_and_power_one_is_the_softmax():
+    logits = rand(51, 5, 7) * 3
+    labels = jnp.array([0, 3, 6, 2, 1])
+    keep = np.ones((5, 7), bool)
+    keep[1, 4] = keep[2, 0] = False
+    masked = jnp.where(jnp.asarray(keep), logits, losses.masked_value(jnp.float32))
+    for power in (1.22, 0.7):
+        np.testing.assert_allclose(losses.bsl_cross_entropy(masked, labels, power),
+                                   np_bsl(logits, np.asarray(labels), keep, power), rtol=1e-5)
+    np.testing.assert_allclose(losses.bsl_cross_entropy(masked, labels, 1.0),
+                               np_log_softmax_ce(logits, np.asarray(labels), keep), rtol=1e-5)
+    # A row whose every negative is masked costs nothing, with finite gradients.
+    lonely = jnp.where(jnp.arange(7)[None, :] == 2, 1.0, losses.masked_value(jnp.float32))
+    assert float(losses.bsl_cross_entropy(lonely, jnp.array([2]), 1.5)[0]) == 0.0
+    assert np.all(np.isfinite(jax.grad(lambda z: losses.bsl_cross_entropy(z, jnp.array([2]), 1.5).sum())(lonely)))
+
+
+def test_bsl_in_retrieval_loss_matches_numpy_with_logq_and_hits():
+    b, m = 6, 5
+    q, c, neg = rand(52, b, 4), rand(53, b, 4), rand(54, m, 4)
+    ids, neg_ids = np.array([3, 8, 3, 20, 31, 8]), np.array([8, 40, 41, 3, 42])
+    logq = np.log(b * np.linspace(0.01, 0.3, b))
+    neg_logq = np.full(m, np.log(m / 50))
+    kw = dict(temperature=0.3, candidate_ids=jnp.array(ids), candidate_logq=jnp.array(logq, jnp.float32),
+              neg_c=neg, neg_ids=jnp.array(neg_ids), neg_logq=jnp.array(neg_logq, jnp.float32))
+    loss_sum, _, _ = retrieval_loss(q, c, negative_power=1.22, **kw)
+    cand_ids = np.concatenate([ids, neg_ids])
+    logits = (np.asarray(q, np.float64) @ np.concatenate([c, neg]).T / 0.3
+              - np.concatenate([logq, neg_logq])[None, :])
+    keep = ~np_accidental_hits(ids, cand_ids, np.arange(b))
+    np.testing.assert_allclose(loss_sum, np_bsl(logits, np.arange(b), keep, 1.22).sum(), rtol=1e-5)
+    # Power 1 is the default softmax to the bit, and another power really changes the loss.
+    assert float(retrieval_loss(q, c, negative_power=1.0, **kw)[0]) == float(retrieval_loss(q, c, **kw)[0])
+    assert abs(float(loss_sum) - float(retrieval_loss(q, c, **kw)[0])) > 1e-2
+    with pytest.raises(ValueError, match="negative_power=0.0 must be > 0"):
+        losses.retrieval_loss(q, c, negative_power=0.0, **kw)
+
+
+def _row_case(b=8, m=4, per_row=3, seed=60):
+    """Shared and per-row negatives with accidental hits in both (ids small so they collide)."""
+    q, c, neg = rand(seed, b, 4), rand(seed + 1, b, 4), rand(seed + 2, m, 4)
+    row_neg = rand(seed + 3, b, per_row, 4)
+    ids = jnp.array([0, 1, 2, 0, 3, 4, 1, 5][:b])
+    neg_ids = jnp.array([2, 9, 4, 8][:m])
+    row_ids = jnp.array(np.random.default_rng(seed).integers(0, 6, (b, per_row)), jnp.int32)
+    row_ids = row_ids.at[0, 1].set(0).at[3, 2].set(0)  # rows 0 and 3 (item 0) draw their own positive
+    logq = jnp.log(b * jnp.linspace(0.01, 0.2, b))
+    neg_logq = jnp.full((m,), jnp.log(m / 100.0))
+    row_logq = jnp.log(per_row / 100.0 + jnp.linspace(0.0, 0.1, b * per_row).reshape(b, per_row))
+    mask = jnp.array([1, 1, 1, 1, 1, 1, 1, 0][:b], jnp.float32)
+    return dict(q=q, c=c, neg_c=neg, candidate_ids=ids, neg_ids=neg_ids, candidate_logq=logq, neg_logq=neg_logq,
+                mask=mask, row_neg_c=row_neg, row_neg_ids=row_ids, row_neg_logq=row_logq)
+
+
+def np_row_retrieval(case, temperature, power=1.0):
+    """Per-row loss by loops: row i's candidates are the batch, the shared negatives and row i's own."""
+    f = {k: np.asarray(v, np.float64) for k, v in case.items()}
+    b = len(f["q"])
+    out = []
+    for i in range(b):
+        cands = np.concatenate([f["c"], f["neg_c"], f["row_neg_c"][i]])
+        ids = np.concatenate([f["candidate_ids"], f["neg_ids"], f["row_neg_ids"][i]])
+        logq = np.concatenate([f["candidate_logq"], f["neg_logq"], f["row_neg_logq"][i]])
+        logits = cands @ f["q"][i] / temperature - logq
+        keep = (ids != ids[i]) | (np.arange(len(ids)) == i)
+        keep[:b] &= (f["mask"] > 0) | (np.arange(b) == i)
+        out.append(np_bsl(logits[None], [i], keep[None], power)[0])
+    return np.array(out)
+
+
+def test_row_negatives_match_numpy_with_logq_hits_and_padding():
+    case = _row_case()
+    mask = np.asarray(case["mask"])
+    for power in (1.0, 1.3):
+        loss_sum, count, extras = retrieval_loss(temperature=0.2, negative_power=power, recall_ks=(2,), **case)
+        want = np_row_retrieval(case, 0.2, power)
+        np.testing.assert_allclose(loss_sum, (want * mask).sum(), rtol=1e-5)
+        assert float(count) == 7
+    # Each row's own hits are masked in its row only: the two planted ones, besides those drawn at random.
+    row_ids, ids = np.asarray(case["row_neg_ids"]), np.asarray(case["candidate_ids"])
+    shared_hits = np_accidental_hits(ids, np.concatenate([ids, case["neg_ids"]]), np.arange(8))
+    want_hits = ((row_ids == ids[:, None]).sum(1) + shared_hits.sum(1)) @ mask
+    assert float(extras["accidental_hits_sum"]) == want_hits and (row_ids == ids[:, None]).sum() >= 2
+    # Without the per-row negatives the loss is the one of the shared candidates alone.
+    base = {k: v for k, v in case.items() if not k.startswith("row_")}
+    assert abs(float(retrieval_loss(temperature=0.2, **base)[0]) - float(loss_sum)) > 1e-2
+
+
+def test_row_negatives_pmap_matches_single_device_loss_and_grads():
+    case = _row_case()
+    names = list(case)
+
+    def f(axis_name=None):
+        def loss(*args):
+            loss_sum, count, extras = losses.retrieval_loss(**dict(zip(names, args)), temperature=0.2,
+                                                            axis_name=axis_name, negative_power=1.2, recall_ks=(2,))
+            return loss_sum, count, extras["accidental_hits_sum"], extras["hits@2_sum"]
+        return loss
+
+    single = jax.jit(f())(*case.values())
+    # Every array splits by its leading axis: rows (and their own negatives) and the shared negatives alike.
+    split = [v.reshape(NDEV, v.shape[0] // NDEV, *v.shape[1:]) for v in case.values()]
+    per_device = jax.pmap(f("data"), axis_name="data")(*split)
+    for got, want in zip(per_device, single):
+        np.testing.assert_allclose(np.sum(got), want, rtol=1e-5)
+    # Gradients w.r.t. q, c and the rows' own negatives (argnums 0, 1, 8).
+    argnums = (0, 1, names.index("row_neg_c"))
+    grad_single = jax.jit(jax.grad(lambda *a: f()(*a)[0], argnums=argnums))(*case.values())
+    grad_pmap = jax.pmap(jax.grad(lambda *a: f("data")(*a)[0], argnums=argnums), axis_name="data")(*split)
+    for got, want in zip(grad_pmap, grad_single):
+        np.testing.assert_allclose(np.asarray(got).reshape(want.shape), want, rtol=1e-4, atol=1e-6)
+        assert np.any(np.asarray(want) != 0)
+
+
+def test_row_negatives_errors():
+    case = _row_case()
+    with pytest.raises(ValueError, match=r"row_neg_c has shape \(8, 3, 5\)"):
+        losses.retrieval_loss(temperature=1.0, **{**case, "row_neg_c": jnp.ones((8, 3, 5))})
+    with pytest.raises(ValueError, match=r"row_neg_ids has shape \(8, 2\)"):
+        losses.retrieval_loss(temperature=1.0, **{**case, "row_neg_ids": jnp.zeros((8, 2), jnp.int32)})
+    with pytest.raises(ValueError, match="candidate_logq and row_neg_logq"):
+        losses.retrieval_loss(temperature=1.0, **{**case, "row_neg_logq": None})
+    with pytest.raises(ValueError, match="row_neg_ids/row_neg_logq were given without row_neg_c"):
+        losses.retrieval_loss(temperature=1.0, **{**case, "row_neg_c": None})
+
+
+def test_row_negatives_logq_is_each_samplers_count():
+    from train.step import StepConfig, candidate_logq
+
+    B, M, R, N = 4, 6, 3, 60
+    p_pos, p_neg = np.array([0.5, 0.2, 0.1, 0.05]), np.linspace(0.01, 0.2, M)
+    p_row = np.linspace(1e-4, 0.3, B * R).reshape(B, R)
+    local = {"item_logq": jnp.log(jnp.asarray(p_pos, jnp.float32)),
+             "neg_item_logq": jnp.log(jnp.asarray(p_neg, jnp.float32)), "neg_item": jnp.zeros(M, jnp.int32),
+             "row_neg_item_logq": jnp.log(jnp.asarray(p_row, jnp.float32)),
+             "row_neg_item": jnp.zeros((B, R), jnp.int32)}
+    base = dict(temperature=1.0, global_batch=B, global_negatives=M, num_items=N, logq_correction=True,
+                remove_accidental_hits=True, embedding_l2=0.0, use_user_table=False, use_item_table=True,
+                use_history=False, negatives_per_row=R)
+    pos, neg, row = candidate_logq(local, StepConfig(**base))
+    np.testing.assert_allclose(pos, np.log(B * p_pos), rtol=1e-5)
+    np.testing.assert_allclose(neg, np.full(M, np.log(M / N)), rtol=1e-5)
+    np.testing.assert_allclose(row, np.full((B, R), np.log(R / N)), rtol=1e-5)
+    pos, neg, row = candidate_logq(local, StepConfig(**base, logq_mixture=True))
+    np.testing.assert_allclose(pos, np.log(B * p_pos + (M + R) / N), rtol=1e-5)
+    np.testing.assert_allclose(neg, np.log(B * p_neg + (M + R) / N), rtol=1e-5)
+    np.testing.assert_allclose(row, np.log(B * p_row + (M + R) / N), rtol=1e-5)
+    # Uniform samplers only: the label has their joint count, each negative its own sampler's.
+    pos, neg, row = candidate_logq(local, StepConfig(**base, in_batch_negatives=False))
+    np.testing.assert_allclose(pos, np.full(B, np.log((M + R) / N)), rtol=1e-5)
+    np.testing.assert_allclose(neg, np.full(M, np.log(M / N)), rtol=1e-5)
+    np.testing.assert_allclose(row, np.full((B, R), np.log(R / N)), rtol=1e-5)
+
+
+def test_apply_dropout_matches_numpy_with_a_fixed_mask():
+    x = rand(70, 4, 6)
+    keep = np.random.default_rng(0).random((4, 6)) > 0.3
+    np.testing.assert_allclose(losses.apply_dropout(x, jnp.asarray(keep), 0.3),
+                               np.where(keep, np.asarray(x) / 0.7, 0.0), rtol=1e-6)
+    assert losses.dropout(x, 0.0, jax.random.key(1)) is x
+    dropped = np.asarray(losses.dropout(jnp.ones((200, 50)), 0.25, jax.random.key(2)))
+    np.testing.assert_allclose(np.unique(dropped), [0.0, 1 / 0.75], rtol=1e-6)
+    assert abs((dropped == 0).mean() - 0.25) < 0.02
+
+
+# ---------------------------------------------------------------- the options in a training step
+def _smoke_step(*overrides):
+    """One real training step of the smoke config (4 devices, pmap) with overrides: (state before and after,
+    the batch, the metrics)."""
+    from tests.helpers import smoke_cfg
+    from train.input import prepare
+    from train.loop import build, load_data, make_batches, prepare_kwargs, select_devices
+
+    c = smoke_cfg(*overrides)
+    ds = load_data(c)
+    _, _, launcher, state, step_cfg = build(c, ds, 1, select_devices(c))
+    before = jax.device_get(launcher.get_state(state))
+    batch = next(make_batches(c, ds))
+    local, shared = launcher.put_batch(*prepare(batch, **prepare_kwargs(step_cfg)))
+    new, metrics = launcher(state, local, shared)
+    return before, jax.device_get(launcher.get_state(new)), batch, jax.device_get(metrics)
+
+
+def _item_table(state):
+    table = np.asarray(state["tables"]["item"])
+    return table.reshape(-1, table.shape[-1]) if table.ndim == 3 else table
+
+
+def test_a_step_with_row_negatives_bsl_and_user_dropout_updates_the_rows_own_negatives():
+    before, after, batch, metrics = _smoke_step("loss.negatives_per_row=6", "loss.bsl_negative_power=1.2",
+                                                "loss.user_dropout=0.2", "model.item.id_dropout=0.0")
+    assert batch["row_neg_item"].shape == (16, 6)
+    assert all(np.isfinite(np.asarray(v)).all() for v in jax.tree.leaves(metrics))
+    changed = np.flatnonzero(np.any(_item_table(before) != _item_table(after), axis=1))
+    only_row = np.setdiff1d(batch["row_neg_item"], np.concatenate([batch["item"], batch["neg_item"]]))
+    assert only_row.size and np.isin(only_row, changed).all()  # the sparse update reaches them (no id dropout)
+    touched = np.concatenate([batch["item"], batch["neg_item"], batch["row_neg_item"].ravel(),
+                              batch["history"].ravel()])
+    assert np.isin(changed, touched).all()
+
+
+def test_user_dropout_acts_in_training_only():
+    from flax import nnx
+
+    from tests.helpers import smoke_cfg
+    from towers.two_tower import TwoTower
+    from train.input import prepare
+    from train.loop import build, load_data, make_batches, prepare_kwargs, select_devices
+    from train.step import loss_fn, user_embeddings
+
+    c = smoke_cfg("loss.user_dropout=0.5", "model.item.id_dropout=0.0", "model.user.id_dropout=0.0")
+    ds = load_data(c)
+    _, graphdef, _, state, step_cfg = build(c, ds, 1, select_devices(c))
+    model = TwoTower(c.model, ds.user_feature_specs, ds.item_feature_specs, rngs=nnx.Rngs(0))
+    _, params = nnx.split(model)
+    local, shared = prepare(next(make_batches(c, ds)), **prepare_kwargs(step_cfg))
+    rows = {k: jnp.asarray(state["tables"][k])[shared[f"{k}_uniq"]] for k in ("user", "item")}
+    local = jax.tree.map(jnp.asarray, local)
+
+    def loss(cfg, seed):
+        return float(loss_fn(params, rows, local, jax.random.key(seed), graphdef=graphdef, cfg=cfg,
+                             axis_name=None)[0])
+
+    off = dataclasses.replace(step_cfg, user_dropout=0.0)
+    assert loss(step_cfg, 1) != loss(step_cfg, 2) and loss(off, 1) == loss(off, 2)
+    # The dropped-out q is renormalised (the smoke towers normalise), and the tower itself is untouched.
+    x = {"user_id": rows["user"][local["user_idx"]], "history": rows["item"][local["history_idx"]]}
+    q = user_embeddings(model, x, local, jax.random.key(3), step_cfg)
+    np.testing.assert_allclose(np.linalg.norm(np.asarray(q), axis=1), 1.0, rtol=1e-5)
+    plain = user_embeddings(model, x, local, jax.random.key(3), off)
+    assert np.mean(np.isclose(np.asarray(q), 0.0)) > 0.3 and not np.any(np.isclose(np.asarray(plain), 0.0))
+
+
+def test_loss_option_config_rules():
+    from tests.helpers import smoke_cfg
+    from train.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"loss.bsl_negative_power=1.2: applies to the softmax only"):
+        smoke_cfg("loss.name=ccl", "model.normalize=true", "loss.bsl_negative_power=1.2")
+    with pytest.raises(ConfigError, match=r"loss.negatives_per_row=4: cannot be combined with item audiences"):
+        smoke_cfg("loss.negatives_per_row=4", "model.item.use_history=true", "data.item_history_len=3")
+    with pytest.raises(ConfigError, match=r"loss.user_dropout=1.0"):
+        smoke_cfg("loss.user_dropout=1.0")
+    # The rows' own negatives are negatives enough without the in-batch and shared ones.
+    assert smoke_cfg("loss.in_batch_negatives=false", "loss.num_negatives=0", "loss.negatives_per_row=4")
