@@ -94,11 +94,21 @@ class TowerConfig:
     features: list[str] | None = _help(None, "side features to read; null = every feature the data has, [] = none")
     hidden: list[int] = _help([], "MLP hidden widths before the output layer; [] = one linear projection "
                                   "(or none for a lone ID row of width output_dim)", gt=0)
-    cross_layers: int = _help(0, "number of DCN-v2 cross layers before the MLP", ge=0)
+    interaction: str | None = _help(None, "feature-interaction block between the inputs and the MLP: none, dcn "
+                                          "(DCN-v2 cross layers), masknet or dhen; null = dcn when cross_layers "
+                                          "> 0, else none", choices=("none", "dcn", "masknet", "dhen"))
+    cross_layers: int = _help(0, "number of DCN-v2 cross layers (interaction dcn; or of each dcn module of a "
+                                 "DHEN layer, 1 when 0)", ge=0)
     cross_rank: int | None = _help(None, "low-rank factorisation of each cross layer's weight; null = full rank",
                                    gt=0)
+    masknet: "MaskNetConfig" = field(default_factory=lambda: MaskNetConfig(),
+                                     metadata={"help": "interaction masknet, and DHEN's masknet module"})
+    dhen: "DhenConfig" = field(default_factory=lambda: DhenConfig(), metadata={"help": "interaction dhen"})
     id_dropout: float = _help(0.0, "training only: probability of zeroing an example's ID row, so the tower "
                                    "learns to embed from features alone (fresh items, unseen users)", ge=0, lt=1)
+    id_dropout_elementwise: float = _help(0.0, "training only: probability of zeroing each element of the ID row "
+                                               "(inverted dropout: kept elements are scaled by 1/(1-p)); 0.5 is "
+                                               "Pinterest's choice for frozen pre-trained tables", ge=0, lt=1)
     combine: str = _help("concat", "how the ID row and the history mean meet: concat (then the projection) or "
                                    "sum (one id_dim vector: with no features or hidden layers and id_dim == "
                                    "output_dim the user tower is MF plus a SimpleX-style history term)",
@@ -106,6 +116,34 @@ class TowerConfig:
     table: "IdTableConfig" = field(default_factory=lambda: IdTableConfig(),
                                    metadata={"help": "this tower's ID table (the item table also serves the "
                                                      "user's history)"})
+
+
+@dataclass
+class MaskNetConfig:
+    """MaskNet (Wang et al. 2021): blocks that multiply their input by an instance-guided mask of the inputs."""
+    mode: str = _help("parallel", "parallel: every block reads the inputs, outputs concatenated (Pinterest's "
+                                  "variant); serial: each block masks the previous block's output",
+                      choices=("parallel", "serial"))
+    num_blocks: int = _help(4, "number of mask blocks", gt=0)
+    block_dim: int = _help(64, "output width of each mask block", gt=0)
+    mask_reduction: float = _help(2.0, "hidden width of each block's mask MLP as a multiple of the input width "
+                                       "(the paper's reduction ratio, 2 there)", gt=0)
+    bottleneck: list[int] = _help([128], "widths of the ReLU MLP after the blocks (before the tower's own MLP); "
+                                         "[] = none", gt=0)
+
+
+@dataclass
+class DhenConfig:
+    """DHEN (Zhang et al. 2022): stacked layers, each an ensemble of modules over the feature fields."""
+    num_layers: int = _help(2, "number of stacked DHEN layers", gt=0)
+    modules: list[str] = _help(["mlp", "masknet", "transformer"], "the modules of every layer, each reading the "
+                                                                  "layer's fields", choices=("mlp", "masknet", "dcn",
+                                                                                             "transformer"))
+    combine: str = _help("concat", "how a layer's module outputs meet: concat (then a linear map per field back "
+                                   "to field_dim) or sum", choices=("concat", "sum"))
+    num_heads: int = _help(2, "attention heads of the transformer module (must divide field_dim)", gt=0)
+    field_dim: int | None = _help(None, "width every field is projected to (ID row, history mean, each side "
+                                        "feature); null = feature_dim", gt=0)
 
 
 @dataclass

@@ -2,8 +2,8 @@
 
 A tower concatenates its inputs: the example's ID-table row (gathered outside, see `train/step.py`), for
 the user tower the mean of its history items' ID rows (the item table is shared), and its side-feature
-embeddings. Optional DCN-v2 cross layers and an MLP map that to `output_dim`; the output is L2-normalised,
-so scores are cosines and the temperature lives in the loss.
+embeddings. An optional feature-interaction block (DCN-v2, MaskNet or DHEN; `towers.interactions`) and an MLP
+map that to `output_dim`; the output is L2-normalised, so scores are cosines and the temperature lives in the loss.
 
 The same modules run at train, eval and serve time.
 """
@@ -16,6 +16,7 @@ from flax import nnx
 from data.types import FeatureSpec
 from towers.config import ModelConfig, TowerConfig
 from towers.features import FeatureEmbedder, masked_mean
+from towers.interactions import Dhen, MaskNet, resolve_interaction
 from towers.layers import MLP, CrossNetwork, l2_normalize
 
 
@@ -32,27 +33,37 @@ def select_features(specs: list[FeatureSpec], names: list[str] | None, tower: st
 
 
 class Tower(nnx.Module):
-    """One tower: [id row] + [history mean] + side features -> cross -> MLP -> L2-normalised [B, output_dim]."""
+    """One tower: [id row] + [history mean] + side features -> interaction -> MLP -> L2-normalised [B, output_dim].
+
+    The inputs are fields: the ID row, the history mean (one field with the ID row when `combine: sum`) and one
+    embedding per side feature. DCN-v2 and MaskNet read them concatenated; DHEN reads them as a field sequence.
+    """
 
     def __init__(self, cfg: TowerConfig, specs: list[FeatureSpec], *, id_dim: int, feature_dim: int,
-                 output_dim: int, normalize: bool, rngs: nnx.Rngs):
+                 output_dim: int, normalize: bool, rngs: nnx.Rngs, name: str = "tower"):
         self.use_id = bool(cfg.use_id)
         self.use_history = bool(getattr(cfg, "use_history", False))
         self.id_dropout = float(cfg.id_dropout)
+        self.id_dropout_elementwise = float(cfg.id_dropout_elementwise)
         self.normalize = normalize
         if cfg.combine not in ("concat", "sum"):
             raise ValueError(f"combine={cfg.combine!r}: expected concat or sum")
         self.sum_id_history = cfg.combine == "sum" and self.use_id and self.use_history
         self.features = FeatureEmbedder(specs, feature_dim, rngs=rngs)
-        in_dim = id_dim * (self.use_id + self.use_history - self.sum_id_history) + feature_dim * len(specs)
+        field_sizes = [id_dim] * (self.use_id + self.use_history - self.sum_id_history) + [feature_dim] * len(specs)
+        in_dim = sum(field_sizes)
         if in_dim == 0:
             raise ValueError("a tower needs at least one input: enable use_id, use_history or side features")
+        self.interaction = resolve_interaction(cfg, name, feature_dim)
         self.cross = CrossNetwork(in_dim, cfg.cross_layers, rank=cfg.cross_rank, rngs=rngs) \
-            if cfg.cross_layers else None
+            if self.interaction == "dcn" else None
+        self.masknet = MaskNet(field_sizes, cfg.masknet, rngs=rngs) if self.interaction == "masknet" else None
+        self.dhen = Dhen(field_sizes, cfg, feature_dim, rngs=rngs) if self.interaction == "dhen" else None
+        mlp_in = self.masknet.out_dim if self.masknet else self.dhen.out_dim if self.dhen else in_dim
         widths = [*cfg.hidden, output_dim]
         # A lone ID row already of the output width needs no projection: that tower is plain matrix factorisation.
-        self.mlp = None if (in_dim == output_dim and not cfg.hidden and not cfg.cross_layers) \
-            else MLP(in_dim, widths, rngs=rngs)
+        self.mlp = None if (in_dim == output_dim and not cfg.hidden and self.interaction == "none") \
+            else MLP(mlp_in, widths, rngs=rngs)
 
     def __call__(self, feats: dict[str, jax.Array], id_emb: jax.Array | None = None,
                  history_emb: jax.Array | None = None, history_mask: jax.Array | None = None,
@@ -64,15 +75,15 @@ class Tower(nnx.Module):
           id_emb: [B, id_dim] rows of this tower's ID table (zeros for an id without a row).
           history_emb: [B, H, id_dim] item-table rows of the user's history; history_mask: [B, H].
           dropout_rng: when given (training), each example's id row is zeroed with prob `id_dropout`, which
-            teaches the tower to embed from features alone (fresh items, unseen users).
+            teaches the tower to embed from features alone (fresh items, unseen users), and each of its elements
+            with prob `id_dropout_elementwise` (the others scaled by 1/(1-p)).
         Returns:
           [B, output_dim], unit L2 norm when `normalize`.
         """
         parts = []
         if self.use_id:
-            if dropout_rng is not None and self.id_dropout > 0:
-                keep = jax.random.bernoulli(dropout_rng, 1.0 - self.id_dropout, (id_emb.shape[0], 1))
-                id_emb = id_emb * keep.astype(id_emb.dtype)
+            if dropout_rng is not None:
+                id_emb = self._drop_id(id_emb, dropout_rng)
             parts.append(id_emb)
         if self.use_history:
             pooled = masked_mean(history_emb, history_mask)
@@ -80,15 +91,34 @@ class Tower(nnx.Module):
                 parts[-1] = parts[-1] + pooled
             else:
                 parts.append(pooled)
-        if len(self.features):
-            f = self.features(feats)
-            parts.append(f.reshape(f.shape[0], f.shape[1] * f.shape[2]))
-        x = jnp.concatenate(parts, axis=-1) if len(parts) > 1 else parts[0]
+        if self.dhen is not None:
+            f = self.features(feats) if len(self.features) else None
+            x = self.dhen(parts + ([f[:, i] for i in range(f.shape[1])] if f is not None else []))
+        else:
+            if len(self.features):
+                f = self.features(feats)
+                parts.append(f.reshape(f.shape[0], f.shape[1] * f.shape[2]))
+            x = jnp.concatenate(parts, axis=-1) if len(parts) > 1 else parts[0]
         if self.cross is not None:
             x = self.cross(x)
+        if self.masknet is not None:
+            x = self.masknet(x)
         if self.mlp is not None:
             x = self.mlp(x)
         return l2_normalize(x) if self.normalize else x
+
+    def _drop_id(self, id_emb: jax.Array, rng: jax.Array) -> jax.Array:
+        """Training-time ID dropout: whole rows with prob `id_dropout` (no rescaling: a dropped row stands for an
+        id the table lacks), then single elements with prob `id_dropout_elementwise` (inverted dropout, so the
+        row's expectation is kept). The element mask draws from its own key, leaving the row draws unchanged."""
+        if self.id_dropout > 0:
+            keep = jax.random.bernoulli(rng, 1.0 - self.id_dropout, (id_emb.shape[0], 1))
+            id_emb = id_emb * keep.astype(id_emb.dtype)
+        if self.id_dropout_elementwise > 0:
+            p = self.id_dropout_elementwise
+            keep = jax.random.bernoulli(jax.random.fold_in(rng, 1), 1.0 - p, id_emb.shape)
+            id_emb = jnp.where(keep, id_emb / (1.0 - p), 0.0).astype(id_emb.dtype)
+        return id_emb
 
 
 class TwoTower(nnx.Module):
@@ -98,8 +128,8 @@ class TwoTower(nnx.Module):
                  *, rngs: nnx.Rngs):
         common = dict(id_dim=cfg.id_dim, feature_dim=cfg.feature_dim, output_dim=cfg.output_dim,
                       normalize=cfg.normalize, rngs=rngs)
-        self.user = Tower(cfg.user, select_features(user_specs, cfg.user.features, "user"), **common)
-        self.item = Tower(cfg.item, select_features(item_specs, cfg.item.features, "item"), **common)
+        self.user = Tower(cfg.user, select_features(user_specs, cfg.user.features, "user"), name="user", **common)
+        self.item = Tower(cfg.item, select_features(item_specs, cfg.item.features, "item"), name="item", **common)
 
 
 def feature_names(model: TwoTower) -> tuple[list[str], list[str]]:
