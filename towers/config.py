@@ -159,6 +159,9 @@ class IdTableConfig:
                                          ".npy of [n, id_dim] embeddings; rows are matched by raw id")
     pretrained_ids: str | None = _help(None, ".npy of the n raw ids of a .npy `pretrained` table")
     freeze: bool = _help(False, "no optimizer updates to this table (e.g. a pre-trained one)")
+    allow_window_overlap: bool = _help(False, "start from a pre-trained run whose training interactions span "
+                                              "a time window overlapping this run's (refused by default: the "
+                                              "table would have seen what this run learns from)")
 
 
 @dataclass

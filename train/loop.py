@@ -39,7 +39,7 @@ from train.input import Prefetcher, prepare
 from train.mesh import padded_rows, table_bytes_per_device
 from train.metrics_writer import MetricWriter
 from train.parallel import Launcher
-from train.pretrained import pretrained_overrides
+from train.pretrained import pretrained_overrides, save_window, train_window
 from train.sparse import FrozenTable, make_sparse_optimizer
 from train.state import dense_optimizer, init_state, table_sizes
 from train.step import StepConfig, make_step
@@ -77,6 +77,7 @@ def save_artifacts(run_dir: pathlib.Path, cfg, ds) -> None:
              "item": [dataclasses.asdict(s) for s in ds.item_feature_specs]}
     (run_dir / "features.json").write_text(json.dumps(specs, indent=2))
     (run_dir / "data_stats.json").write_text(json.dumps(ds.stats, indent=2, default=str))
+    save_window(run_dir, ds.train.timestamp)
 
 
 def id_row_maps(c: config_lib.Config, ds, run_dir: pathlib.Path | None = None) -> dict[str, np.ndarray]:
@@ -182,7 +183,7 @@ def build(c: config_lib.Config, ds, steps: int, devices: list, table_rows: int |
 def fresh_state(c: config_lib.Config, parts: Parts, ds, run_dir: pathlib.Path | None) -> dict:
     """A fresh state with any pre-trained table rows (matched by raw id, reported to `pretrained.json`)."""
     vocabs = {"user": ds.user_vocab, "item": ds.item_vocab}
-    overrides = pretrained_overrides(c, vocabs, set(parts.sizes), run_dir)
+    overrides = pretrained_overrides(c, vocabs, set(parts.sizes), run_dir, window=train_window(ds.train.timestamp))
     return create_state(c, parts, overrides=overrides)
 
 

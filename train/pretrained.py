@@ -7,10 +7,17 @@ this run missing from the source keep their normal random initialisation; source
 are ignored. Both are counted, with examples, in the log and in `pretrained.json` in the run directory.
 
 `model.<tower>.table.freeze` then keeps the table fixed (`train.sparse.FrozenTable`); id dropout
-(`model.<tower>.id_dropout`) still applies to it during training.
+(`model.<tower>.id_dropout`, `id_dropout_elementwise`) still applies to it during training.
+
+Every run records the time window of its training interactions in `data_window.json`. A run-directory source
+whose window overlaps this run's is refused (its table has already seen the interactions this run learns from,
+which Pinterest found costs quality) unless `model.<tower>.table.allow_window_overlap` is set; then it is
+logged and recorded in `pretrained.json`. Sources without timestamps, older runs without the file and .npy
+sources have an unknown window: reported as such, never refused.
 """
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import pathlib
@@ -19,7 +26,7 @@ import numpy as np
 
 from data.errors import DataError
 from data.types import Vocab
-from towers.config import ConfigError
+from data.schema import ConfigError
 from towers.id_tables import TABLE_TOWERS
 
 log = logging.getLogger("twotower.train")
@@ -89,8 +96,67 @@ def align(vocab: Vocab, source_ids: np.ndarray, source_emb: np.ndarray, dim: int
     return rows.astype(np.int64), source_emb[source_rows[found]], report
 
 
-def pretrained_overrides(c, vocabs: dict[str, Vocab], tables: set[str], run_dir: pathlib.Path | None
-                         ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+WINDOW_FILE = "data_window.json"
+UNKNOWN = {"start": None, "end": None}
+
+
+def train_window(train_timestamps: np.ndarray) -> dict:
+    """{"start", "end"}: the first and last timestamp of the training interactions, both None when the source
+    has no time (all zeros, see `data.types.Interactions`)."""
+    ts = np.asarray(train_timestamps)
+    if ts.size == 0 or not ts.any():
+        return dict(UNKNOWN)
+    return {"start": int(ts.min()), "end": int(ts.max())}
+
+
+def save_window(run_dir: pathlib.Path, train_timestamps: np.ndarray) -> None:
+    """Records the run's training window, which a later run starting from its tables checks against its own."""
+    (pathlib.Path(run_dir) / WINDOW_FILE).write_text(json.dumps({"train": train_window(train_timestamps)}))
+
+
+def _shown(ts: int) -> str:
+    try:
+        return datetime.datetime.fromtimestamp(ts, tz=datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+    except (OverflowError, OSError, ValueError):
+        return str(ts)
+
+
+def check_window(source: str, window: dict, *, allow: bool, key: str) -> dict:
+    """Compares a pre-trained source's training window with this run's.
+
+    Args:
+      source: the `pretrained` value (a run directory records its window; a .npy does not).
+      window: this run's `train_window`.
+      allow: `allow_window_overlap`.
+      key: the config key, for messages.
+    Returns:
+      {"source_window", "train_window", "overlap": True, False or "unknown"} for `pretrained.json`.
+    Raises:
+      ConfigError: the windows overlap and `allow` is false.
+    """
+    path = pathlib.Path(source) / WINDOW_FILE
+    theirs = json.loads(path.read_text())["train"] if path.is_file() else dict(UNKNOWN)
+    report = {"source_window": theirs, "train_window": window, "overlap": "unknown"}
+    if None in (theirs["start"], window["start"]):
+        why = ("this run's data has no timestamps" if window["start"] is None else
+               "that run's data has no timestamps" if path.is_file() else
+               "it records no training window: a .npy, or a run written before runs recorded theirs")
+        log.warning("%s=%s: whether its training window overlaps this run's is unknown (%s)", key, source, why)
+        return report
+    report["overlap"] = theirs["start"] <= window["end"] and window["start"] <= theirs["end"]
+    if report["overlap"]:
+        what = (f"{key}={source!r}: that run trained on interactions from {_shown(theirs['start'])} to "
+                f"{_shown(theirs['end'])}, overlapping this run's training window {_shown(window['start'])} to "
+                f"{_shown(window['end'])}")
+        if not allow:
+            raise ConfigError(f"{what}; pre-train on earlier interactions, or set "
+                              f"{key.removesuffix('pretrained')}allow_window_overlap=true")
+        log.warning("%s (allowed by allow_window_overlap)", what)
+    return report
+
+
+def pretrained_overrides(c, vocabs: dict[str, Vocab], tables: set[str], run_dir: pathlib.Path | None,
+                         window: dict | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Rows to copy into each table that has a `pretrained` source, matched by raw id and reported.
 
     Args:
@@ -98,8 +164,11 @@ def pretrained_overrides(c, vocabs: dict[str, Vocab], tables: set[str], run_dir:
       vocabs: {"user": Vocab, "item": Vocab} of this run.
       tables: the tables the model has.
       run_dir: where `pretrained.json` goes (None: do not write it, e.g. on processes other than 0).
+      window: this run's `train_window`, checked against each source's (None: unknown).
     Returns:
       {table: (rows int64[m], values float32[m, id_dim])} for `train.state.init_state(overrides=...)`.
+    Raises:
+      ConfigError: a bad source, or one whose training window overlaps this run's (see `check_window`).
     """
     out, reports = {}, {}
     for table, tower in TABLE_TOWERS.items():
@@ -109,9 +178,10 @@ def pretrained_overrides(c, vocabs: dict[str, Vocab], tables: set[str], run_dir:
         key = f"model.{tower}.table.pretrained"
         if table not in tables:
             raise ConfigError(f"{key}={t.pretrained!r}: this model has no {table} ID table")
+        overlap = check_window(t.pretrained, window or dict(UNKNOWN), allow=t.allow_window_overlap, key=key)
         ids, emb = load_source(t.pretrained, t.pretrained_ids, table)
         rows, values, report = align(vocabs[table], ids, emb, c.model.id_dim, where=f"{key}={t.pretrained!r}")
-        report.update(source=t.pretrained, frozen=bool(t.freeze))
+        report.update(source=t.pretrained, frozen=bool(t.freeze), **overlap)
         out[table], reports[table] = (rows, values), report
         log.info("%s table: %d of %d ids start from %s%s", table, report["matched"], report["table_ids"],
                  t.pretrained, " (frozen)" if t.freeze else "")

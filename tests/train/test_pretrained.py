@@ -66,7 +66,8 @@ def test_frozen_pretrained_table_is_bit_unchanged_by_training(tmp_path):
     source, target = tmp_path / "source", tmp_path / "target"
     run(smoke_cfg(*common, "train.total_steps=2"), source)
     cfg = smoke_cfg(*common, "train.total_steps=4", f"model.item.table.pretrained={source}",
-                    "model.item.table.freeze=true", "model.item.id_dropout=0.5")
+                    "model.item.table.freeze=true", "model.item.id_dropout=0.5",
+                    "model.item.id_dropout_elementwise=0.5", "model.item.table.allow_window_overlap=true")
     run(cfg, target)
     before, after = load_trained(source), load_trained(target)
     np.testing.assert_array_equal(np.asarray(after.tables["item"]), np.asarray(before.tables["item"]))
@@ -105,3 +106,58 @@ def test_id_dropout_acts_in_training_steps_only():
     a = embed_items(g_drop, params, table, np.arange(10), feats)
     np.testing.assert_array_equal(a, embed_items(g_none, params, table, np.arange(10), feats))
     np.testing.assert_array_equal(a, embed_items(g_drop, params, table, np.arange(10), feats))
+
+
+def _set_window(run_dir, start, end):
+    (run_dir / "data_window.json").write_text(json.dumps({"train": {"start": start, "end": end}}))
+
+
+def test_runs_record_their_training_window_and_an_overlapping_source_is_refused(tmp_path):
+    """Pinterest picks the pre-trained snapshot so that its training window does not overlap the two-tower
+    run's: a source run trained on the same interactions is refused before any table is read, unless allowed
+    (then it is recorded); a source trained on earlier interactions passes and is recorded as not overlapping."""
+    common = ("eval.at_end=false", "train.launcher=jit", "train.num_devices=1", "train.total_steps=2")
+    source = tmp_path / "source"
+    run(smoke_cfg(*common), source)
+    ds = load_data(smoke_cfg())
+    ts = ds.train.timestamp
+    recorded = json.loads((source / "data_window.json").read_text())["train"]
+    assert recorded == {"start": int(ts.min()), "end": int(ts.max())} and ts.min() < ts.max()
+
+    pretrained = (f"model.item.table.pretrained={source}", "model.item.table.freeze=true")
+    with pytest.raises(ConfigError, match=r"model.item.table.pretrained=.*overlapping this run's training window.*"
+                                          r"model.item.table.allow_window_overlap=true"):
+        run(smoke_cfg(*common, *pretrained), tmp_path / "refused")
+    ckpt = tmp_path / "refused" / "ckpt"
+    assert not (ckpt.exists() and any(p.name.isdigit() for p in ckpt.iterdir()))   # nothing trained
+
+    run(smoke_cfg(*common, *pretrained, "model.item.table.allow_window_overlap=true"), tmp_path / "allowed")
+    report = json.loads((tmp_path / "allowed" / "pretrained.json").read_text())["item"]
+    assert report["overlap"] is True and report["source_window"] == report["train_window"] == recorded
+
+    _set_window(source, recorded["start"] - 1000, recorded["start"] - 1)   # pre-trained on earlier data
+    run(smoke_cfg(*common, *pretrained), tmp_path / "earlier")
+    report = json.loads((tmp_path / "earlier" / "pretrained.json").read_text())["item"]
+    assert report["overlap"] is False and report["source_window"]["end"] == recorded["start"] - 1
+
+
+def test_unknown_windows_are_reported_not_refused(tmp_path):
+    from train.pretrained import check_window, train_window
+    ours = train_window(np.array([50, 10, 30]))
+    assert ours == {"start": 10, "end": 50}
+    assert train_window(np.zeros(4, np.int64)) == {"start": None, "end": None}   # a source without time
+    old_run = tmp_path / "old_run"                     # a run written before windows were recorded
+    old_run.mkdir()
+    assert check_window(str(old_run), ours, allow=False, key="k")["overlap"] == "unknown"
+    assert check_window(str(tmp_path / "emb.npy"), ours, allow=False, key="k")["overlap"] == "unknown"
+    _set_window(old_run, 0, 100)
+    assert check_window(str(old_run), train_window(np.zeros(3)), allow=False, key="k")["overlap"] == "unknown"
+    _set_window(old_run, None, None)
+    assert check_window(str(old_run), ours, allow=False, key="k")["overlap"] == "unknown"
+    # Touching windows overlap (an interaction at the same second); disjoint ones, either side, do not.
+    for (a, b), overlap in (((50, 60), True), ((0, 10), True), ((0, 9), False), ((51, 90), False)):
+        _set_window(old_run, a, b)
+        if overlap:
+            with pytest.raises(ConfigError, match="overlapping"):
+                check_window(str(old_run), ours, allow=False, key="model.user.table.pretrained")
+        assert check_window(str(old_run), ours, allow=True, key="k")["overlap"] is overlap
