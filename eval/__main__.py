@@ -14,7 +14,7 @@ from omegaconf import DictConfig  # noqa: E402
 
 import configs  # noqa: E402
 from eval.config import known_keys, register_configs, validate  # noqa: E402
-from towers.cli import command, one_line_errors  # noqa: E402
+from data.cli import command, one_line_errors  # noqa: E402
 
 register_configs()
 

@@ -2,7 +2,7 @@
 
 Same style as training: Hydra composes the YAML, `validate(cfg)` checks it against the dataclasses below and
 raises `ConfigError` with a one-line message naming the key and the value. `known_keys()` lists the keys the
-command line may set, checked before Hydra composes (`towers.cli.command`) so that a misspelt key also gets
+command line may set, checked before Hydra composes (`data.cli.command`) so that a misspelt key also gets
 that one line (and exit code 2) rather than Hydra's multi-line composition error.
 
 `data.<key>=value` overrides the run's own `data:` section (any key of `data.config.DataConfig`). Those keys are
@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from data.config import DataConfig
 from data.schema import value_problem
-from towers.config import ConfigError, _help, schema_keys, to_typed  # noqa: F401 (ConfigError re-exported)
+from data.schema import ConfigError, described as _help, schema_keys, to_typed  # noqa: F401 (ConfigError re-exported)
 
 NOT_SET = "???"
 

@@ -17,8 +17,8 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 import configs
-from towers.cli import one_line_errors
-from towers.config import ConfigError
+from data.cli import one_line_errors
+from data.schema import ConfigError
 
 CONFIG = configs.DIR / "serve.yaml"
 

@@ -19,8 +19,8 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 import configs
-from towers.cli import command, one_line_errors
-from towers.config import ConfigError, _help, to_typed  # noqa: F401
+from data.cli import command, one_line_errors
+from data.schema import ConfigError, described as _help, to_typed  # noqa: F401
 
 log = logging.getLogger("twotower.export")
 

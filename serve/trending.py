@@ -40,8 +40,8 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 import configs
-from towers.cli import command, one_line_errors
-from towers.config import ConfigError, _help, to_typed
+from data.cli import command, one_line_errors
+from data.schema import ConfigError, described as _help, to_typed
 
 log = logging.getLogger("twotower.trending")
 DAY = 86_400

@@ -1,88 +1,13 @@
 """Config schema of the towers (`model:` in the Hydra config). Every key has a default and a description.
 
-Also the helpers every command's schema uses (train, eval, export, candidates, trending): `_help` for a
-described field with its allowed values (`data.schema.described`), `to_typed` for checking a composed config
-against a dataclass schema, types and ranges, with one-line errors, and `unknown_override` for the command line.
+The plumbing every command's schema shares (`ConfigError`, `to_typed`, `schema_keys`, `unknown_override`, and
+`described`, imported here as `_help`) lives in `data.schema`.
 """
 from __future__ import annotations
 
-import difflib
-import typing
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field
 
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
-
-from data.schema import described as _help, out_of_range
-
-
-class ConfigError(ValueError):
-    """An invalid config; the message is one line naming the key and the value."""
-
-
-def unknown_override(args: list[str], known: set[str]) -> str | None:
-    """The first command-line override naming no known key, as a one-line message; None when all are known.
-
-    Checked before Hydra composes, whose own error for such a key is several lines and exit 1. `known` holds
-    every settable key, dotted (`train.prefetch`), and every group or section name (`data`, `train`). Appends
-    (`+key=v`), deletions (`~key`), `hydra.*` keys and Hydra's flags are left to Hydra: when any flag (`-m`,
-    `--cfg job`, ...) is present, nothing is checked. A malformed override is reported the same way.
-    """
-    if any(a.startswith("-") for a in args):
-        return None
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    parser = OverridesParser.create()
-    for arg in args:
-        try:
-            (override,) = parser.parse_overrides([arg])
-        except Exception as e:  # noqa: BLE001 - Hydra's grammar errors span several lines
-            return f"{arg}: not a key=value override ({str(e).splitlines()[0]})"
-        key = override.key_or_group
-        if override.is_add() or override.is_force_add() or override.is_delete() or key in known or key == "hydra" \
-                or key.startswith(("hydra.", "hydra/")):
-            continue
-        close = difflib.get_close_matches(key, sorted(known), 1)
-        hint = f"; did you mean {close[0]}?" if close else ""
-        return f"{arg}: unknown key (known: {', '.join(_siblings(key, known))}){hint}"
-    return None
-
-
-def _siblings(key: str, known: set[str]) -> list[str]:
-    """The known keys beside `key`: those under its deepest known section (the top-level keys if none)."""
-    parts = key.split(".")
-    for depth in range(len(parts) - 1, 0, -1):
-        section = ".".join(parts[:depth])
-        if section in known:
-            return sorted(k for k in known if k.rpartition(".")[0] == section)
-    return sorted(k for k in known if "." not in k)
-
-
-def schema_keys(schema, prefix: str = "") -> set[str]:
-    """Every key of the dataclass `schema` that a command line may set, dotted: leaves and sections alike."""
-    keys, types = set(), typing.get_type_hints(schema)
-    for f in fields(schema):
-        key = prefix + f.name
-        keys.add(key)
-        if is_dataclass(types[f.name]):
-            keys |= schema_keys(types[f.name], key + ".")
-    return keys
-
-
-def to_typed(schema, raw: dict):
-    """`raw` (plain containers) merged onto the dataclass `schema`: unknown keys, wrong types and values outside
-    a field's declared range raise `ConfigError("key=value: why")`. Returns the typed dataclass instance."""
-    try:
-        typed = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), raw))
-    except OmegaConfBaseException as e:
-        key = getattr(e, "full_key", None) or "?"
-        value = OmegaConf.select(OmegaConf.create(raw), key) if key != "?" else None
-        msg = str(e).splitlines()[0]
-        if "not in" in msg or "Key '" in msg:
-            raise ConfigError(f"{key}={value!r}: unknown key ({msg})") from None
-        raise ConfigError(f"{key}={value!r}: {msg}") from None
-    if (problem := out_of_range(typed)) is not None:
-        raise ConfigError(problem)
-    return typed
+from data.schema import ConfigError, described as _help  # noqa: F401 (ConfigError: towers' own checks raise it)
 
 
 @dataclass

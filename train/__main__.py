@@ -2,7 +2,7 @@
 
 The run directory (checkpoints, metrics, TensorBoard, logs, vocabularies, final metrics) is Hydra's run dir:
 `hydra.run.dir=PATH` puts it where you want. Re-running with the same run dir resumes. A bad key or value, or
-bad data, exits with status 2 and one `config error:` / `data error:` line (`towers.cli`).
+bad data, exits with status 2 and one `config error:` / `data error:` line (`data.cli`).
 """
 import os
 
@@ -13,8 +13,8 @@ from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 import configs  # noqa: E402
-from towers.cli import command, one_line_errors  # noqa: E402
-from towers.config import schema_keys  # noqa: E402
+from data.cli import command, one_line_errors  # noqa: E402
+from data.schema import schema_keys  # noqa: E402
 from train.config import Config, validate  # noqa: E402
 
 

@@ -13,7 +13,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from data.config import DataConfig, resolve_config
 from data.schema import with_range
-from towers.config import ConfigError, ModelConfig, _help, to_typed  # noqa: F401 (ConfigError re-exported)
+from data.schema import ConfigError, described as _help, to_typed  # noqa: F401 (ConfigError re-exported)
+from towers.config import ModelConfig
 
 
 @dataclass

@@ -21,7 +21,7 @@ import os
 import jax
 import numpy as np
 
-from towers.config import ConfigError
+from data.schema import ConfigError
 
 ENV = {"coordinator_address": "JAX_COORDINATOR_ADDRESS", "num_processes": "JAX_NUM_PROCESSES",
        "process_id": "JAX_PROCESS_ID"}

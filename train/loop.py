@@ -480,6 +480,7 @@ def final_eval(c, model, graphdef, state, ds, row_maps: dict | None = None) -> d
     indexes every table by vocabulary row.
     """
     from eval.holdout import evaluate, heldout_users, model_embeddings
+    from towers.inference.embed import Towers
 
     params, tables = distributed.host_copy((state["params"], state["tables"]))
     if not distributed.is_primary():
@@ -489,8 +490,7 @@ def final_eval(c, model, graphdef, state, ds, row_maps: dict | None = None) -> d
     # and host (numpy) tables would be copied to the device again for every batch.
     params, tables = jax.device_put((params, tables), jax.local_devices()[0])
     users = heldout_users(ds, max_users=c.eval.max_users, seed=c.eval.seed)
-    parts = {"graphdef": graphdef, "params": params, "tables": tables, "model": model}
-    user_emb, item_emb = model_embeddings(parts, ds, users, c.data.history_len)
+    user_emb, item_emb = model_embeddings(Towers(graphdef, params, tables, model), ds, users, c.data.history_len)
     return evaluate(user_emb, item_emb, ds, users, list(c.eval.ks), user_block=c.eval.user_block,
                     item_block=c.eval.item_block)
 

@@ -29,7 +29,7 @@ import pathlib
 import numpy as np
 from omegaconf import OmegaConf
 
-from towers.config import ConfigError
+from data.schema import ConfigError
 from towers.restore import vocabularies_digest
 
 log = logging.getLogger("twotower.train")

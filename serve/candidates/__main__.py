@@ -18,7 +18,7 @@ from omegaconf import DictConfig  # noqa: E402
 
 import configs  # noqa: E402
 from serve.candidates.config import known_keys, validate  # noqa: E402
-from towers.cli import command, one_line_errors  # noqa: E402
+from data.cli import command, one_line_errors  # noqa: E402
 
 
 @command(known_keys)

@@ -27,8 +27,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 import configs
 from serve.candidates.config import CandidatesConfig, known_keys, validate
-from towers.cli import one_line_errors
-from towers.config import ConfigError, unknown_override
+from data.cli import one_line_errors
+from data.schema import ConfigError, unknown_override
 
 CONFIG = configs.DIR / "candidates.yaml"
 log = logging.getLogger("twotower.candidates.beam")

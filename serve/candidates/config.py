@@ -8,7 +8,7 @@ from dataclasses import dataclass, fields
 
 from omegaconf import DictConfig, OmegaConf
 
-from towers.config import ConfigError, _help, to_typed
+from data.schema import ConfigError, described as _help, to_typed
 
 SPLITS = ("train", "valid", "test")
 SEARCH_MODES = ("auto", "exact", "index")

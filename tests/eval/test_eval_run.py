@@ -11,7 +11,7 @@ import pytest
 from data.types import Dataset, Interactions, Vocab
 from eval.config import ConfigError, EvaluateConfig, known_keys, validate
 from eval.run import evaluate_embeddings
-from towers.config import unknown_override
+from data.schema import unknown_override
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 

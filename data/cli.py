@@ -25,7 +25,7 @@ import sys
 from collections.abc import Callable, Iterator
 
 from data.errors import DataError
-from towers.config import ConfigError, unknown_override
+from data.schema import ConfigError, unknown_override
 
 
 def _exit(kind: str, message: str) -> None:
