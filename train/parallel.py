@@ -15,7 +15,7 @@ import functools
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding
+from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from train.mesh import BATCH_AXES, DATA, MODEL, make_mesh, put_global, state_shardings, state_specs
@@ -43,7 +43,10 @@ class Launcher:
         self.mesh = make_mesh(self.devices, self.n // model, model)
         self.batch_sharding = NamedSharding(self.mesh, P(BATCH_AXES))
         self.replicated = NamedSharding(self.mesh, P())
-        self.state_sharding = state_shardings(self.mesh, self.sharded)
+        # pmap returns its outputs on a one-axis ('data',) mesh: the state starts there too, so the second step
+        # finds the program the first compiled (on the two-axis mesh it compiled again, seconds on CPU).
+        state_mesh = Mesh(np.array(self.devices), (AXIS,)) if kind == "pmap" else self.mesh
+        self.state_sharding = state_shardings(state_mesh, self.sharded)
         self.table_sharding = self.state_sharding["tables"]
         specs = state_specs(self.sharded)
         if kind == "pmap":
