@@ -13,8 +13,11 @@ A resume compares them with the current run's:
   where TFDS keeps its files (`data.data_dir`, `data.download`);
 - `train.total_steps` and `train.num_epochs` may change (resuming to train longer is normal; with a cosine
   schedule the remaining steps then follow the new horizon);
-- any other difference (every key added to the schema later included) refuses the resume with a `ConfigError`
-  naming each changed key, unless `checkpoint.allow_config_change` names it.
+- a key the checkpoint does not record (added to the schema after it was written) is accepted when it holds
+  its schema default, which keeps the behaviour the checkpoint was trained with (a new knob defaults to the old
+  behaviour); at any other value it is a change like the rest;
+- any other difference refuses the resume with a `ConfigError` naming each changed key, unless
+  `checkpoint.allow_config_change` names it.
 
 Accepted changes, lengths included, are appended to `config_changes.jsonl` in the run directory.
 """
@@ -80,6 +83,12 @@ def data_contents_digest(ds) -> str:
     return h.hexdigest()
 
 
+def schema_defaults() -> dict[str, object]:
+    """Every training config key at its schema default, flattened like `fingerprint`."""
+    from train.config import Config
+    return _flatten(OmegaConf.to_container(OmegaConf.structured(Config)))
+
+
 def fingerprint(c, ds) -> dict[str, object]:
     """The resolved config as {dotted key: value} plus the two data digests: what each checkpoint records."""
     out = _flatten(OmegaConf.to_container(OmegaConf.structured(c)))
@@ -99,7 +108,8 @@ def check(run_dir: pathlib.Path, step: int, saved: dict | None, current: dict[st
     """The changes from checkpoint `step`'s fingerprint `saved` to `current` that a resume accepts.
 
     Returns:
-      {key: [old, new]}: the allowed and the length changes (empty when nothing that matters changed).
+      {key: [old, new]}: the allowed and the length changes, and the keys added at their default (old value
+      "<absent>"); empty when nothing that matters changed.
     Raises:
       ConfigError: a key of `allowed` that no config has; a checkpoint without a fingerprint; or a change
         `allowed` does not name (one line naming every such key, old and new value, and the override to pass).
@@ -114,7 +124,10 @@ def check(run_dir: pathlib.Path, step: int, saved: dict | None, current: dict[st
                           "checkpoint.resume=false")
     changed = {k: [saved.get(k, _ABSENT), current.get(k, _ABSENT)] for k in sorted(set(saved) | set(current))
                if not _ignored(k) and saved.get(k, _ABSENT) != current.get(k, _ABSENT)}
-    refused = [k for k in changed if k not in LENGTH and k not in allowed]
+    defaults = schema_defaults()
+    added_at_default = {k for k, (old, new) in changed.items()
+                        if old == _ABSENT and k in defaults and new == defaults[k]}
+    refused = [k for k in changed if k not in LENGTH and k not in allowed and k not in added_at_default]
     if refused:
         what = ", ".join(f"{k} changed {_shown(changed[k][0])} -> {_shown(changed[k][1])}" for k in refused)
         raise ConfigError(f"resume of {run_dir} from checkpoint {step} refused: {what}; pass "
