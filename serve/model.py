@@ -12,7 +12,7 @@ from serve.manifest import IndexLoadError
 
 
 class ClientError(Exception):
-    """A request the server cannot answer as asked; `status` is the 4xx (or 503) to send with `detail`."""
+    """A request the server cannot answer as asked; `status` is the 4xx (or 500 / 503) to send with `detail`."""
 
     def __init__(self, status: int, detail):
         super().__init__(detail)
