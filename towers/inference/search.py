@@ -171,6 +171,9 @@ def _best_eligible(scores, ids, rows, excluded_keys, num_items: int, k: int):
     """From candidates [m, F] of users `rows` (int64[m]), drop excluded and invalid ones (id < 0 or a NaN
     score, ScaNN's padding) and keep the best k by the tie rule.
 
+    Without exclusions and with F <= k, rows the search already returned in that order (nearly all of them)
+    are kept as they are: only the others pay for building and sorting rank keys.
+
     Returns (scores float32[m, k], ids int64[m, k] with -1 past the valid ones, valid counts int64[m]).
     """
     ids = np.asarray(ids, np.int64)
@@ -182,13 +185,31 @@ def _best_eligible(scores, ids, rows, excluded_keys, num_items: int, k: int):
         valid &= excluded_keys[pos] != keys
     masked = np.where(valid, scores, -np.inf).astype(np.float32)
     width = min(k, scores.shape[1])
-    order = np.argsort(rank_keys(masked, ids), axis=1, kind="stable")[:, :width]
-    top_s = np.take_along_axis(masked, order, axis=1)
-    top_i = np.where(top_s > -np.inf, np.take_along_axis(ids, order, axis=1), PAD)
+    if excluded_keys.size or width < scores.shape[1]:
+        top_s, top_i = _ranked(masked, ids, width)
+    else:
+        top_s, top_i = masked, ids.copy()
+        unsorted = np.flatnonzero(~_in_rank_order(masked, ids))
+        if unsorted.size:
+            top_s[unsorted], top_i[unsorted] = _ranked(masked[unsorted], ids[unsorted], width)
+    top_i[top_s == -np.inf] = PAD
     if width < k:
         pad = ((0, 0), (0, k - width))
         top_s, top_i = np.pad(top_s, pad, constant_values=-np.inf), np.pad(top_i, pad, constant_values=PAD)
     return top_s, top_i, valid.sum(axis=1)
+
+
+def _ranked(scores: np.ndarray, ids: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first `width` of each row of candidates [m, F] by the tie rule (one argsort of `rank_keys`)."""
+    order = np.argsort(rank_keys(scores, ids), axis=1, kind="stable")[:, :width]
+    return np.take_along_axis(scores, order, axis=1), np.take_along_axis(ids, order, axis=1)
+
+
+def _in_rank_order(scores: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """bool[m]: whether each row of candidates [m, F] is already in the tie rule's order (each score below the
+    one before it, or equal to it with a larger id), so that sorting it would change nothing."""
+    s0, s1, i0, i1 = scores[:, :-1], scores[:, 1:], ids[:, :-1], ids[:, 1:]
+    return ((s1 < s0) | ((s1 == s0) & (i1 > i0))).all(axis=1)
 
 
 def _fetch_depth(need: np.ndarray, num_items: int) -> np.ndarray:
@@ -237,7 +258,9 @@ def topk_excluding(ann: AnnFn, exact: ExactFn, queries: np.ndarray, k: int, ex_i
         rows, cols, num_rows = csr_pairs(ex_indptr, ex_items, num_cols=n, name="exclusions")
         if num_rows != q:
             raise ValueError(f"the exclusion CSR has {num_rows} rows but there are {q} queries")
-        keys = sorted_unique(rows * n + cols)
+        keys = rows * n + cols
+        if keys.size and not (keys[1:] > keys[:-1]).all():   # callers usually pass sorted, distinct rows
+            keys = sorted_unique(keys)
     counts = np.bincount(keys // n, minlength=q).astype(np.int64) if keys.size else np.zeros(q, np.int64)
     indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     items = keys - np.repeat(np.arange(q, dtype=np.int64), counts) * n
