@@ -155,36 +155,52 @@ def leaf_name(path) -> str:
 
 
 def _fmix32(h):
-    """MurmurHash3's finaliser: a bijective mix of uint32 words."""
-    h = h ^ (h >> 16)
-    h = h * jnp.uint32(0x85EBCA6B)
-    h = h ^ (h >> 13)
-    h = h * jnp.uint32(0xC2B2AE35)
-    return h ^ (h >> 16)
+    """MurmurHash3's finaliser: a bijective mix of uint32 words (numpy or JAX arrays alike)."""
+    h = h ^ (h >> np.uint32(16))
+    h = h * np.uint32(0x85EBCA6B)
+    h = h ^ (h >> np.uint32(13))
+    h = h * np.uint32(0xC2B2AE35)
+    return h ^ (h >> np.uint32(16))
 
 
-def _words(x):
-    """The array as uint32 words, [rows, everything else] (one word per element of 4 bytes or fewer)."""
+def _words(x, xp):
+    """The array as uint32 words, [rows, everything else] (one word per element of 4 bytes or fewer); `xp` is
+    numpy for a host array, jax.numpy inside the jitted checksum."""
     x = x.reshape(x.shape[0] if x.ndim else 1, int(np.prod(x.shape[1:], dtype=np.int64)))
-    if x.dtype == jnp.bool_:
-        return x.astype(jnp.uint32)
-    unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}.get(x.dtype.itemsize)
+    if x.dtype == np.bool_:
+        return x.astype(xp.uint32)
+    unsigned = {1: np.uint8, 2: np.uint16, 4: np.uint32}.get(x.dtype.itemsize)
     if unsigned is None:
         raise TypeError(f"cannot checksum a {x.dtype} array (x64 is off, every state array has at most 32 bits)")
-    return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+    bits = np.ascontiguousarray(x).view(unsigned) if xp is np else jax.lax.bitcast_convert_type(x, unsigned)
+    return bits.astype(xp.uint32)
 
 
-def _leaf_sums(x):
-    u = _words(x)
-    rows = jax.lax.broadcasted_iota(jnp.uint32, u.shape, 0)
-    cols = jax.lax.broadcasted_iota(jnp.uint32, u.shape, 1)
-    sums = [jnp.sum(u * (_fmix32(_fmix32(rows ^ jnp.uint32(salt)) + cols) | jnp.uint32(1)), dtype=jnp.uint32)
+def _leaf_sums(x, xp=jnp):
+    """uint32[3]: the two weighted sums of `x`'s words and whether it is finite, in numpy (`xp=np`, on the
+    host) or JAX; integer arithmetic modulo 2^32, so both give the same words."""
+    u = _words(x, xp)
+    rows = xp.arange(u.shape[0], dtype=xp.uint32)[:, None]
+    cols = xp.arange(u.shape[1], dtype=xp.uint32)[None, :]
+    sums = [xp.sum(u * (_fmix32(_fmix32(rows ^ np.uint32(salt)) + cols) | np.uint32(1)), dtype=xp.uint32)
             for salt in (0x9E3779B9, 0x7F4A7C15)]
-    finite = jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact) else jnp.bool_(True)
-    return jnp.stack([*sums, finite.astype(jnp.uint32)])
+    finite = xp.all(xp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact) else True
+    return xp.stack([*sums, xp.asarray(finite).astype(xp.uint32)])
 
 
 _tree_sums = jax.jit(lambda leaves: jnp.stack([_leaf_sums(x) for x in leaves]))
+
+_HOST_SUM_MAX = 1 << 22   # elements: smaller arrays held by one device are summed in numpy, with no compilation
+
+
+def _on_host(x) -> bool:
+    """Whether `x` is summed in numpy: small and whole on this process's one device (a restore for eval or
+    serving, say). Compiling `_tree_sums` for a tree costs a second or more; numpy sums a small table in
+    milliseconds. Large or sharded arrays are summed where they live, every process taking the same path."""
+    if x.size > _HOST_SUM_MAX:
+        return False
+    return isinstance(x, np.ndarray) or (getattr(x, "is_fully_addressable", False)
+                                         and len(x.sharding.device_set) == 1)
 
 
 def checksums(tree) -> tuple[dict[str, str], list[str]]:
@@ -195,8 +211,16 @@ def checksums(tree) -> tuple[dict[str, str], list[str]]:
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
     if not flat:
         return {}, []
-    out = _tree_sums([x for _, x in flat])
-    out = np.asarray(out.addressable_data(0))   # replicated: every process holds the whole result
+    leaves = [x for _, x in flat]
+    host = [_on_host(x) for x in leaves]
+    out = np.zeros((len(leaves), 3), np.uint32)
+    for i, x in enumerate(leaves):
+        if host[i]:
+            out[i] = _leaf_sums(np.asarray(x), np)
+    device = [i for i, h in enumerate(host) if not h]
+    if device:
+        # replicated: every process holds the whole result
+        out[device] = np.asarray(_tree_sums([leaves[i] for i in device]).addressable_data(0))
     names = [leaf_name(path) for path, _ in flat]
     sums = {name: f"{int(a):08x}{int(b):08x}" for name, (a, b, _) in zip(names, out)}
     return sums, [name for name, row in zip(names, out) if not row[2]]
