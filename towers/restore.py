@@ -190,17 +190,19 @@ def _leaf_sums(x, xp=jnp):
 
 _tree_sums = jax.jit(lambda leaves: jnp.stack([_leaf_sums(x) for x in leaves]))
 
-_HOST_SUM_MAX = 1 << 22   # elements: smaller arrays held by one device are summed in numpy, with no compilation
+_HOST_SUM_MAX = 1 << 22   # elements: a tree of single-device arrays at most this large is summed in numpy
 
 
-def _on_host(x) -> bool:
-    """Whether `x` is summed in numpy: small and whole on this process's one device (a restore for eval or
-    serving, say). Compiling `_tree_sums` for a tree costs a second or more; numpy sums a small table in
-    milliseconds. Large or sharded arrays are summed where they live, every process taking the same path."""
-    if x.size > _HOST_SUM_MAX:
+def _on_host(leaves: list) -> bool:
+    """Whether the checksums of `leaves` are computed in numpy: every array whole on this process's one device
+    (a restore for eval or serving, say), and few elements in all. Compiling `_tree_sums` for a tree costs a
+    second or more, while numpy sums a few million words in tens of milliseconds; a large tree (or a training
+    run saving the same tree again and again, which compiles once) is better served by the device. Sharded
+    arrays are always summed where they live, every process taking the same path."""
+    if sum(x.size for x in leaves) > _HOST_SUM_MAX:
         return False
-    return isinstance(x, np.ndarray) or (getattr(x, "is_fully_addressable", False)
-                                         and len(x.sharding.device_set) == 1)
+    return all(isinstance(x, np.ndarray) or (getattr(x, "is_fully_addressable", False)
+                                             and len(x.sharding.device_set) == 1) for x in leaves)
 
 
 def checksums(tree) -> tuple[dict[str, str], list[str]]:
@@ -212,15 +214,10 @@ def checksums(tree) -> tuple[dict[str, str], list[str]]:
     if not flat:
         return {}, []
     leaves = [x for _, x in flat]
-    host = [_on_host(x) for x in leaves]
-    out = np.zeros((len(leaves), 3), np.uint32)
-    for i, x in enumerate(leaves):
-        if host[i]:
-            out[i] = _leaf_sums(np.asarray(x), np)
-    device = [i for i, h in enumerate(host) if not h]
-    if device:
-        # replicated: every process holds the whole result
-        out[device] = np.asarray(_tree_sums([leaves[i] for i in device]).addressable_data(0))
+    if _on_host(leaves):
+        out = np.stack([_leaf_sums(np.asarray(x), np) for x in leaves])
+    else:   # replicated: every process holds the whole result
+        out = np.asarray(_tree_sums(leaves).addressable_data(0))
     names = [leaf_name(path) for path, _ in flat]
     sums = {name: f"{int(a):08x}{int(b):08x}" for name, (a, b, _) in zip(names, out)}
     return sums, [name for name, row in zip(names, out) if not row[2]]

@@ -30,6 +30,16 @@ def test_small_arrays_are_summed_on_the_host_to_the_same_checksums_as_on_the_dev
     assert on_host[1] == ["f32"]
 
 
+def test_a_tree_too_large_for_the_host_is_summed_on_the_device(monkeypatch):
+    tree = _arrays()
+    monkeypatch.setattr(restore, "_HOST_SUM_MAX", sum(np.size(x) for x in tree.values()) - 1)
+    real, compiled = restore._tree_sums, []
+    monkeypatch.setattr(restore, "_tree_sums", lambda leaves: compiled.append(len(leaves)) or real(leaves))
+    on_device = restore.checksums(tree)
+    monkeypatch.undo()
+    assert compiled == [len(tree)] and on_device == restore.checksums(tree)
+
+
 def test_a_single_bit_flip_changes_the_host_checksum():
     x = np.random.default_rng(1).standard_normal((50, 8)).astype(np.float32)
     flipped = x.copy()
@@ -42,5 +52,5 @@ def test_arrays_split_over_devices_are_summed_where_they_live(monkeypatch):
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("d",))
     x = jax.device_put(np.arange(64, dtype=np.float32).reshape(8, 8),
                        jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("d")))
-    assert not restore._on_host(x) and restore._on_host(np.asarray(x))
+    assert not restore._on_host([x]) and restore._on_host([np.asarray(x)])
     assert restore.checksums({"t": x}) == restore.checksums({"t": np.asarray(x)})
