@@ -10,8 +10,8 @@ about 5 s at N = 4,000, 80 s at N = 10,000 and ten minutes at N = 20,000, which 
 EASE above ``baselines.ease_max_items``.
 
 Scores are computed block by block as a sparse-dense product (scipy.sparse), so X is never densified; the same
-exclusions and tie rule as ``eval.topk.exact_topk`` apply (excluded items never appear; equal scores go to the
-smaller item id; ``-1`` pads rows with fewer than k eligible items).
+exclusions and tie rule as ``towers.inference.exact.exact_topk`` apply (excluded items never appear; equal
+scores go to the smaller item id; ``-1`` pads rows with fewer than k eligible items).
 """
 from __future__ import annotations
 
