@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from data import peruser
 from data import split as splitlib
 from data.config import DataConfig
 from data.errors import DataError
@@ -63,17 +64,6 @@ class RawLog:
     feature_vocabs: dict = field(default_factory=dict)
 
 
-def _filter_users(user_codes: np.ndarray, keep: np.ndarray, n_users: int, minimum: int, stats: dict):
-    counts = np.bincount(user_codes[keep], minlength=n_users)
-    low = (counts > 0) & (counts < minimum)
-    if minimum > 1:
-        dropped = keep & low[user_codes]
-        stats["filtered"]["min_user_interactions"] = int(dropped.sum())
-        stats["users_filtered_min_interactions"] = int(low.sum())
-        keep = keep & ~dropped
-    return keep
-
-
 def _vocab_for(raw_ids: np.ndarray, catalog: FeatureTable | None, what: str) -> Vocab:
     ids = sorted_unique(raw_ids)
     if catalog is not None:
@@ -118,32 +108,6 @@ def align_features(table: FeatureTable | None, vocab: Vocab, side: str, stats: d
     return out, list(table.specs)
 
 
-def _split(user, item, ts, is_test, cfg: DataConfig, num_users: int, stats: dict):
-    mode = cfg.split or ("given" if is_test is not None else "temporal")
-    stats["split"] = mode
-    if mode == "given":
-        if is_test is None:
-            raise DataError("data.split is 'given' but this source has no test split; use split: temporal")
-        parts = []
-        for mask in (~is_test, is_test):
-            idx = np.flatnonzero(mask)
-            parts.append(idx[splitlib.canonical_order(user[idx], ts[idx], tie_seed=None)])
-        train_idx, test_idx = parts
-    else:
-        order = splitlib.canonical_order(user, ts, tie_seed=cfg.split_seed)
-        held = splitlib.tail_mask(user[order], num_users, cfg.test_fraction)
-        train_idx, test_idx = order[~held], order[held]
-    valid_idx = None
-    if cfg.valid_fraction > 0:
-        # Temporal train rows already break ties with split_seed; a given split's keep file order, so the
-        # validation share breaks them here (with no timestamps: a seeded random share of each user's items).
-        tie_seed = cfg.split_seed if mode == "given" else None
-        held = splitlib.latest_share_mask(user[train_idx], ts[train_idx], num_users, cfg.valid_fraction,
-                                          tie_seed=tie_seed)
-        train_idx, valid_idx = train_idx[~held], train_idx[held]
-    return train_idx, valid_idx, test_idx
-
-
 def _cold_split(user, item, ts, parts, cfg: DataConfig, num_items: int, stats: dict):
     """Holds the cold items (`cold_item_fraction`) out of train and valid; returns (parts, cold item rows)."""
     cold = splitlib.pick_cold_items(item, num_items, cfg.cold_item_fraction, cfg.cold_item_seed)
@@ -157,7 +121,7 @@ def _cold_split(user, item, ts, parts, cfg: DataConfig, num_items: int, stats: d
 
 
 def _columns(raw: RawLog, cfg: DataConfig):
-    """Checked raw columns, the stats so far, and the mask of rows that survive duplicates/user filters."""
+    """Checked raw columns and the stats so far."""
     user_raw = as_id_array(raw.user, "user ids")
     item_raw = as_id_array(raw.item, "item ids")
     n = user_raw.shape[0]
@@ -170,24 +134,15 @@ def _columns(raw: RawLog, cfg: DataConfig):
     if n == 0:
         raise DataError(f"{raw.name}: no interactions left to load (rows read: {stats['rows_read']}, "
                         f"filtered: {stats['filtered']})")
-    u_ids, u_codes = factorize(user_raw)
-    i_ids, i_codes = factorize(item_raw)
-    keep = np.ones(n, dtype=bool)
-    if cfg.drop_duplicates:
-        order = splitlib.canonical_order(u_codes, ts, tie_seed=None)
-        dup = splitlib.duplicate_mask(u_codes, i_codes, len(i_ids), order)
-        stats["filtered"]["duplicates"] = int(dup.sum())
-        keep &= ~dup
-    stats["duplicate_rows"] = splitlib.count_duplicates(u_codes[keep], i_codes[keep], len(i_ids))
-    keep = _filter_users(u_codes, keep, len(u_ids), cfg.min_user_interactions, stats)
-    if not keep.any():
-        raise DataError(f"{raw.name}: every interaction was filtered ({stats['filtered']}); relax the filters")
-    user_vocab = Vocab(u_ids[np.bincount(u_codes[keep], minlength=len(u_ids)) > 0])
-    return user_raw[keep], item_raw[keep], ts[keep], keep, user_vocab, stats
+    is_test = None if raw.is_test is None else np.asarray(raw.is_test, dtype=bool)
+    return user_raw, item_raw, ts, is_test, stats
 
 
 def assemble(raw: RawLog, cfg: DataConfig) -> Dataset:
     """Builds the `Dataset` for a source's `RawLog` under the config's filter and split keys.
+
+    The filters and the split are `data.peruser.split_rows` on all users at once (the chunked and Beam
+    preparation jobs run the same function on groups of users).
 
     Args:
       raw: what the source read.
@@ -196,12 +151,23 @@ def assemble(raw: RawLog, cfg: DataConfig) -> Dataset:
     Returns:
       a validated `Dataset` whose split rows are each in (user, time) order.
     """
-    user_raw, item_raw, ts, keep, user_vocab, stats = _columns(raw, cfg)
-    item_vocab = _vocab_for(item_raw, raw.item_table if raw.item_catalog else None, "item")
-    user, item = user_vocab.lookup(user_raw), item_vocab.lookup(item_raw)
-    is_test = None if raw.is_test is None else np.asarray(raw.is_test, dtype=bool)[keep]
-    parts = _split(user, item, ts, is_test, cfg, len(user_vocab), stats)
-    (train_idx, valid_idx, test_idx), cold = _cold_split(user, item, ts, parts, cfg, len(item_vocab), stats)
+    user_raw, item_raw, ts, is_test, stats = _columns(raw, cfg)
+    u_ids, u_codes = factorize(user_raw)
+    i_ids, i_codes = factorize(item_raw)
+    parts = peruser.split_rows(u_codes, i_codes, ts, np.arange(len(u_codes)), is_test, cfg, len(u_ids), len(i_ids),
+                               stats)
+    kept = np.concatenate([p for p in (parts.train, parts.valid, parts.test) if p is not None])
+    if kept.size == 0:
+        raise DataError(f"{raw.name}: every interaction was filtered ({stats['filtered']}); relax the filters")
+    user_vocab = Vocab(u_ids[np.bincount(u_codes[kept], minlength=len(u_ids)) > 0])
+    item_vocab = _vocab_for(item_raw[kept], raw.item_table if raw.item_catalog else None, "item")
+    # From here on only the kept rows, in log order (so the parts' indices become positions among them).
+    kept.sort()
+    at = np.zeros(len(u_codes), np.int64)
+    at[kept] = np.arange(kept.size)
+    user, item, ts = user_vocab.lookup(user_raw[kept]), item_vocab.lookup(item_raw[kept]), ts[kept]
+    moved = tuple(None if p is None else at[p] for p in (parts.train, parts.valid, parts.test))
+    (train_idx, valid_idx, test_idx), cold = _cold_split(user, item, ts, moved, cfg, len(item_vocab), stats)
     take = lambda idx: None if idx is None else Interactions(user[idx], item[idx], ts[idx])  # noqa: E731
     user_features, user_specs = align_features(raw.user_table, user_vocab, "user", stats)
     item_features, item_specs = align_features(raw.item_table, item_vocab, "item", stats)

@@ -2,13 +2,14 @@
 
 Rules (also in the README):
 
-* Canonical order: by user, then timestamp; equal timestamps are ordered by a permutation seeded with
-  `split_seed` (temporal split) or kept in file order (given split).
+* Canonical order: by user, then timestamp; equal timestamps are ordered by a key hashed from
+  `split_seed` and the row's position in the log (temporal split) or kept in file order (given split). The rules
+  are applied per user by `data.peruser`, the one implementation shared by the in-memory, chunked and Beam paths.
 * Temporal split: a user with n >= 2 interactions gets n_test = max(1, floor(test_fraction * n)), capped at n - 1
   so at least one train interaction remains; their last n_test interactions are test. A user with a single
   interaction keeps it in train. test_fraction = 0 gives no test rows.
 * Validation: the same rule with `valid_fraction`, applied to each user's train part (its latest interactions).
-  Equal timestamps are ordered by the `split_seed` permutation here for both splits, so with a given split
+  Equal timestamps are ordered by the `split_seed` keys here for both splits, so with a given split
   that has no time (LightGCN files: all timestamps 0) each user's validation items are a seeded random share
   of their train items, not the end of their train line in file order.
 * Cold items (`cold_item_fraction` f > 0): of the A items with at least one interaction, C = clip(floor(f * A),
@@ -22,6 +23,7 @@ import numpy as np
 
 # floor(f * n) of e.g. 0.29 * 100 is 28.999999999999996 in floating point; the guard keeps it at 29.
 _FLOOR_EPS = 1e-9
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
 
 def _sorted_without_ties(user: np.ndarray, ts: np.ndarray) -> bool:
@@ -45,13 +47,24 @@ def _stable_order(user: np.ndarray, ts: np.ndarray) -> np.ndarray:
     return np.lexsort((ts, user))
 
 
+def tie_keys(seed: int, row_id: np.ndarray) -> np.ndarray:
+    """uint64 [N]: splitmix64 of each row's position in the log, salted by `seed`; distinct positions give
+    distinct keys (splitmix64 is a bijection), so the order they define has no ties."""
+    with np.errstate(over="ignore"):
+        z = np.asarray(row_id).astype(np.uint64) + _GOLDEN * np.uint64(seed + 1)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
 def canonical_order(user: np.ndarray, ts: np.ndarray, *, tie_seed: int | None) -> np.ndarray:
     """Row order by (user, timestamp) with ties broken reproducibly.
 
     Args:
       user: int [N] user rows.
       ts: int64 [N] timestamps.
-      tie_seed: seed of the permutation that orders equal timestamps of a user; None keeps input order.
+      tie_seed: seed of the keys (`tie_keys` of the row positions) that order equal timestamps of a user; None
+        keeps input order.
 
     Returns:
       int64 [N] permutation of 0..N-1.
@@ -61,8 +74,7 @@ def canonical_order(user: np.ndarray, ts: np.ndarray, *, tie_seed: int | None) -
         return np.arange(n, dtype=np.int64)
     if tie_seed is None:
         return _stable_order(user, ts)
-    perm = np.random.default_rng(tie_seed).permutation(n)
-    return perm[_stable_order(user[perm], ts[perm])]
+    return np.lexsort((tie_keys(tie_seed, np.arange(n)), ts, user)).astype(np.int64)
 
 
 def tail_counts(counts: np.ndarray, fraction: float) -> np.ndarray:
