@@ -50,6 +50,8 @@ class RawLog:
       user_table, item_table: optional side features.
       item_catalog: True when every id of `item_table` is an item even without interactions (a movie list).
       feature_vocabs: raw values of categorical/multi-hot features, by feature name.
+      row_id: int64 [N] each row's position in the source before any source-side filter (None: 0..N-1); it
+        orders equal timestamps (`data.peruser`), so an out-of-core job reading the same files agrees.
     """
 
     name: str
@@ -62,6 +64,7 @@ class RawLog:
     item_table: FeatureTable | None = None
     item_catalog: bool = False
     feature_vocabs: dict = field(default_factory=dict)
+    row_id: np.ndarray | None = None
 
 
 def _vocab_for(raw_ids: np.ndarray, catalog: FeatureTable | None, what: str) -> Vocab:
@@ -154,7 +157,8 @@ def assemble(raw: RawLog, cfg: DataConfig) -> Dataset:
     user_raw, item_raw, ts, is_test, stats = _columns(raw, cfg)
     u_ids, u_codes = factorize(user_raw)
     i_ids, i_codes = factorize(item_raw)
-    parts = peruser.split_rows(u_codes, i_codes, ts, np.arange(len(u_codes)), is_test, cfg, len(u_ids), len(i_ids),
+    row_id = np.arange(len(u_codes)) if raw.row_id is None else np.asarray(raw.row_id, np.int64)
+    parts = peruser.split_rows(u_codes, i_codes, ts, row_id, is_test, cfg, len(u_ids), len(i_ids),
                                stats)
     kept = np.concatenate([p for p in (parts.train, parts.valid, parts.test) if p is not None])
     if kept.size == 0:

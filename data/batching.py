@@ -1,10 +1,12 @@
 """Training batches: shuffled train interactions with features, history, negatives and log q.
 
 One example is one train interaction. Each epoch visits every example once in an order seeded by
-(seed, epoch); a batch that reaches the end of an epoch continues into the next epoch's order, so every batch
-has the same shape and no example is skipped. The iterator is exactly resumable from `state()`: the batch at
-(epoch, position) depends only on those two numbers and the seed (negatives and sampled histories use a
-generator seeded by (seed, epoch, position)).
+(seed, epoch) (`data.shuffle`, O(1) memory); a batch that reaches the end of an epoch continues into the next
+epoch's order, so every batch has the same shape and no example is skipped. The iterator is exactly resumable
+from `state()`: the batch at (epoch, position) depends only on those two numbers and the seed (negatives and
+sampled histories use a generator seeded by (seed, epoch, position)). The same code serves an in-memory
+`Dataset` and a prepared dataset on disk (`data.prepared`): the only difference is where a user's train
+sequence comes from.
 
 History rows hold item rows, most recent first, -1 padded at the end. "causal": the up-to-H train items the
 user had just before this interaction; "sample": up to H other train items of the user, drawn without
@@ -21,6 +23,7 @@ import scipy.sparse
 
 from data.config import HISTORY_MODES
 from data.errors import DataError
+from data.shuffle import permute
 from data.types import Dataset, sub_csr
 
 # Sample mode: users with at most this many times H other items are sampled exactly without replacement
@@ -149,30 +152,60 @@ def negative_pool(ds: Dataset) -> np.ndarray:
     return np.setdiff1d(np.arange(ds.num_items, dtype=np.int32), np.asarray(ds.cold_items, np.int32))
 
 
+class _MemorySequences:
+    """Train sequences of an in-memory `Dataset`: slices of its train CSR."""
+
+    def __init__(self, ds: Dataset):
+        self.indptr, self.items = ds.train_csr()
+
+    def __call__(self, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return sub_csr(self.indptr, self.items, users)
+
+
+class _PreparedSequences:
+    """Train sequences of a prepared dataset: the users' records, read from their shards."""
+
+    def __init__(self, data):
+        self.data, self.indptr = data, data.train_indptr
+
+    def __call__(self, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self.data.sequences(users, ("train",))["train"]
+
+
 class Batches:
-    """Infinite, resumable iterator of fixed-shape training batches.
+    """Infinite, resumable iterator of fixed-shape training batches, in memory or from a prepared dataset.
 
     Args:
-      ds: the dataset (its train split is iterated).
-      batch_size: B, examples per batch.
+      ds: the dataset: an in-memory `Dataset`, or a `data.prepared.read.PreparedData` (then only the records of
+        the users in this process's part of each batch are read).
+      batch_size: B, examples per GLOBAL batch.
       num_negatives: M, items drawn uniformly from all items per batch (shared by the batch; may be 0).
       history_len: H, history slots per example (may be 0).
       history_mode: "causal" or "sample" (see module docstring).
       seed: shuffling, negatives and sampled-history seed.
-      item_history_len: HI, audience slots per item (0 = none; see module docstring).
+      item_history_len: HI, audience slots per item (0 = none; see module docstring; in-memory datasets only).
       negatives_per_row: M_r, items drawn uniformly (from the same pool) for each example on its own
         (0 = none); drawn after everything else, so the other arrays are the same with or without them.
+      process_index, process_count: this process's part of each global batch: rows
+        [p * B / P, (p + 1) * B / P). Everything random is drawn for the whole global batch in every process, so
+        the global batches are the same whatever P is; only the user records read differ.
 
-    Each batch: user int32 [B], item int32 [B], neg_item int32 [M], history int32 [B, H],
-    item_history int32 [B, HI] and neg_item_history int32 [M, HI] (user rows, -1 padded; only when HI > 0),
-    user_feat {name: [B, ...]}, item_feat {name: [B, ...]}, neg_item_feat {name: [M, ...]},
-    item_logq float32 [B], neg_item_logq float32 [M] (log p(item) under the training data); with M_r > 0 also
-    row_neg_item int32 [B, M_r], row_neg_item_feat {name: [B, M_r, ...]} and row_neg_item_logq float32 [B, M_r].
+    Each batch (this process's B_p = B / P rows): user int32 [B_p], item int32 [B_p], neg_item int32 [M],
+    history int32 [B_p, H], item_history int32 [B_p, HI] and neg_item_history int32 [M, HI] (user rows,
+    -1 padded; only when HI > 0), user_feat {name: [B_p, ...]}, item_feat {name: [B_p, ...]},
+    neg_item_feat {name: [M, ...]}, item_logq float32 [B_p], neg_item_logq float32 [M] (log p(item) under the
+    training data); with M_r > 0 also row_neg_item int32 [B_p, M_r], row_neg_item_feat {name: [B_p, M_r, ...]}
+    and row_neg_item_logq float32 [B_p, M_r].
+
+    Order: example e of the train split (users in row order, each user's rows in time order) is visited at
+    the position `data.shuffle.permute` gives it in each epoch; a batch that reaches the end of an epoch continues
+    into the next epoch's order, so every batch has the same shape and no example is skipped. Batch k starts at
+    global offset k * B; `batch_at(offset)` is a pure function of the offset (what Grain's workers evaluate).
     """
 
-    def __init__(self, ds: Dataset, *, batch_size: int, num_negatives: int, history_len: int,
+    def __init__(self, ds, *, batch_size: int, num_negatives: int, history_len: int,
                  history_mode: str = "causal", seed: int = 0, item_history_len: int = 0,
-                 negatives_per_row: int = 0):
+                 negatives_per_row: int = 0, process_index: int = 0, process_count: int = 1):
         if (batch_size < 1 or num_negatives < 0 or history_len < 0 or item_history_len < 0
                 or negatives_per_row < 0):
             raise DataError(f"need batch_size >= 1, num_negatives >= 0, history_len >= 0, item_history_len >= 0, "
@@ -180,26 +213,33 @@ class Batches:
                             f"{item_history_len}, {negatives_per_row}")
         if history_mode not in HISTORY_MODES:
             raise DataError(f"history_mode must be one of {HISTORY_MODES}, got {history_mode!r}")
+        if not 0 <= process_index < process_count or batch_size % process_count:
+            raise DataError(f"batch_size {batch_size} must split evenly over {process_count} processes "
+                            f"(process {process_index})")
         self.ds = ds
         self.batch_size, self.num_negatives = batch_size, num_negatives
         self.history_len, self.history_mode, self.seed = history_len, history_mode, seed
         self.item_history_len = item_history_len
         self.negatives_per_row = negatives_per_row
-        self._indptr, self._items = ds.train_csr()
-        self.examples_per_epoch = int(self._items.shape[0])
+        self.process_index, self.process_count = process_index, process_count
+        self.local_batch_size = batch_size // process_count
+        in_memory = isinstance(ds, Dataset)
+        if item_history_len and not in_memory:
+            raise DataError("item audiences (model.item.use_history, data.item_history_len > 0) need an "
+                            "in-memory dataset; a prepared dataset holds user records only")
+        self._sequences = _MemorySequences(ds) if in_memory else _PreparedSequences(ds)
+        self._indptr = self._sequences.indptr
+        self.examples_per_epoch = int(self._indptr[-1])
         if self.examples_per_epoch == 0:
             raise DataError(f"{ds.name}: the train split is empty; nothing to batch")
-        counts = np.diff(self._indptr)
-        self._users = np.repeat(np.arange(ds.num_users, dtype=np.int32), counts)
         self._logq = ds.item_log_prob()
         self._negative_pool = negative_pool(ds)
         self.num_negative_candidates = len(self._negative_pool)
-        self._epoch, self._position = 0, 0
-        self._perms: dict[int, np.ndarray] = {}
+        self._offset = 0
 
     def state(self) -> dict:
         """{"epoch", "position"} of the next batch; `restore` of it resumes exactly."""
-        return {"epoch": self._epoch, "position": self._position}
+        return {"epoch": self._offset // self.examples_per_epoch, "position": self._offset % self.examples_per_epoch}
 
     def restore(self, state: dict) -> None:
         """Continues from a `state()`; the next batches equal those of the uninterrupted iterator."""
@@ -207,7 +247,12 @@ class Batches:
         if epoch < 0 or not 0 <= position < self.examples_per_epoch:
             raise DataError(f"iterator state {state} is out of range for {self.examples_per_epoch} examples "
                             "per epoch; was it saved for another dataset?")
-        self._epoch, self._position = epoch, position
+        self._offset = epoch * self.examples_per_epoch + position
+
+    @property
+    def offset(self) -> int:
+        """Global offset (examples since the start of epoch 0) of the next batch."""
+        return self._offset
 
     def __iter__(self):
         return self
@@ -215,36 +260,38 @@ class Batches:
     def __next__(self) -> dict:
         return self.next_batch()
 
-    def _perm(self, epoch: int) -> np.ndarray:
-        if epoch not in self._perms:
-            perm = np.random.default_rng([self.seed, epoch]).permutation(self.examples_per_epoch)
-            self._perms = {e: p for e, p in self._perms.items() if e >= epoch - 1}  # current and next only
-            self._perms[epoch] = perm.astype(np.int32 if self.examples_per_epoch < 2**31 else np.int64)
-        return self._perms[epoch]
-
-    def _take_examples(self) -> np.ndarray:
-        parts, need = [], self.batch_size
-        while need:
-            perm = self._perm(self._epoch)
-            chunk = perm[self._position:self._position + need]
-            parts.append(chunk)
-            need -= chunk.shape[0]
-            self._position += chunk.shape[0]
-            if self._position == self.examples_per_epoch:
-                self._epoch, self._position = self._epoch + 1, 0
-        return parts[0] if len(parts) == 1 else np.concatenate(parts)
-
     def next_batch(self) -> dict:
         """The next batch (see class docstring for keys and shapes)."""
-        rng = np.random.default_rng([self.seed, self._epoch, self._position, 1])
-        ex = self._take_examples().astype(np.int64)
-        user, item = self._users[ex], self._items[ex]
+        batch = self.batch_at(self._offset)
+        self._offset += self.batch_size
+        return batch
+
+    def examples_at(self, offset: int) -> np.ndarray:
+        """int64 [B] train example ids (indices into the train CSR) of the global batch at `offset`."""
+        n = self.examples_per_epoch
+        at = offset + np.arange(self.batch_size, dtype=np.int64)
+        return permute(self.seed, at // n, at % n, n)
+
+    def batch_at(self, offset: int) -> dict:
+        """This process's part of the global batch starting at global example `offset` (pure; thread-safe)."""
+        n = self.examples_per_epoch
+        rng = np.random.default_rng([self.seed, offset // n, offset % n, 1])
+        ex = self.examples_at(offset)
+        g_user = (np.searchsorted(self._indptr, ex, side="right") - 1).astype(np.int64)
+        g_pos = ex - self._indptr[g_user]                    # position in the user's train sequence
+        lo, hi = self.process_index * self.local_batch_size, (self.process_index + 1) * self.local_batch_size
+        uniq, inv = np.unique(g_user[lo:hi], return_inverse=True)
+        seq_indptr, seq_items = self._sequences(uniq)
+        start = seq_indptr[inv.reshape(-1)]
+        pos = g_pos[lo:hi]
+        user = g_user[lo:hi].astype(np.int32)
+        item = seq_items[start + pos]
         neg = self._negative_pool[rng.integers(0, self.num_negative_candidates, self.num_negatives)]
         batch = {
             "user": user,
             "item": item,
             "neg_item": neg,
-            "history": self._history(ex, user, item, rng),
+            "history": self._history(g_user, g_pos, (lo, hi), seq_items, start, item, rng),
             "user_feat": {k: v[user] for k, v in self.ds.user_features.items()},
             "item_feat": {k: v[item] for k, v in self.ds.item_features.items()},
             "neg_item_feat": {k: v[neg] for k, v in self.ds.item_features.items()},
@@ -252,36 +299,45 @@ class Batches:
             "neg_item_logq": self._logq[neg],
         }
         if self.item_history_len:
-            batch["item_history"], batch["neg_item_history"] = self._audiences(ex, user, item, neg, rng)
+            aud, neg_aud = self._audiences(ex, g_user, neg, rng)
+            batch["item_history"], batch["neg_item_history"] = aud[lo:hi], neg_aud
         if self.negatives_per_row:
-            batch.update(self._row_negatives(len(ex), rng))
+            batch.update(self._row_negatives((lo, hi), rng))
         return batch
 
-    def _row_negatives(self, batch_size: int, rng) -> dict:
-        """Each example's own `negatives_per_row` uniform draws from the negative pool, their features and log p."""
-        draws = rng.integers(0, self.num_negative_candidates, (batch_size, self.negatives_per_row))
-        neg = self._negative_pool[draws]
+    def _row_negatives(self, rows: tuple[int, int], rng) -> dict:
+        """Each example's own `negatives_per_row` uniform draws from the negative pool, their features and log p
+        (drawn for the global batch, so they do not depend on the number of processes)."""
+        draws = rng.integers(0, self.num_negative_candidates, (self.batch_size, self.negatives_per_row))
+        neg = self._negative_pool[draws[rows[0]:rows[1]]]
         return {"row_neg_item": neg,
                 "row_neg_item_feat": {k: v[neg] for k, v in self.ds.item_features.items()},
                 "row_neg_item_logq": self._logq[neg]}
 
-    def _audiences(self, ex, user, item, neg, rng) -> tuple[np.ndarray, np.ndarray]:
-        """Sampled audiences of the positives (without the example's user) and of the negatives."""
+    def _audiences(self, ex, user, neg, rng) -> tuple[np.ndarray, np.ndarray]:
+        """Sampled audiences of the global batch's positives (without the example's user) and of the negatives."""
         indptr, users, slot = self.ds.item_audience_csr()
+        item = self.ds.train_csr()[1][ex]
         h, start = self.item_history_len, indptr[item]
         aud = _sample_entries(users, start, indptr[item + 1] - start, slot[ex] - start, h, rng)
         aud = _drop_positive(aud, user)  # a repeated (user, item) pair leaves the user in the audience
         start = indptr[neg]
         return aud, _sample_entries(users, start, indptr[neg + 1] - start, None, h, rng)
 
-    def _history(self, ex: np.ndarray, user: np.ndarray, item: np.ndarray, rng) -> np.ndarray:
+    def _history(self, g_user, g_pos, rows, seq_items, start, item, rng) -> np.ndarray:
+        """History rows of this process's examples; sample-mode draws are made for the global batch."""
         h = self.history_len
+        lo, hi = rows
         if h == 0:
-            return np.zeros((ex.shape[0], 0), dtype=np.int32)
-        start = self._indptr[user]
+            return np.zeros((hi - lo, 0), dtype=np.int32)
+        pos = g_pos[lo:hi]
         if self.history_mode == "causal":
-            hist = _last_items(self._indptr, self._items, ex, ex - start, h)
+            hist = _last_items(None, seq_items, start + pos, pos, h)
         else:
-            hist = _sample_entries(self._items, start, self._indptr[user + 1] - start, ex - start, h, rng,
-                                   newest_first=True)
+            count = self._indptr[g_user + 1] - self._indptr[g_user]
+            offsets = _sample_offsets(count - 1, h, rng)[lo:hi]
+            offsets = -np.sort(-offsets, axis=1)               # newest first, -1 padding last
+            seq = offsets + (offsets >= pos[:, None])          # skip the example itself
+            hist = np.where(offsets >= 0, seq_items[np.where(offsets >= 0, start[:, None] + seq, 0)],
+                            -1).astype(np.int32)
         return _drop_positive(hist, item)

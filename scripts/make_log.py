@@ -1,7 +1,7 @@
 """Large synthetic interaction logs as Parquet, for the out-of-core preparation benchmark.
 
 Writes `--files` Parquet files `part-00000.parquet`, ... with columns `user_id`, `item_id`, `timestamp`
-(all int64) and `make_log.json` (the settings and per-file row counts). Memory stays bounded whatever
+(all int64) and `_make_log.json` (underscore: Parquet readers skip it; the settings and per-file row counts). Memory stays bounded whatever
 `--rows` is: rows are generated and written `--chunk-rows` at a time, one ParquetWriter per file, files in
 parallel over `--workers` processes. Each file is written under a temporary name and renamed when complete.
 The output depends only on the settings and `--seed`, not on `--workers`.
@@ -380,9 +380,9 @@ def generate(spec: LogSpec, out: str, workers: int = 1, overwrite: bool = False,
     summary = {"rows": rows, "files": len(files), "seconds": round(seconds, 2),
                "rows_per_s": round(rows / seconds), "bytes": sum(i["bytes"] for i in files),
                "spec": dataclasses.asdict(spec), "file_info": files}
-    with open(os.path.join(out, "make_log.json.tmp"), "w") as fh:
+    with open(os.path.join(out, "_make_log.json.tmp"), "w") as fh:
         json.dump(summary, fh, indent=1)
-    os.replace(os.path.join(out, "make_log.json.tmp"), os.path.join(out, "make_log.json"))
+    os.replace(os.path.join(out, "_make_log.json.tmp"), os.path.join(out, "_make_log.json"))
     report(rows, final=True)
     return summary
 

@@ -221,8 +221,11 @@ def read(cfg: DataConfig) -> RawLog:
         keep = np.asarray(rating, dtype=np.float64) >= cfg.min_rating
         stats["filtered"]["min_rating"] = int((~keep).sum())
         table, user, item, ts = table.filter(pa.array(keep)), user[keep], item[keep], ts[keep]
+        row_id = np.flatnonzero(keep)
+    else:
+        row_id = None
     vocabs: dict = {}
     user_table = _feature_table(table, user, ts, list(cfg.user_feature_columns), "user", cfg, path, stats, vocabs)
     item_table = _feature_table(table, item, ts, list(cfg.item_feature_columns), "item", cfg, path, stats, vocabs)
     return RawLog(name=path.stem, user=user, item=item, timestamp=ts, stats=stats, user_table=user_table,
-                  item_table=item_table, feature_vocabs=vocabs)
+                  item_table=item_table, feature_vocabs=vocabs, row_id=row_id)

@@ -32,14 +32,14 @@ def test_rows_columns_and_files(log):
     out, summary = log
     names, tables, cols = _read(out)
     assert names == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
-    assert sorted(os.listdir(out)) == ["make_log.json", *names]           # no temporary file left
+    assert sorted(os.listdir(out)) == ["_make_log.json", *names]           # no temporary file left
     assert sum(t.num_rows for t in tables) == summary["rows"] == 20_000
     for t in tables:
         assert t.schema.names == ["user_id", "item_id", "timestamp"]
         assert all(str(f.type) == "int64" for f in t.schema)
         meta = pq.ParquetFile(os.path.join(out, names[0])).metadata
         assert max(meta.row_group(g).num_rows for g in range(meta.num_row_groups)) <= 2_500
-    with open(os.path.join(out, "make_log.json")) as fh:
+    with open(os.path.join(out, "_make_log.json")) as fh:
         assert json.load(fh)["spec"]["seed"] == 7
     stats = make_log.check_log(out)
     per_user = np.unique(cols["user_id"], return_counts=True)[1]
