@@ -15,7 +15,7 @@ from typing import List, Optional
 from data.errors import DataError
 from data.schema import described as _key, out_of_range, with_range
 
-SOURCES = ("synthetic", "movielens", "lightgcn", "parquet", "tfds")
+SOURCES = ("synthetic", "movielens", "lightgcn", "parquet", "tfds", "prepared")
 SPLITS = ("given", "temporal")
 HISTORY_MODES = ("causal", "sample")
 
@@ -26,7 +26,7 @@ class DataConfig:
 
     source: str = _key("synthetic", "where interactions come from: " + " | ".join(SOURCES), choices=SOURCES)
     name: Optional[str] = _key(None, "tfds: dataset name (e.g. movielens/100k-ratings); others: display name")
-    path: Optional[str] = _key(None, "movielens/lightgcn: directory; parquet: .parquet/.csv file or directory "
+    path: Optional[str] = _key(None, "movielens/lightgcn/prepared: directory; parquet: .parquet/.csv file or directory "
                                      "(relative paths are also tried under $TWOTOWER_DATA_DIR)")
     # synthetic
     num_users: int = _key(20_000, "synthetic: number of users", ge=1)
@@ -73,6 +73,9 @@ class DataConfig:
     drop_duplicates: bool = _key(False, "drop repeated (user, item) pairs, keeping the earliest (counted); "
                                         "false keeps them as separate interactions")
     # history features, read by batching, eval and serving
+    verify: str = _key("full", "prepared: check every file against the manifest before reading: full (sha256), "
+                               "size (sizes only, a quick start on a trusted copy) or none",
+                       choices=("full", "size", "none"))
     history_len: int = _key(50, "items of user history per example (0 = none)", ge=0)
     history_mode: str = _key("causal", "causal: the train items just before the example; sample: random other "
                                        "train items of the user", choices=HISTORY_MODES)
@@ -157,7 +160,7 @@ def _check_ranges(c: DataConfig) -> None:
     if c.source == "synthetic":
         need(c.num_clusters <= c.num_items, f"data.num_clusters ({c.num_clusters}) must be <= data.num_items "
                                             f"({c.num_items})")
-    if c.source in ("movielens", "lightgcn", "parquet"):
+    if c.source in ("movielens", "lightgcn", "parquet", "prepared"):
         need(bool(c.path), f"data.path must be set for source {c.source!r} (a directory or file)")
     if c.source == "tfds":
         need(bool(c.name), "data.name must be set for source 'tfds', e.g. movielens/100k-ratings")

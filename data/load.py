@@ -23,5 +23,19 @@ def load(cfg) -> Dataset:
       the split `Dataset` with vocabularies, side features and stats.
     """
     c: DataConfig = resolve_config(cfg)
+    if c.source == "prepared":
+        return open_data(c).load_users()
     module = importlib.import_module(f"data.sources.{_SOURCES[c.source]}")
     return assemble(module.read(c), c)
+
+
+def open_data(cfg):
+    """Like `load`, except that a prepared dataset (`source: prepared`) is opened, not read: the result is a
+    `data.prepared.read.PreparedData` whose user records stay on disk until a batch or an evaluation asks for
+    them. The split and filter keys of a prepared dataset are those it was prepared with (its manifest)."""
+    c: DataConfig = resolve_config(cfg)
+    if c.source != "prepared":
+        return load(c)
+    from data.paths import resolve_path
+    from data.prepared.read import PreparedData
+    return PreparedData(resolve_path(c.path), verify=c.verify)
