@@ -76,6 +76,10 @@ class DataConfig:
     verify: str = _key("full", "prepared: check every file against the manifest before reading: full (sha256), "
                                "size (sizes only, a quick start on a trusted copy) or none",
                        choices=("full", "size", "none"))
+    input_threads: int = _key(1, "training input: threads preparing batches ahead of the step (Grain ReadOptions)",
+                              ge=1, le=64)
+    input_workers: int = _key(0, "training input: worker processes preparing batches (Grain mp_prefetch; 0 = "
+                                 "threads in the training process only)", ge=0, le=64)
     history_len: int = _key(50, "items of user history per example (0 = none)", ge=0)
     history_mode: str = _key("causal", "causal: the train items just before the example; sample: random other "
                                        "train items of the user", choices=HISTORY_MODES)

@@ -3,7 +3,7 @@
 ID rows are de-duplicated over the GLOBAL batch here, in numpy, so the step gathers each touched table row
 once, its gradient arrives already summed over duplicates, and the row-wise optimizer touches each row once.
 The unique-row arrays are padded to a few bucketed sizes so the step compiles a handful of times, not every
-step. A background thread prepares batches ahead of the step (`Prefetcher`).
+step. Batches are prepared ahead of the step by a Grain pipeline (`grain_feed`: threads or worker processes).
 """
 from __future__ import annotations
 
@@ -120,6 +120,56 @@ def prepare(batch: dict, *, use_user_table: bool, use_item_table: bool, use_hist
         if per_row:
             local["row_neg_idx"] = inv[B + M + hist.size:].reshape(row_neg.shape + inv.shape[1:])
     return local, shared
+
+
+class _Step:
+    """Grain map function: global batch k after `start` -> (prepared batch, data position after it). A class,
+    not a closure, so Grain's worker processes can receive it."""
+
+    def __init__(self, batches, fn, start: int):
+        self.batches, self.fn, self.start = batches, fn, start
+
+    def __call__(self, k: int):
+        offset = self.start + int(k) * self.batches.batch_size
+        n = self.batches.examples_per_epoch
+        after = offset + self.batches.batch_size
+        return self.fn(self.batches.batch_at(offset)), {"epoch": after // n, "position": after % n}
+
+
+def grain_feed(batches, fn, *, depth: int = 2, threads: int = 1, workers: int = 0):
+    """The training input as a Grain pipeline: batch k (from the iterator's current position) is
+    `fn(batches.batch_at(offset_k))`, a pure function of k, evaluated ahead of the step by `threads` threads
+    (`grain.ReadOptions`) or by `workers` processes (`mp_prefetch`), in order.
+
+    Grain's own iterator state would be the next k; the checkpoint records the equivalent data position
+    ({"epoch", "position"}, yielded with each batch), from which `Batches.restore` rebuilds the same pipeline.
+
+    Returns:
+      an iterator of (fn's result, data position after the batch), with a `close()`.
+    """
+    import grain
+
+    ds = grain.MapDataset.range(0, 1 << 40).map(_Step(batches, fn, batches.offset))
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(1, threads), prefetch_buffer_size=max(1, depth)))
+    if workers > 0:
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=max(1, depth)))
+    return _Closing(iter(it))
+
+
+class _Closing:
+    def __init__(self, it):
+        self._it = it
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return next(self._it)
+
+    def close(self):
+        close = getattr(self._it, "close", None)
+        if close is not None:
+            close()
 
 
 class Prefetcher:

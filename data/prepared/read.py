@@ -161,6 +161,19 @@ class PreparedData:
         ds._cache["item_log_prob"] = self.item_log_prob()
         return ds
 
+    def eval_subset(self, split: str = "test", max_users: int | None = None, seed: int = 0) -> Dataset:
+        """The `load_users` dataset of the users an evaluation of `split` ranks for.
+
+        Candidates are the users with `split` rows; with `max_users` a seeded sample of them is drawn the way
+        `eval.holdout.heldout_users` draws it, so on a log without repeated (user, item) pairs (where every
+        candidate has a held-out item) the evaluated users and metrics equal those of the in-memory dataset.
+        """
+        col = {"valid": 1, "test": 2}[split]
+        users = np.flatnonzero(self.user_counts[:, col] > 0).astype(np.int32)
+        if max_users is not None and len(users) > max_users:
+            users = np.sort(np.random.default_rng(seed).choice(users, max_users, replace=False)).astype(np.int32)
+        return self.load_users(users)
+
     def __getstate__(self):   # readers are reopened in each worker process
         state = dict(self.__dict__)
         state["_readers"], state["_lock"] = {}, None
