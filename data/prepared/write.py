@@ -58,6 +58,45 @@ def shard_bounds(rows_per_user: np.ndarray, num_shards: int) -> np.ndarray:
     return np.maximum.accumulate(bounds)
 
 
+class ShardFile:
+    """One shard file being written: records go to a temporary name, renamed to the shard's name by `close`.
+
+    A shard finished by an earlier run of the same preparation is kept: `done` is then True and nothing is
+    written.
+
+    Args:
+      root: the output directory (from `start`).
+      k, num_shards: the shard's index and the number of shards (its file name, `format.shard_name`).
+      tmp_suffix: the temporary name's suffix (ends in ".tmp", so `start` removes leftovers); a distributed
+        writer makes it unique so that two attempts at one shard never share a file.
+    """
+
+    def __init__(self, root: pathlib.Path, k: int, num_shards: int, tmp_suffix: str = ".tmp"):
+        self.final = pathlib.Path(root) / fmt.shard_name(k, num_shards)
+        self.done = self.final.exists()
+        self._writer = None
+        if not self.done:
+            self._tmp = self.final.with_name(self.final.name + tmp_suffix)
+            self._writer = arm.ArrayRecordWriter(str(self._tmp), _WRITER_OPTIONS)
+
+    def write(self, record: bytes) -> None:
+        if self._writer is not None:
+            self._writer.write(record)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            os.replace(self._tmp, self.final)
+        self._writer = None
+
+
+def shard_list(bounds: np.ndarray, rows: np.ndarray) -> list[dict]:
+    """The manifest's shard list: file, user range and rows per split of each shard (`rows`: int64 [S, 3])."""
+    num_shards = len(bounds) - 1
+    return [{"file": fmt.shard_name(k, num_shards), "users": [int(bounds[k]), int(bounds[k + 1])],
+             "rows": dict(zip(fmt.SPLITS, map(int, rows[k])))} for k in range(num_shards)]
+
+
 class ShardWriter:
     """Receives user records in user-row order and writes them into the shards `bounds` defines.
 
@@ -69,26 +108,21 @@ class ShardWriter:
     def __init__(self, root: pathlib.Path, bounds: np.ndarray):
         self.root, self.bounds = root, np.asarray(bounds, np.int64)
         self.num_shards = len(self.bounds) - 1
-        self._shard, self._writer, self._next_user = -1, None, 0
+        self._shard, self._file, self._next_user = -1, None, 0
         self.skipped: list[int] = []
         self.rows = np.zeros((self.num_shards, 3), np.int64)
 
     def _open(self, k: int):
         self._close()
         self._shard = k
-        final = self.root / fmt.shard_name(k, self.num_shards)
-        if final.exists():            # finished by an earlier run of the same preparation
+        self._file = ShardFile(self.root, k, self.num_shards)
+        if self._file.done:           # finished by an earlier run of the same preparation
             self.skipped.append(k)
-            self._writer = None
-            return
-        self._tmp = final.with_name(final.name + ".tmp")
-        self._writer = arm.ArrayRecordWriter(str(self._tmp), _WRITER_OPTIONS)
 
     def _close(self):
-        if self._writer is not None:
-            self._writer.close()
-            os.replace(self._tmp, self.root / fmt.shard_name(self._shard, self.num_shards))
-        self._writer = None
+        if self._file is not None:
+            self._file.close()
+        self._file = None
 
     def add(self, user: int, items: list[np.ndarray], ts: list[np.ndarray]) -> None:
         """Adds user `user`'s record; users must come in order 0, 1, 2, ... with none missing."""
@@ -99,8 +133,8 @@ class ShardWriter:
         while self._shard < k:
             self._open(self._shard + 1)
         self.rows[k] += [len(x) for x in items]
-        if self._writer is not None:
-            self._writer.write(fmt.encode_user(user, items, ts))
+        if not self._file.done:
+            self._file.write(fmt.encode_user(user, items, ts))
 
     def close(self) -> list[dict]:
         """Finishes the last shard; returns the manifest's shard list."""
@@ -109,8 +143,7 @@ class ShardWriter:
         while self._shard < self.num_shards - 1:   # trailing shards of users without rows cannot occur, but
             self._open(self._shard + 1)            # an empty shard still gets its (empty) file
         self._close()
-        return [{"file": fmt.shard_name(k, self.num_shards), "users": [int(self.bounds[k]), int(self.bounds[k + 1])],
-                 "rows": dict(zip(fmt.SPLITS, map(int, self.rows[k])))} for k in range(self.num_shards)]
+        return shard_list(self.bounds, self.rows)
 
 
 def finish(root: pathlib.Path, *, name: str, shards: list[dict], user_counts: np.ndarray, item_counts: np.ndarray,
