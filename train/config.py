@@ -29,6 +29,18 @@ class LossConfig:
     logq_mixture: bool = _help(False, "log q of every candidate = log of its expected count in the union of the "
                                       "in-batch and uniform samples (B p + M/N), instead of per source (B p for "
                                       "in-batch, M/N for uniform; overstates rare in-batch items' correction)")
+    logq_source: str = _help("counts", "where the in-batch log q's item frequencies come from: counts (the "
+                                       "training split's item counts, known up front) | streaming (estimated on "
+                                       "the device from the stream of positives, Yi et al. 2019 Algorithm 2: for "
+                                       "a continuously trained model whose counts are unknown; the estimator is "
+                                       "part of the train state and its checkpoints)",
+                              choices=("counts", "streaming"))
+    streaming_buckets: int = _help(1 << 20, "streaming: hash buckets per hash function; a vocabulary no larger "
+                                            "gets one bucket per item instead (exact, no collisions)", gt=0)
+    streaming_hashes: int = _help(2, "streaming: hash functions (count-min: an item's estimate is the largest "
+                                     "gap, i.e. the lowest frequency, over them)", ge=1, le=16)
+    streaming_alpha: float = _help(0.01, "streaming: learning rate of each bucket's moving average of the steps "
+                                         "between two occurrences", gt=0, le=1)
     remove_accidental_hits: bool = _help(True, "mask candidates equal to the row's positive item")
     embedding_l2: float = _help(0.0, "L2 penalty on the ID-table rows a batch touches (per row, per step)", ge=0)
     in_batch_negatives: bool = _help(True, "the other rows' positives are negatives too; false = only the "
@@ -164,6 +176,11 @@ def validate(cfg: DictConfig | dict, *, num_devices: int | None = None) -> Confi
         if c.loss.bsl_negative_power != 1.0:
             _fail("loss.bsl_negative_power", c.loss.bsl_negative_power, "applies to the softmax only; set it to "
                                                                          "1.0 with loss.name=ccl")
+    if c.loss.logq_source == "streaming" and not (c.loss.name == "softmax" and c.loss.logq_correction
+                                                   and c.loss.in_batch_negatives):
+        _fail("loss.logq_source", "streaming", "estimates the in-batch candidates' log q, which only the softmax "
+                                               "with loss.logq_correction=true and loss.in_batch_negatives=true "
+                                               "uses; set loss.logq_source=counts")
     if c.loss.negatives_per_row and c.model.item.use_history:
         _fail("loss.negatives_per_row", c.loss.negatives_per_row, "cannot be combined with item audiences "
                                                                    "(model.item.use_history=true) yet; set one off")

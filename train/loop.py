@@ -33,6 +33,7 @@ from towers.id_tables import TABLE_TOWERS, hashings, vocab_view
 from towers.two_tower import TwoTower
 from train import config as config_lib
 from train import distributed
+from train import freq_estimator
 from train import resume
 from train.checkpoint import Checkpointer, NonFiniteState
 from train.input import Prefetcher, prepare
@@ -146,6 +147,11 @@ def build_parts(c: config_lib.Config, ds, steps: int, devices: list, table_rows:
     sparse_opts = {name: FrozenTable() if getattr(c.model, TABLE_TOWERS[name]).table.freeze else
                    make_sparse_optimizer(c.optimizer.sparse.name, learning_rate=c.optimizer.sparse.learning_rate)
                    for name in sizes}
+    streaming = None
+    if c.loss.logq_source == "streaming":   # item vocabulary rows, B_global of them per step
+        streaming = freq_estimator.make_spec(c.loss.streaming_buckets, c.loss.streaming_hashes,
+                                             c.loss.streaming_alpha, num_ids=ds.num_items,
+                                             draws_per_step=c.train.global_batch_size)
     step_cfg = StepConfig(
         temperature=c.loss.temperature, global_batch=c.train.global_batch_size,
         global_negatives=c.loss.num_negatives, num_items=len(negative_pool(ds)),
@@ -155,9 +161,10 @@ def build_parts(c: config_lib.Config, ds, steps: int, devices: list, table_rows:
         ccl_negative_weight=c.loss.ccl_negative_weight, negative_power=c.loss.bsl_negative_power,
         negatives_per_row=c.loss.negatives_per_row, user_dropout=c.loss.user_dropout,
         use_user_table="user" in sizes, use_item_table="item" in sizes, use_history=c.model.user.use_history,
-        use_item_history=c.model.item.use_history)
+        use_item_history=c.model.item.use_history, logq_streaming=streaming)
     step_fn = make_step(graphdef=graphdef, cfg=step_cfg, dense_tx=dense_tx, sparse_opts=sparse_opts)
-    launcher = Launcher(c.train.launcher, step_fn, devices, model=model_axis)
+    launcher = Launcher(c.train.launcher, step_fn, devices, model=model_axis,
+                        replicated=("logq_freq",) if streaming else ())
     return Parts(model, graphdef, launcher, step_cfg, dense_tx, sparse_opts, sizes)
 
 
@@ -166,7 +173,8 @@ def create_state(c: config_lib.Config, parts: Parts, *, overrides: dict | None =
     """A fresh state in the launcher's layout (tables drawn shard by shard on their devices), or with
     `abstract` its shape/sharding twin, the target a checkpoint restores into."""
     state = init_state(c, parts.model, parts.sizes, parts.dense_tx, parts.sparse_opts, c.seed,
-                       table_sharding=parts.launcher.table_sharding, overrides=overrides, abstract=abstract)
+                       table_sharding=parts.launcher.table_sharding, overrides=overrides, abstract=abstract,
+                       logq_freq=parts.step_cfg.logq_streaming)
     return parts.launcher.abstract_state(state) if abstract else parts.launcher.put_state(state)
 
 

@@ -41,20 +41,23 @@ def padded_rows(rows: int, model: int) -> int:
     return -(-rows // model) * model
 
 
-def state_specs(sharded: bool) -> dict[str, P]:
+def state_specs(sharded: bool, replicated: tuple[str, ...] = ()) -> dict[str, P]:
     """PartitionSpecs of the train-state dict, one per top-level key (a pytree prefix of the state).
 
     Args:
       sharded: split the ID tables (and their optimizer state, whose leading axis is also the row) over
         `model`; else replicate them.
+      replicated: further top-level keys of the state, replicated (e.g. "logq_freq", the streaming
+        frequency estimator of `loss.logq_source=streaming`).
     """
     table = P(MODEL) if sharded else P()
-    return {"params": P(), "opt_state": P(), "tables": table, "table_opt": table, "step": P(), "rng": P()}
+    return {"params": P(), "opt_state": P(), "tables": table, "table_opt": table, "step": P(), "rng": P(),
+            **{key: P() for key in replicated}}
 
 
-def state_shardings(mesh: Mesh, sharded: bool) -> dict[str, NamedSharding]:
+def state_shardings(mesh: Mesh, sharded: bool, replicated: tuple[str, ...] = ()) -> dict[str, NamedSharding]:
     """`state_specs` as NamedShardings on `mesh` (the `in_shardings` / Orbax restore targets)."""
-    return {k: NamedSharding(mesh, spec) for k, spec in state_specs(sharded).items()}
+    return {k: NamedSharding(mesh, spec) for k, spec in state_specs(sharded, replicated).items()}
 
 
 def put_global(tree, sharding: NamedSharding):

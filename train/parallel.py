@@ -31,9 +31,10 @@ class Launcher:
       step: the per-device step (`train.step.make_step(...)`).
       devices: the devices, in mesh order (all processes' devices in a multi-process run).
       model: size of the mesh's `model` axis (tables are split over it when > 1); `data` is the rest.
+      replicated: top-level state keys beyond the standard ones (`train.mesh.state_specs`), replicated.
     """
 
-    def __init__(self, kind: str, step, devices: list, *, model: int = 1):
+    def __init__(self, kind: str, step, devices: list, *, model: int = 1, replicated: tuple[str, ...] = ()):
         self.kind, self.devices, self.n = kind, list(devices), len(devices)
         if self.n % model:
             raise ValueError(f"mesh.model={model} does not divide the {self.n} devices")
@@ -46,9 +47,9 @@ class Launcher:
         # pmap returns its outputs on a one-axis ('data',) mesh: the state starts there too, so the second step
         # finds the program the first compiled (on the two-axis mesh it compiled again, seconds on CPU).
         state_mesh = Mesh(np.array(self.devices), (AXIS,)) if kind == "pmap" else self.mesh
-        self.state_sharding = state_shardings(state_mesh, self.sharded)
+        self.state_sharding = state_shardings(state_mesh, self.sharded, replicated)
         self.table_sharding = self.state_sharding["tables"]
-        specs = state_specs(self.sharded)
+        specs = state_specs(self.sharded, replicated)
         if kind == "pmap":
             self._fn = jax.pmap(functools.partial(step, axis_name=AXIS), axis_name=AXIS, devices=self.devices,
                                 in_axes=(None, 0, None), out_axes=(None, None), donate_argnums=(0,))

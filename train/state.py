@@ -1,5 +1,6 @@
 """The train-state pytree: dense tower parameters and their optax state, ID tables and their row-wise
-optimizer state, the step counter and the base RNG key. Also its abstract (shape-only) twin for Orbax."""
+optimizer state, the step counter and the base RNG key, and with `loss.logq_source=streaming` the streaming
+item-frequency estimator (`train/freq_estimator.py`). Also its abstract (shape-only) twin for Orbax."""
 from __future__ import annotations
 
 import functools
@@ -11,6 +12,7 @@ import optax
 from flax import nnx
 
 from towers.two_tower import TwoTower
+from train import freq_estimator
 from train.mesh import padded_rows, put_global
 
 
@@ -50,7 +52,8 @@ def learning_rate_schedule(peak: float, kind: str, warmup: int, total: int):
 
 
 def init_state(cfg, model: TwoTower, sizes: dict[str, int], dense_tx, sparse_opts, seed: int, *,
-               table_sharding=None, overrides: dict | None = None, abstract: bool = False) -> dict:
+               table_sharding=None, overrides: dict | None = None, abstract: bool = False,
+               logq_freq: freq_estimator.FreqSpec | None = None) -> dict:
     """A fresh state. Tables are drawn on device from N(0, id_init_scale^2).
 
     Args:
@@ -60,8 +63,10 @@ def init_state(cfg, model: TwoTower, sizes: dict[str, int], dense_tx, sparse_opt
       overrides: {table: (rows int64[m], values float32[m, id_dim])} rows set after the draw (pre-trained).
       abstract: tables and their optimizer state as shape/dtype/sharding structs, allocating nothing (the
         restore target of a run that resumes).
+      logq_freq: the streaming frequency estimator's spec (`StepConfig.logq_streaming`), or None for none.
     Returns:
-      {params, opt_state, tables, table_opt, step, rng}; a row's value does not depend on the sharding.
+      {params, opt_state, tables, table_opt, step, rng}, plus `logq_freq` (the estimator's state, shape/dtype
+      structs when `abstract`) with a `logq_freq` spec; a row's value does not depend on the sharding.
     """
     _, params = nnx.split(model)
     keys = jax.random.split(jax.random.key(seed), len(sizes) + 1)
@@ -81,7 +86,7 @@ def init_state(cfg, model: TwoTower, sizes: dict[str, int], dense_tx, sparse_opt
         else:  # drawn in place, shard by shard; the optimizer state likewise
             tables[name] = init_table(key, rows, dim, scale, sharding=table_sharding, override=override)
             table_opt[name] = jax.jit(sparse_opts[name].init, out_shardings=table_sharding)(tables[name])
-    return {
+    state = {
         "params": params,
         "opt_state": dense_tx.init(params),
         "tables": tables,
@@ -89,6 +94,9 @@ def init_state(cfg, model: TwoTower, sizes: dict[str, int], dense_tx, sparse_opt
         "step": jnp.zeros((), jnp.int32),
         "rng": jax.random.key_data(keys[0]),
     }
+    if logq_freq is not None:
+        state["logq_freq"] = freq_estimator.abstract(logq_freq) if abstract else freq_estimator.init(logq_freq)
+    return state
 
 
 INIT_CHUNK_ROWS = 1 << 18

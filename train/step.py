@@ -14,6 +14,13 @@
 An id's table rows arrive as `*_idx` indices into the gathered rows. A hashed table gives each id K rows (a
 trailing axis of size K on its `*_idx`), summed into one embedding here.
 
+With `loss.logq_source=streaming` (`cfg.logq_streaming` set) the in-batch candidates' log q comes from the
+streaming frequency estimator in `state["logq_freq"]` (`train/freq_estimator.py`) instead of the host's counts:
+the step first estimates the batch's items from the state as the previous steps left it, then (after the
+gradients) updates it with the positives of the whole global batch, assembled on every device, so the
+replicated estimator stays the same everywhere. Estimating before updating keeps a positive's own occurrence out
+of its correction and matches Algorithm 2 of Yi et al. (estimate at step t from occurrences before t).
+
 Metrics come back as sums and counts; the host divides.
 """
 from __future__ import annotations
@@ -28,7 +35,7 @@ import optax
 from flax import nnx
 
 from towers.layers import l2_normalize
-from train import losses
+from train import freq_estimator, losses
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +60,7 @@ class StepConfig:
     negative_power: float = 1.0
     negatives_per_row: int = 0
     user_dropout: float = 0.0
+    logq_streaming: freq_estimator.FreqSpec | None = None   # None: log q from the host's item counts
 
 
 def _psum(x, axis_name):
@@ -154,6 +162,52 @@ def candidate_logq(local: dict, cfg: StepConfig) -> tuple[jax.Array, jax.Array, 
     return pos.astype(jnp.float32), neg.astype(jnp.float32), None if row is None else row.astype(jnp.float32)
 
 
+def global_rows(x: jax.Array, axis_name: str | tuple[str, ...] | None) -> jax.Array:
+    """The global batch's [B_global, ...] array from each device's [b, ...] block, the same on every device.
+
+    Blocks go in device order (as `losses` gathers the candidates): each device writes its block into zeros
+    at its offset and a psum adds them up, so the result is replicated (axis-invariant under shard_map) and can
+    update replicated state. None = one device or GSPMD: `x` is already global.
+    """
+    if not axis_name:
+        return x
+    b, n = x.shape[0], jax.lax.psum(1, axis_name)
+    out = as_varying(jnp.zeros((n * b,) + x.shape[1:], x.dtype), axis_name)
+    out = jax.lax.dynamic_update_slice_in_dim(out, x, jax.lax.axis_index(axis_name) * b, 0)
+    return jax.lax.psum(out, axis_name)
+
+
+def streaming_logq(freq_state: dict, local: dict, cfg: StepConfig) -> dict:
+    """`local` with the in-batch log q read from the streaming estimator (`cfg.logq_streaming`).
+
+    The estimator gives each item's expected occurrences per step, `p_step`; the batch's `*_logq` are per-draw
+    frequencies, so `item_logq = log(p_step / B_global)` and the positive's log expected count in
+    `candidate_logq` is `log p_step`. The uniform negatives keep their known `log(M / N)`; with
+    `cfg.logq_mixture`, whose in-batch part reads the negatives' data frequency too, theirs are estimated as
+    well (never counted: they were not drawn from the data).
+    """
+    spec, log_b = cfg.logq_streaming, math.log(cfg.global_batch)
+
+    def logq(ids):
+        return freq_estimator.log_estimate(freq_state, ids, spec) - log_b
+
+    out = dict(local, item_logq=logq(local["item"]))
+    if cfg.logq_mixture:
+        out["neg_item_logq"] = logq(local["neg_item"])
+        if cfg.negatives_per_row:
+            out["row_neg_item_logq"] = logq(local["row_neg_item"])
+    return out
+
+
+def update_streaming(freq_state: dict, local: dict, step: jax.Array, cfg: StepConfig,
+                     axis_name: str | tuple[str, ...] | None) -> dict:
+    """The estimator after seeing this step's positives: the global batch's (padding rows and ids < 0 are not
+    counted), so every device applies the same update."""
+    seen = jnp.where(local["mask"] > 0, local["item"] + 1, 0)   # 0 = not an occurrence, after the shift
+    ids = global_rows(seen, axis_name) - 1
+    return freq_estimator.update(freq_state, ids, step, cfg.logq_streaming)
+
+
 def tower_inputs(params_rows: dict, local: dict, cfg: StepConfig) -> dict:
     """Per-example ID rows gathered from the de-duplicated table rows."""
     user_rows, item_rows = params_rows.get("user"), params_rows.get("item")
@@ -232,7 +286,8 @@ def train_step(state: dict, local: dict, shared: dict, *, graphdef, cfg: StepCon
                dense_tx: optax.GradientTransformation, sparse_opts: dict[str, Any],
                axis_name: str | tuple[str, ...] | None = None,
                table_axis: str | None = None) -> tuple[dict, dict]:
-    """One optimisation step. `state` = {params, opt_state, tables, table_opt, step, rng}.
+    """One optimisation step. `state` = {params, opt_state, tables, table_opt, step, rng}, plus `logq_freq`
+    with `cfg.logq_streaming`.
 
     Args:
       axis_name: the mapped axis (or axes) the examples are split over; None for one device or GSPMD.
@@ -245,6 +300,8 @@ def train_step(state: dict, local: dict, shared: dict, *, graphdef, cfg: StepCon
         rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))  # different dropout per device
     rows = {name: gather_rows(state["tables"][name], shared[f"{name}_uniq"], table_axis)
             for name in state["tables"]}
+    if cfg.logq_streaming is not None:   # estimated from the steps before this one
+        local = streaming_logq(state["logq_freq"], local, cfg)
     grad_fn = jax.grad(loss_fn, argnums=(0, 1), has_aux=True)
     (g_params, g_rows), metrics = grad_fn(as_varying(state["params"], axis_name), as_varying(rows, axis_name),
                                           local, rng, graphdef=graphdef, cfg=cfg, axis_name=axis_name)
@@ -263,6 +320,8 @@ def train_step(state: dict, local: dict, shared: dict, *, graphdef, cfg: StepCon
     metrics["grad_norm_sq"] = optax.tree_utils.tree_norm(g_params, squared=True)
     new_state = dict(state, params=params, opt_state=opt_state, tables=tables, table_opt=table_opt,
                      step=step + 1)
+    if cfg.logq_streaming is not None:
+        new_state["logq_freq"] = update_streaming(state["logq_freq"], local, step, cfg, axis_name)
     return new_state, metrics
 
 
