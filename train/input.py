@@ -7,8 +7,6 @@ step. Batches are prepared ahead of the step by a Grain pipeline (`grain_feed`: 
 """
 from __future__ import annotations
 
-import queue
-import threading
 
 import numpy as np
 
@@ -170,40 +168,3 @@ class _Closing:
         close = getattr(self._it, "close", None)
         if close is not None:
             close()
-
-
-class Prefetcher:
-    """Runs `fn(next(source))` in a background thread, `depth` items ahead. Errors surface in `__next__`."""
-
-    def __init__(self, source, fn, depth: int = 2):
-        self._source, self._fn = source, fn
-        self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._work, daemon=True)
-        self._thread.start()
-
-    def _work(self):
-        try:
-            while not self._stop.is_set():
-                item = self._fn(next(self._source))
-                while not self._stop.is_set():
-                    try:
-                        self._queue.put(("ok", item), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-        except BaseException as e:  # noqa: BLE001 - re-raised in the consumer thread
-            self._queue.put(("error", e))
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        kind, item = self._queue.get()
-        if kind == "error":
-            raise item
-        return item
-
-    def close(self):
-        self._stop.set()
-        self._thread.join(timeout=5)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import datetime
 import json
 import logging
@@ -27,7 +28,7 @@ from flax import nnx
 from omegaconf import OmegaConf
 
 from data.batching import Batches, negative_pool
-from data.load import load as load_dataset
+from data.load import open_data as load_dataset
 from eval.report import protocol_text
 from towers.id_tables import TABLE_TOWERS, hashings, vocab_view
 from towers.two_tower import TwoTower
@@ -36,7 +37,7 @@ from train import distributed
 from train import freq_estimator
 from train import resume
 from train.checkpoint import Checkpointer, NonFiniteState
-from train.input import Prefetcher, prepare
+from train.input import grain_feed, prepare
 from train.mesh import padded_rows, table_bytes_per_device
 from train.metrics_writer import MetricWriter
 from train.parallel import Launcher
@@ -379,12 +380,8 @@ def train_loop(c, launcher, dev_state, batches, ckpt, writer, start: int, steps:
     """
     use = dict(prepare_kwargs(step_cfg), row_maps=row_maps)
 
-    def source():
-        while True:
-            b = next(batches)
-            yield b, batches.state()
-
-    feed = Prefetcher(source(), lambda bs: (prepare(bs[0], **use), bs[1]), depth=c.train.prefetch)
+    feed = grain_feed(batches, functools.partial(prepare, **use), depth=c.train.prefetch,
+                      threads=c.data.input_threads, workers=c.data.input_workers)
     progress = Progress(start, steps, enabled=c.train.progress and distributed.is_primary())
     clock = WindowClock()
     window, last = [], {}
@@ -497,6 +494,8 @@ def final_eval(c, model, graphdef, state, ds, row_maps: dict | None = None) -> d
     # Inference runs on one device: inputs replicated over a mesh would make every device embed every item,
     # and host (numpy) tables would be copied to the device again for every batch.
     params, tables = jax.device_put((params, tables), jax.local_devices()[0])
+    if hasattr(ds, "eval_subset"):   # a prepared dataset: read the evaluated users' records only
+        ds = ds.eval_subset("test", max_users=c.eval.max_users, seed=c.eval.seed)
     users = heldout_users(ds, max_users=c.eval.max_users, seed=c.eval.seed)
     user_emb, item_emb = model_embeddings(Towers(graphdef, params, tables, model), ds, users, c.data.history_len)
     return evaluate(user_emb, item_emb, ds, users, list(c.eval.ks), user_block=c.eval.user_block,
