@@ -38,8 +38,11 @@ class AnnConfig:
 
 @dataclass
 class BaselinesConfig:
-    most_popular: bool = _help(True, "rank by training popularity (always cheap)")
-    ease: bool = _help(True, "EASE closed-form item-item baseline (skipped above ease_max_items)")
+    most_popular: bool = _help(True, "rank by training popularity (always cheap; a prepared dataset keeps the "
+                                     "whole train split's item counts)")
+    ease: bool = _help(True, "EASE closed-form item-item baseline (skipped above ease_max_items); on prepared "
+                             "data its Gram matrix is summed over every user's train records, chunk_users at "
+                             "a time (a full read of the shards, N x N memory), so it equals the in-memory fit")
     ease_lambda: float = _help(500.0, "EASE L2 weight on the Gram matrix diagonal", gt=0)
     ease_max_items: int = _help(10_000, "skip EASE for larger catalogues: its N x N inverse is O(N^3) "
                                         "(about 80 s at 10k items, 10 min at 20k on 2 CPU cores)", gt=0)
@@ -60,7 +63,8 @@ class EvaluateConfig:
     split: str = _help("test", "held-out split to score: test | valid", choices=("test", "valid"))
     out_dir: str | None = _help(None, "where outputs go; null = <run_dir>/eval/step_<N>[_valid][_<hash>]")
     ks: list[int] = _help([10, 20, 50, 100], "cut-offs of every @k metric", gt=0)
-    max_users: int | None = _help(None, "score a seeded sample of this many held-out users; null = all", gt=0)
+    max_users: int | None = _help(None, "score a seeded sample of this many held-out users; null = all (on "
+                                            "prepared data only the sampled users' records are read)", gt=0)
     seed: int = _help(0, "seed of the user sample", ge=0)
     data: dict[str, Any] = _help({}, "overrides of the run's data: section (any data.config key)")
     ann: AnnConfig = field(default_factory=AnnConfig, metadata={"help": "approximate search"})
@@ -69,6 +73,9 @@ class EvaluateConfig:
     plots: bool = _help(True, "write PNG plots (needs matplotlib)")
     user_block: int = _help(1024, "users per block in exact top-k and EASE scoring", gt=0)
     item_block: int = _help(65536, "items per tile in exact top-k", gt=0)
+    chunk_users: int = _help(65536, "prepared data (data.source=prepared): held-out users read, embedded and "
+                                    "ranked at a time, and users per pass when EASE sums the whole train "
+                                    "split's Gram matrix; memory grows with it, not with the log", gt=0)
 
 
 def register_configs() -> None:

@@ -53,8 +53,25 @@ def ease_weights(train_indptr, train_items, num_items: int, lam: float = 500.0) 
     """
     if not lam > 0:
         raise ValueError(f"EASE needs lam > 0 (the Gram matrix is singular without it), got {lam}")
+    return ease_from_gram(gram_matrix(train_indptr, train_items, num_items), lam)
+
+
+def gram_matrix(train_indptr, train_items, num_items: int) -> sp.csr_matrix:
+    """XᵀX of the binary interaction matrix of these CSR rows: float64 sparse [N, N] of co-occurrence counts.
+
+    XᵀX is a sum over users, so the Gram matrix of a whole split is the sum of those of its users' chunks
+    (`eval.run` streams a prepared dataset this way, chunk by chunk, without its interactions in memory).
+    """
     x = interaction_matrix(train_indptr, train_items, num_items)
-    gram = (x.T @ x).toarray()
+    return (x.T @ x).tocsr()
+
+
+def ease_from_gram(gram, lam: float = 500.0) -> np.ndarray:
+    """The EASE item-item matrix B from XᵀX (sparse or dense [N, N]); see `ease_weights`."""
+    if not lam > 0:
+        raise ValueError(f"EASE needs lam > 0 (the Gram matrix is singular without it), got {lam}")
+    gram = gram.toarray() if sp.issparse(gram) else np.array(gram, np.float64)
+    num_items = gram.shape[0]
     gram[np.diag_indices(num_items)] += lam
     p = np.linalg.inv(gram)
     b = p / -np.diag(p)[None, :]

@@ -8,6 +8,13 @@ and validation items too when ranking for test; held-out items repeating an excl
 - ``model``: exact full-corpus top-k of the two-tower embeddings (``towers.inference.exact.exact_topk``);
 - ``model_ann``: the same embeddings searched with ScaNN (``eval.ann``), with its overlap with the exact top-k;
 - ``most_popular`` and ``ease`` baselines (``eval.baselines``, ``eval.ease``).
+
+A run trained on a prepared dataset (``data.source: prepared``) is evaluated without its log in memory
+(``evaluate_prepared``): the dataset is opened (``data.load.open_data``), and the held-out users (all of them, or
+the ``max_users`` sample ``PreparedData.eval_users`` draws) are read, embedded and ranked ``chunk_users`` at a
+time; only their rankings and held-out items are kept. Most-popular uses the whole train split's item counts,
+and EASE its whole train matrix, whose Gram matrix XᵀX is summed over every user's records read chunk by chunk
+(memory N², as in memory), so both give the numbers of the same run evaluated in memory.
 """
 from __future__ import annotations
 
@@ -40,6 +47,7 @@ def phase(key: str, timing: dict, what: str | None = None):
 # ---------------------------------------------------------------- loading
 def load_run(c: EvaluateConfig, timing: dict):
     """(trained model, dataset, the data config used) for the run directory, with the data overrides applied.
+    The dataset is a `data.types.Dataset`, or a `data.prepared.read.PreparedData` for a prepared one.
 
     Raises:
       ConfigError: the run directory is not a training run, or the data does not match its vocabularies.
@@ -49,7 +57,7 @@ def load_run(c: EvaluateConfig, timing: dict):
         raise ConfigError(f"run_dir={c.run_dir!r}: not a training run directory (needs config.yaml and ckpt/, "
                           "as written by `python -m train hydra.run.dir=...`)")
     from data.errors import DataError
-    from data.load import load as load_dataset
+    from data.load import open_data
     from towers.inference.vocab import VocabularyMismatch, check_vocabularies
     from towers.restore import RestoreError, load_trained
 
@@ -59,9 +67,9 @@ def load_run(c: EvaluateConfig, timing: dict):
         except RestoreError as e:
             raise ConfigError(f"run_dir={c.run_dir!r}: {e}") from None
     data_cfg = {**trained.config["data"], **c.data}
-    with phase("load_data", timing, "load the dataset"):
+    with phase("load_data", timing, "load the dataset (a prepared one is opened: its records stay on disk)"):
         try:
-            ds = load_dataset(data_cfg)
+            ds = open_data(data_cfg)
         except DataError as e:
             raise ConfigError(f"data: {str(e).splitlines()[0]}") from None
     try:
@@ -72,57 +80,73 @@ def load_run(c: EvaluateConfig, timing: dict):
 
 
 # ---------------------------------------------------------------- ranking
-def _rank_ann(user_emb, item_emb, held: dict, c: EvaluateConfig, kmax: int, timing: dict, notes: dict):
-    from eval.ann import ann_topk, build_index
-    with phase("ann_build", timing, "ScaNN index build"):
-        settings = {k: v for k, v in dataclasses.asdict(c.ann).items() if k != "enabled"}
-        index = build_index(item_emb, kmax, **settings)
-    with phase("ann_search", timing, "ScaNN search"):
-        ranked = ann_topk(index, user_emb, kmax, exclude_indptr=held["ex_indptr"], exclude_items=held["ex_items"])
-    notes["ann"] = {"params": index.params}
-    return ranked
+def fit_methods(item_emb, ds, c: EvaluateConfig, timing: dict, notes: dict, *, ease_gram=None) -> dict:
+    """What the rankings share across users, built once: the ScaNN index ("ann") and the EASE matrix ("ease").
 
-
-def _rank_ease(ds, users: np.ndarray, held: dict, c: EvaluateConfig, kmax: int, timing: dict, notes: dict):
-    from eval.ease import ease_topk, ease_weights
-    n = ds.num_items
-    if n > c.baselines.ease_max_items:
-        notes["skipped"]["ease"] = (f"{n} items > baselines.ease_max_items={c.baselines.ease_max_items} "
-                                    "(the N x N inverse is O(N^3); raise the limit to run it anyway)")
-        log.info("eval: EASE skipped: %s", notes["skipped"]["ease"])
-        return None
-    train_indptr, train_items = ds.train_csr()
-    with phase("ease_fit", timing, f"EASE fit ({n} items, lambda={c.baselines.ease_lambda:g})"):
-        b = ease_weights(train_indptr, train_items, n, c.baselines.ease_lambda)
-    with phase("ease_topk", timing, "EASE top-k"):
-        return ease_topk(b, train_indptr, train_items, users, kmax, exclude_indptr=held["ex_indptr"],
-                         exclude_items=held["ex_items"], user_block=c.user_block)
+    Args:
+      ease_gram: XᵀX of the whole train split (`eval.ease.gram_matrix`), or a callable returning it; None
+        builds it from `ds.train_csr()`.
+    Returns:
+      {"ann": index, "ease": B}, with the methods that are off or skipped (noted in notes["skipped"]) left out.
+    """
+    fitted = {}
+    if c.ann.enabled:
+        from eval.ann import build_index
+        with phase("ann_build", timing, "ScaNN index build"):
+            settings = {k: v for k, v in dataclasses.asdict(c.ann).items() if k != "enabled"}
+            fitted["ann"] = build_index(item_emb, max(c.ks), **settings)
+        notes["ann"] = {"params": fitted["ann"].params}
+    if c.baselines.ease:
+        from eval.ease import ease_from_gram, gram_matrix
+        n = ds.num_items
+        if n > c.baselines.ease_max_items:
+            notes["skipped"]["ease"] = (f"{n} items > baselines.ease_max_items={c.baselines.ease_max_items} "
+                                        "(the N x N inverse is O(N^3); raise the limit to run it anyway)")
+            log.info("eval: EASE skipped: %s", notes["skipped"]["ease"])
+        else:
+            with phase("ease_fit", timing, f"EASE fit ({n} items, lambda={c.baselines.ease_lambda:g})"):
+                gram = ease_gram() if callable(ease_gram) else ease_gram
+                gram = gram_matrix(*ds.train_csr(), n) if gram is None else gram
+                fitted["ease"] = ease_from_gram(gram, c.baselines.ease_lambda)
+    return fitted
 
 
 def rank_methods(user_emb, item_emb, ds, users: np.ndarray, held: dict, c: EvaluateConfig,
-                 timing: dict) -> tuple[dict, dict]:
-    """Ranked ids [Q, max(ks)] of every method, and notes (ANN settings, skipped methods)."""
+                 timing: dict, fitted: dict | None = None) -> tuple[dict, dict]:
+    """Ranked ids [Q, max(ks)] of every method, and notes (ANN settings, skipped methods).
+
+    `fitted` (from `fit_methods`) reuses an index and EASE matrix across calls; None fits them here. EASE scores
+    each user's training items as `ds.train_csr()` holds them (rows of `users`).
+    """
     from eval.baselines import most_popular_topk
     from towers.inference.exact import exact_topk
 
     kmax = max(c.ks)
     notes = {"skipped": {}}
+    if fitted is None:
+        fitted = fit_methods(item_emb, ds, c, timing, notes)
     rankings = {}
     with phase("exact_topk", timing, f"exact top-{kmax} over {ds.num_items} items for {len(users)} users"):
         _, ranked = exact_topk(user_emb, item_emb, kmax, exclude_indptr=held["ex_indptr"],
                                exclude_items=held["ex_items"], user_block=c.user_block, item_block=c.item_block)
         rankings["model"] = np.asarray(ranked)
-    if c.ann.enabled:
-        rankings["model_ann"] = _rank_ann(user_emb, item_emb, held, c, kmax, timing, notes)
+    if "ann" in fitted:
+        from eval.ann import ann_topk
+        with phase("ann_search", timing, "ScaNN search"):
+            rankings["model_ann"] = ann_topk(fitted["ann"], user_emb, kmax, exclude_indptr=held["ex_indptr"],
+                                             exclude_items=held["ex_items"])
     if c.baselines.most_popular:
         with phase("most_popular", timing, "most-popular baseline"):
             rankings["most_popular"] = most_popular_topk(ds.item_counts(), np.arange(len(users)), kmax,
                                                          exclude_indptr=held["ex_indptr"],
                                                          exclude_items=held["ex_items"])
-    if c.baselines.ease:
-        ranked = _rank_ease(ds, users, held, c, kmax, timing, notes)
-        if ranked is not None:
-            rankings["ease"] = ranked
+    if "ease" in fitted:
+        from eval.ease import ease_topk
+        train_indptr, train_items = ds.train_csr()
+        with phase("ease_topk", timing, "EASE top-k"):
+            rankings["ease"] = ease_topk(fitted["ease"], train_indptr, train_items, users, kmax,
+                                         exclude_indptr=held["ex_indptr"], exclude_items=held["ex_items"],
+                                         user_block=c.user_block)
     return rankings, notes
 
 
@@ -184,6 +208,127 @@ def evaluate_embeddings(user_emb, item_emb, ds, users, c: EvaluateConfig, timing
             "skipped": notes["skipped"]}
 
 
+def _concat_csr(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """One CSR of the rows of several, in order."""
+    lengths = np.concatenate([np.diff(indptr) for indptr, _ in parts] or [np.zeros(0, np.int64)])
+    indptr = np.zeros(lengths.size + 1, np.int64)
+    np.cumsum(lengths, out=indptr[1:])
+    return indptr, np.concatenate([items for _, items in parts] or [np.zeros(0, np.int32)])
+
+
+def _add_timing(total: dict, part: dict) -> None:
+    for key, seconds in part.items():
+        total[key] = round(total.get(key, 0.0) + seconds, 3)
+
+
+def _streamed_gram(data, chunk_users: int):
+    """XᵀX of the whole train split of a prepared dataset, summed over `chunk_users` users' records at a time."""
+    from eval.ease import gram_matrix
+
+    gram = None
+    for _, indptr, items in data.train_chunks(chunk_users):
+        part = gram_matrix(indptr, items, data.num_items)
+        gram = part if gram is None else gram + part
+    return gram
+
+
+def _item_source(trained, data, chunk_users: int):
+    """What `embed_items` reads of a prepared dataset: the dataset itself (vocabularies, features, item counts),
+    unless the item tower pools each item's training audience, which needs the train split by item: then a
+    `Dataset` of the train rows only (8 bytes a row; the valid and test rows are not kept)."""
+    if not trained.model.item.use_history:
+        return data
+    from data.types import Interactions
+
+    log.info("eval: the item tower pools its audience: reading the train split (%d rows) by item", len(data.train))
+    users, items = [], []
+    for rows, indptr, chunk_items in data.train_chunks(chunk_users):
+        users.append(np.repeat(rows.astype(np.int32), np.diff(indptr)))
+        items.append(chunk_items)
+    ds = data.load_users(np.zeros(0, np.int64))
+    train = Interactions(np.concatenate(users), np.concatenate(items))
+    return ds.replace(train=train)
+
+
+def evaluate_prepared(trained, data, c: EvaluateConfig, history_len: int, timing: dict | None = None) -> dict:
+    """`evaluate_embeddings` of a prepared dataset, chunk by chunk, with the same output.
+
+    The evaluated users are `data.eval_users(c.split, c.max_users, c.seed)` less those whose held-out items all
+    repeat excluded ones (the users `heldout_users` keeps); `c.chunk_users` of them at a time are read
+    (`PreparedData.load_users`), embedded and ranked, so memory grows with the chunk and with the rankings and
+    held-out items kept (Q x max(ks) ids), not with the log. The protocol's repeat counts are those of the users
+    read: every user with held-out rows, or with `max_users` the sampled ones (noted as "repeats_counted_over").
+
+    Args:
+      trained: a `towers.restore.TrainedModel`.
+      data: the `data.prepared.read.PreparedData` it was trained on.
+      c: the eval config.
+      history_len: the run's data.history_len.
+      timing: optional dict that receives per-phase seconds (summed over chunks).
+    Returns:
+      the dict `evaluate_embeddings` returns.
+    Raises:
+      ConfigError: no user has a held-out item.
+    """
+    from eval.holdout import heldout, heldout_users, protocol
+    from towers.inference.embed import embed_items, embed_users
+
+    timing = {} if timing is None else timing
+    candidates = data.eval_users(c.split, c.max_users, c.seed)
+    notes = {"skipped": {}}
+    with phase("embed_items", timing, f"embed {data.num_items} items"):
+        item_emb = embed_items(trained, _item_source(trained, data, c.chunk_users))
+    fitted = fit_methods(item_emb, data, c, timing, notes,
+                         ease_gram=lambda: _streamed_gram(data, c.chunk_users))
+    users, rankings, truth, lengths = [], {}, [], []
+    proto = {"split": c.split, "excluded_splits": None, "heldout_rows": int(data.split_rows(c.split).sum()),
+             "repeat_rows_dropped": 0, "users_dropped": 0}
+    chunk_timing: dict = {}
+    for start in range(0, len(candidates), c.chunk_users):
+        chunk = candidates[start:start + c.chunk_users]
+        part_timing: dict = {}
+        with phase("read_users", part_timing, f"read users {start}..{start + len(chunk)} of {len(candidates)}"):
+            sub = data.load_users(chunk)
+        p = protocol(sub, c.split)
+        proto["excluded_splits"] = p["excluded_splits"]
+        proto["repeat_rows_dropped"] += p["repeat_rows_dropped"]
+        proto["users_dropped"] += p["users_dropped"]
+        rows = heldout_users(sub, c.split)   # the chunk's users with a held-out item
+        if rows.size:
+            held = heldout(sub, rows, c.split)
+            with phase("embed", part_timing, f"embed {len(rows)} users"):
+                user_emb = embed_users(trained, sub, rows, history_len=history_len)
+            ranked, _ = rank_methods(user_emb, item_emb, sub, rows, held, c, part_timing, fitted)
+            for name, r in ranked.items():
+                rankings.setdefault(name, []).append(r)
+            users.append(rows)
+            truth.append((held["truth_indptr"], held["truth_items"]))
+            lengths.append(held["train_lengths"])
+        _add_timing(chunk_timing, part_timing)
+        del sub
+    timing.update(chunk_timing)
+    users = np.concatenate(users) if users else np.zeros(0, np.int32)
+    if users.size == 0:
+        raise ConfigError(f"split={c.split!r}: no user has a held-out item; nothing to evaluate")
+    if c.max_users is not None and len(candidates) < int((data.split_rows(c.split) > 0).sum()):
+        proto["repeats_counted_over"] = f"the {len(candidates)} sampled users"
+    truth_indptr, truth_items = _concat_csr(truth)
+    held = {"truth_indptr": truth_indptr, "truth_items": truth_items, "train_lengths": np.concatenate(lengths)}
+    rankings = {name: np.concatenate(parts) for name, parts in rankings.items()}
+    with phase("metrics", timing, "metrics, coverage, popularity bias, segments"):
+        out = score_rankings(rankings, held, data, c)
+    if "ann" in out:
+        out["ann"] = {**notes["ann"], **out["ann"], "build_seconds": timing.get("ann_build"),
+                      "search_seconds": timing.get("ann_search")}
+    return {"num_users": int(users.size), "ks": list(c.ks), "protocol": proto, **out, "skipped": notes["skipped"]}
+
+
+def _heldout_rows(ds, split: str) -> int:
+    if hasattr(ds, "split_rows"):   # a prepared dataset: from its counts
+        return int(ds.split_rows(split).sum())
+    return int(ds.split_csr(split)[0][-1])
+
+
 # ---------------------------------------------------------------- the whole run
 def default_out_dir(c: EvaluateConfig, run_dir: pathlib.Path, step: int) -> pathlib.Path:
     """<run_dir>/eval/step_<N>, suffixed by the split (if not test) and a hash of data overrides / sampling."""
@@ -207,18 +352,22 @@ def run(c: EvaluateConfig) -> dict:
                           "(it must match the training run's) or use split=test")
     if max(c.ks) > ds.num_items:
         raise ConfigError(f"ks={list(c.ks)}: k larger than the corpus ({ds.num_items} items)")
-    users = heldout_users(ds, c.split, c.max_users, c.seed)
-    if users.size == 0:
-        raise ConfigError(f"split={c.split!r}: no user has a held-out item; nothing to evaluate")
-    with phase("embed", timing, f"embed {len(users)} users and {ds.num_items} items"):
-        user_emb, item_emb = model_embeddings(trained, ds, users, int(data_cfg.get("history_len", 0)))
-    metrics = evaluate_embeddings(user_emb, item_emb, ds, users, c, timing)
+    history_len = int(data_cfg.get("history_len", 0))
+    if hasattr(ds, "eval_users"):   # a prepared dataset: users read, embedded and ranked chunk by chunk
+        metrics = evaluate_prepared(trained, ds, c, history_len, timing)
+    else:
+        users = heldout_users(ds, c.split, c.max_users, c.seed)
+        if users.size == 0:
+            raise ConfigError(f"split={c.split!r}: no user has a held-out item; nothing to evaluate")
+        with phase("embed", timing, f"embed {len(users)} users and {ds.num_items} items"):
+            user_emb, item_emb = model_embeddings(trained, ds, users, history_len)
+        metrics = evaluate_embeddings(user_emb, item_emb, ds, users, c, timing)
     out_dir = pathlib.Path(c.out_dir) if c.out_dir else default_out_dir(c, trained.run_dir, trained.step)
     metrics = {
         "run_dir": str(trained.run_dir), "out_dir": str(out_dir), "model_version": trained.model_version,
         "step": trained.step, "split": c.split, "data_overrides": dict(c.data), "max_users": c.max_users,
         "seed": c.seed, "dataset": {"name": ds.name, "num_users": ds.num_users, "num_items": ds.num_items,
-                                    "num_train": len(ds.train), "num_heldout": int(ds.split_csr(c.split)[0][-1])},
+                                    "num_train": len(ds.train), "num_heldout": _heldout_rows(ds, c.split)},
         **metrics,
     }
     metrics["timing"] = timing

@@ -168,11 +168,28 @@ class PreparedData:
         `eval.holdout.heldout_users` draws it, so on a log without repeated (user, item) pairs (where every
         candidate has a held-out item) the evaluated users and metrics equal those of the in-memory dataset.
         """
+        return self.load_users(self.eval_users(split, max_users, seed))
+
+    def eval_users(self, split: str = "test", max_users: int | None = None, seed: int = 0) -> np.ndarray:
+        """int32 [Q] sorted rows of the users `eval_subset` loads (no record is read): those with `split` rows,
+        or a seeded sample of `max_users` of them."""
         col = {"valid": 1, "test": 2}[split]
         users = np.flatnonzero(self.user_counts[:, col] > 0).astype(np.int32)
         if max_users is not None and len(users) > max_users:
             users = np.sort(np.random.default_rng(seed).choice(users, max_users, replace=False)).astype(np.int32)
-        return self.load_users(users)
+        return users
+
+    def split_rows(self, split: str) -> np.ndarray:
+        """int64 [num_users]: each user's rows in `split` ("train", "valid" or "test"), from the counts alone."""
+        return self.user_counts[:, {"train": 0, "valid": 1, "test": 2}[split]].astype(np.int64)
+
+    def train_chunks(self, chunk_users: int):
+        """Yields (users int64 [q], indptr int64 [q + 1], items int32) of every user's train items, `chunk_users`
+        users at a time in row order: the whole train split streamed with memory bounded by the chunk."""
+        for start in range(0, self.num_users, chunk_users):
+            users = np.arange(start, min(start + chunk_users, self.num_users), dtype=np.int64)
+            indptr, items = self.sequences(users, ("train",))["train"]
+            yield users, indptr, items
 
     def __getstate__(self):   # readers are reopened in each worker process
         state = dict(self.__dict__)
