@@ -190,10 +190,11 @@ class Batches:
         [p * B / P, (p + 1) * B / P). Everything random is drawn for the whole global batch in every process, so
         the global batches are the same whatever P is; only the user records read differ.
 
-    Each batch (this process's B_p = B / P rows): user int32 [B_p], item int32 [B_p], neg_item int32 [M],
-    history int32 [B_p, H], item_history int32 [B_p, HI] and neg_item_history int32 [M, HI] (user rows,
+    Each batch (this process's B_p = B / P rows and M_p = M / P negatives; P = 1: the global batch): offset
+    (int, the global batch's first example), user int32 [B_p], item int32 [B_p], neg_item int32 [M_p],
+    history int32 [B_p, H], item_history int32 [B_p, HI] and neg_item_history int32 [M_p, HI] (user rows,
     -1 padded; only when HI > 0), user_feat {name: [B_p, ...]}, item_feat {name: [B_p, ...]},
-    neg_item_feat {name: [M, ...]}, item_logq float32 [B_p], neg_item_logq float32 [M] (log p(item) under the
+    neg_item_feat {name: [M_p, ...]}, item_logq float32 [B_p], neg_item_logq float32 [M_p] (log p(item) under the
     training data); with M_r > 0 also row_neg_item int32 [B_p, M_r], row_neg_item_feat {name: [B_p, M_r, ...]}
     and row_neg_item_logq float32 [B_p, M_r].
 
@@ -213,9 +214,9 @@ class Batches:
                             f"{item_history_len}, {negatives_per_row}")
         if history_mode not in HISTORY_MODES:
             raise DataError(f"history_mode must be one of {HISTORY_MODES}, got {history_mode!r}")
-        if not 0 <= process_index < process_count or batch_size % process_count:
-            raise DataError(f"batch_size {batch_size} must split evenly over {process_count} processes "
-                            f"(process {process_index})")
+        if not 0 <= process_index < process_count or batch_size % process_count or num_negatives % process_count:
+            raise DataError(f"batch_size {batch_size} and num_negatives {num_negatives} must split evenly over "
+                            f"{process_count} processes (process {process_index})")
         self.ds = ds
         self.batch_size, self.num_negatives = batch_size, num_negatives
         self.history_len, self.history_mode, self.seed = history_len, history_mode, seed
@@ -287,7 +288,11 @@ class Batches:
         user = g_user[lo:hi].astype(np.int32)
         item = seq_items[start + pos]
         neg = self._negative_pool[rng.integers(0, self.num_negative_candidates, self.num_negatives)]
+        m = self.num_negatives // self.process_count
+        neg_rows = (self.process_index * m, (self.process_index + 1) * m)
+        neg_all, neg = neg, neg[neg_rows[0]:neg_rows[1]]        # every process draws all M, keeps its share
         batch = {
+            "offset": offset,
             "user": user,
             "item": item,
             "neg_item": neg,
@@ -299,8 +304,8 @@ class Batches:
             "neg_item_logq": self._logq[neg],
         }
         if self.item_history_len:
-            aud, neg_aud = self._audiences(ex, g_user, neg, rng)
-            batch["item_history"], batch["neg_item_history"] = aud[lo:hi], neg_aud
+            aud, neg_aud = self._audiences(ex, g_user, neg_all, rng)
+            batch["item_history"], batch["neg_item_history"] = aud[lo:hi], neg_aud[neg_rows[0]:neg_rows[1]]
         if self.negatives_per_row:
             batch.update(self._row_negatives((lo, hi), rng))
         return batch

@@ -94,3 +94,38 @@ def host_copy(tree):
         return x
 
     return jax.tree.map(one, tree)
+
+
+class RowExchange:
+    """The union of the table rows every process's share of a global batch touches, through the coordinator's
+    key-value store (host-to-host, no device collective: safe to call from the input pipeline's threads).
+
+    Each process reads only its own examples, so it knows only the rows those touch; the row-sparse update needs
+    the same de-duplicated rows on every process (the shared arrays of `train.input.prepare`). Each process
+    publishes its sorted distinct rows under the batch's offset and reads everyone's; the union, sorted, is what
+    one process de-duplicating the whole global batch computes, so the update is identical.
+
+    Keys of a batch are deleted `keep` batches later, when every process has long finished reading them (the
+    step is a collective, so no process runs more than its prefetch depth ahead of the slowest one's step).
+    """
+
+    def __init__(self, keep: int = 256, timeout_s: float = 600.0):
+        from jax._src import distributed as jax_distributed
+        self._client = jax_distributed.global_state.client
+        if self._client is None:
+            raise RuntimeError("RowExchange needs jax.distributed to be initialised")
+        self.index, self.count = jax.process_index(), jax.process_count()
+        self.keep, self.timeout_ms = keep, int(timeout_s * 1000)
+        self._published: list[str] = []
+
+    def union(self, key: str, rows: np.ndarray) -> np.ndarray:
+        """Sorted distinct rows of all processes' `rows` (int; each process passes its own) for `key`."""
+        mine = f"twotower/rows/{key}/{self.index}"
+        self._client.key_value_set_bytes(mine, np.unique(np.asarray(rows, np.int64)).tobytes())
+        self._published.append(mine)
+        if len(self._published) > self.keep:
+            self._client.key_value_delete(self._published.pop(0))
+        parts = [np.frombuffer(self._client.blocking_key_value_get_bytes(f"twotower/rows/{key}/{q}",
+                                                                         self.timeout_ms), np.int64)
+                 for q in range(self.count)]
+        return np.unique(np.concatenate(parts))

@@ -33,19 +33,25 @@ def _unique_inverse(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.flatnonzero(present).astype(ids.dtype), position[ids]
 
 
-def unique_rows(ids: np.ndarray, cap: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def unique_rows(ids: np.ndarray, cap: int, union=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """De-duplicates table rows.
 
     Args:
       ids: int[...] table rows; negative entries are padding and map to index 0 (callers mask them).
-      cap: the largest padded size this table can need (its number of id slots per batch).
+      cap: the largest padded size this table can need (its number of id slots per GLOBAL batch).
+      union: None, or a function from this process's distinct rows to the sorted distinct rows of every
+        process (`train.distributed.RowExchange.union`), when each process holds only its share of the batch.
     Returns:
       uniq int32[P] (unique rows, then padding with row 0), valid bool[P], inverse int32[ids.shape]
       such that uniq[inverse] == ids wherever ids >= 0.
     """
     flat = ids.reshape(-1)
     real = flat >= 0
-    uniq, inv = _unique_inverse(flat[real])
+    if union is None:
+        uniq, inv = _unique_inverse(flat[real])
+    else:
+        uniq = union(flat[real]).astype(flat.dtype)
+        inv = np.searchsorted(uniq, flat[real])
     size = bucket(len(uniq), cap)
     padded = np.zeros(size, np.int32)
     padded[: len(uniq)] = uniq
@@ -64,11 +70,16 @@ def _table_rows(rows: np.ndarray, row_map: np.ndarray | None) -> np.ndarray:
 
 
 def prepare(batch: dict, *, use_user_table: bool, use_item_table: bool, use_history: bool,
-            row_maps: dict[str, np.ndarray] | None = None, use_item_history: bool = False) -> tuple[dict, dict]:
-    """Splits a global batch into per-example arrays (sharded over devices) and shared arrays (replicated).
+            row_maps: dict[str, np.ndarray] | None = None, use_item_history: bool = False,
+            exchange=None) -> tuple[dict, dict]:
+    """Splits a batch into per-example arrays (sharded over devices) and shared arrays (replicated).
 
     Args:
-      batch: a `data.batching.Batches` batch (vocabulary rows).
+      batch: a `data.batching.Batches` batch (vocabulary rows): the global batch, or with `exchange` this
+        process's share of it (`Batches(process_index=..., process_count=...)`).
+      exchange: None, or a `train.distributed.RowExchange`: the shared arrays then hold the rows the whole
+        global batch touches (every process's share), the same on every process and the same as one process
+        preparing the global batch would compute.
       use_item_history: the batch's item audiences (`item_history`, `neg_item_history`: user rows) are
         gathered from the user table too.
       row_maps: {table: int32[vocab, K]} for hashed tables (`towers.id_tables.IdHashing.rows` of the
@@ -84,6 +95,12 @@ def prepare(batch: dict, *, use_user_table: bool, use_item_table: bool, use_hist
     """
     maps = row_maps or {}
     B, M = len(batch["user"]), len(batch["neg_item"])
+    P = 1 if exchange is None else exchange.count
+
+    def union(table):
+        if exchange is None:
+            return None
+        return lambda rows: exchange.union(f"{batch['offset']}/{table}", rows)
     local = {k: batch[k] for k in ("user", "item", "neg_item", "user_feat", "item_feat", "neg_item_feat",
                                    "item_logq", "neg_item_logq")}
     per_row = "row_neg_item" in batch
@@ -97,19 +114,20 @@ def prepare(batch: dict, *, use_user_table: bool, use_item_table: bool, use_hist
             aud, neg_aud = batch["item_history"], batch["neg_item_history"]
             ids = _table_rows(np.concatenate([batch["user"], aud.reshape(-1), neg_aud.reshape(-1)]),
                               maps.get("user"))
-            shared["user_uniq"], shared["user_valid"], inv = unique_rows(ids, ids.size)
+            shared["user_uniq"], shared["user_valid"], inv = unique_rows(ids, ids.size * P, union("user"))
             local["user_idx"] = inv[:B]
             local["item_history_idx"] = inv[B:B + aud.size].reshape(aud.shape + inv.shape[1:])
             local["neg_item_history_idx"] = inv[B + aud.size:].reshape(neg_aud.shape + inv.shape[1:])
             local["item_history_mask"], local["neg_item_history_mask"] = aud >= 0, neg_aud >= 0
         else:
             ids = _table_rows(batch["user"], maps.get("user"))
-            shared["user_uniq"], shared["user_valid"], local["user_idx"] = unique_rows(ids, ids.size)
+            shared["user_uniq"], shared["user_valid"], local["user_idx"] = unique_rows(ids, ids.size * P,
+                                                                                       union("user"))
     if use_item_table:
         hist = batch["history"] if use_history else np.zeros((B, 0), np.int32)
         ids = _table_rows(np.concatenate([batch["item"], batch["neg_item"], hist.reshape(-1), row_neg.reshape(-1)]),
                           maps.get("item"))
-        uniq, valid, inv = unique_rows(ids, ids.size)
+        uniq, valid, inv = unique_rows(ids, ids.size * P, union("item"))   # each process holds 1/P of every part
         shared["item_uniq"], shared["item_valid"] = uniq, valid
         local["item_idx"], local["neg_idx"] = inv[:B], inv[B:B + M]
         if use_history:
@@ -150,6 +168,11 @@ def grain_feed(batches, fn, *, depth: int = 2, threads: int = 1, workers: int = 
     ds = grain.MapDataset.range(0, 1 << 40).map(_Step(batches, fn, batches.offset))
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(1, threads), prefetch_buffer_size=max(1, depth)))
     if workers > 0:
+        # mp_prefetch reads Grain's absl flags, which only an absl.app entry point parses; the Hydra commands
+        # never do, so without this the first batch fails with UnparsedFlagAccessError. Defaults are all we use.
+        from absl import flags
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=max(1, depth)))
     return _Closing(iter(it))
 

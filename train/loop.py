@@ -350,13 +350,14 @@ class Progress:
             self.bar.close()
 
 
-def make_batches(c: config_lib.Config, ds, seed: int | None = None) -> Batches:
-    """The training batches `c` asks for (histories and audiences only for towers that read them)."""
+def make_batches(c: config_lib.Config, ds, seed: int | None = None, share: tuple[int, int] = (0, 1)) -> Batches:
+    """The training batches `c` asks for (histories and audiences only for towers that read them); `share` is
+    (process index, process count): the part of each global batch this process reads (`Launcher.batch_share`)."""
     return Batches(ds, batch_size=c.train.global_batch_size, num_negatives=c.loss.num_negatives,
                    history_len=c.data.history_len if c.model.user.use_history else 0,
                    history_mode=c.data.history_mode, seed=c.seed if seed is None else seed,
                    item_history_len=c.data.item_history_len if c.model.item.use_history else 0,
-                   negatives_per_row=c.loss.negatives_per_row)
+                   negatives_per_row=c.loss.negatives_per_row, process_index=share[0], process_count=share[1])
 
 
 def prepare_kwargs(step_cfg: StepConfig) -> dict:
@@ -379,6 +380,9 @@ def train_loop(c, launcher, dev_state, batches, ckpt, writer, start: int, steps:
       (state, the last logged metrics, `WindowClock.totals()`).
     """
     use = dict(prepare_kwargs(step_cfg), row_maps=row_maps)
+    if batches.process_count > 1:   # each process reads its own share; the touched rows are exchanged
+        use["exchange"] = distributed.RowExchange()
+        launcher.process_local_batches = True
 
     feed = grain_feed(batches, functools.partial(prepare, **use), depth=c.train.prefetch,
                       threads=c.data.input_threads, workers=c.data.input_workers)
@@ -432,7 +436,13 @@ def run(cfg, run_dir: str | pathlib.Path) -> dict:
     fingerprint = resume.fingerprint(c, ds)
     steps = total_steps(c, len(ds.train))
     parts = build_parts(c, ds, steps, devices)
-    batches = make_batches(c, ds)
+    # Several processes: each reads only its share of every global batch (the same global batches as one process).
+    share = parts.launcher.batch_share(c.train.global_batch_size) if jax.process_count() > 1 else (0, 1)
+    batches = make_batches(c, ds, share=share)
+    if share[1] > 1:
+        rows = c.train.global_batch_size // share[1]
+        log.info("input: process %d of %d reads examples [%d, %d) of every global batch of %d", share[0], share[1],
+                 share[0] * rows, (share[0] + 1) * rows, c.train.global_batch_size)
     ckpt = Checkpointer(run_dir / "ckpt", every_steps=c.checkpoint.every_steps,
                         max_to_keep=c.checkpoint.max_to_keep, async_save=c.checkpoint.async_save)
     if primary:

@@ -36,6 +36,8 @@ class Launcher:
 
     def __init__(self, kind: str, step, devices: list, *, model: int = 1, replicated: tuple[str, ...] = ()):
         self.kind, self.devices, self.n = kind, list(devices), len(devices)
+        # True when each process passes only its share of every batch (`put_batch`), as a multi-process run does.
+        self.process_local_batches = False
         if self.n % model:
             raise ValueError(f"mesh.model={model} does not divide the {self.n} devices")
         if kind == "pmap" and model != 1:
@@ -93,12 +95,32 @@ class Launcher:
         return dev_state
 
     def put_batch(self, local: dict, shared: dict):
-        """Host arrays of one global batch -> device arrays: `local` split over the devices, `shared` on all."""
+        """Host arrays of one batch -> device arrays: `local` split over the devices, `shared` on all. With
+        `process_local_batches`, `local` holds this process's share only (`batch_share`) and the global arrays are
+        assembled from every process's share."""
         if self.kind == "pmap":
             n = self.n
             local = jax.tree.map(lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:]), local)
             return jax.device_put(local, self.batch_sharding), jax.device_put(shared, self.devices[0])
+        if self.process_local_batches:
+            count = jax.process_count()
+            local = jax.tree.map(lambda x: jax.make_array_from_process_local_data(
+                self.batch_sharding, np.asarray(x), (x.shape[0] * count, *x.shape[1:])), local)
+            return local, put_global(shared, self.replicated)
         return put_global(local, self.batch_sharding), put_global(shared, self.replicated)
+
+    def batch_share(self, batch_size: int) -> tuple[int, int]:
+        """(index, count): this process feeds rows [index * B / count, (index + 1) * B / count) of each global batch
+        (and the same share of its negatives), the rows the batch sharding puts on its own devices."""
+        count = jax.process_count()
+        slices = self.batch_sharding.addressable_devices_indices_map((batch_size,)).values()
+        lo = min(s[0].start or 0 for s in slices)
+        hi = max(batch_size if s[0].stop is None else s[0].stop for s in slices)
+        share = batch_size // count
+        if hi - lo != share or lo % share:
+            raise ValueError(f"this process's devices hold rows [{lo}, {hi}) of a batch of {batch_size}: not one "
+                             f"contiguous 1/{count} share, so it cannot read only its own examples")
+        return lo // share, count
 
     def __call__(self, dev_state, local, shared):
         return self._fn(dev_state, local, shared)

@@ -73,12 +73,37 @@ def _batches_equal(ds, data, steps, **kw):
         a, b, per = next(mem), next(disk), [next(p) for p in parts]
         for k in ("user", "item", "neg_item", "history", "item_logq"):
             np.testing.assert_array_equal(a[k], b[k], err_msg=k)
-            if k != "neg_item":   # shared by the batch; every process draws the same ones
-                np.testing.assert_array_equal(a[k], np.concatenate([p[k] for p in per]), err_msg=k)
+            # every process draws the whole batch's randomness and keeps its share of rows and negatives
+            np.testing.assert_array_equal(a[k], np.concatenate([p[k] for p in per]), err_msg=k)
         for side in ("user_feat", "item_feat"):
             for name in a[side]:
                 np.testing.assert_array_equal(a[side][name], b[side][name])
     assert mem.state() == disk.state() == parts[0].state()
+
+
+def test_processes_read_disjoint_examples_covering_each_epoch_once(tmp_path):
+    """4 processes' shares of consecutive global batches: disjoint, and over one epoch every example once."""
+    ds = load({"source": "synthetic", "num_users": 60, "num_items": 40, "interactions_per_user": 6,
+               "num_clusters": 4})
+    write_dataset(ds, tmp_path / "p", num_shards=3, config={})
+    data = PreparedData(tmp_path / "p")
+    n, batch = len(ds.train), 32
+    parts = [Batches(data, batch_size=batch, num_negatives=8, history_len=3, seed=1, process_index=p,
+                     process_count=4) for p in range(4)]
+    indptr, _ = ds.train_csr()
+    seen = []
+    for _ in range(n // batch):
+        for p in parts:
+            b = next(p)
+            # an example is (user, position): recover its id from the user and the history length (causal)
+            seen.append(np.stack([b["user"], b["item"]], axis=1))
+    per_process = [parts[p].examples_at(0)[p * 8:(p + 1) * 8] for p in range(4)]
+    assert len(set(np.concatenate(per_process).tolist())) == batch      # disjoint shares of one batch
+    epoch = np.concatenate([parts[0].examples_at(k * batch) for k in range(n // batch)])
+    assert len(np.unique(epoch)) == len(epoch) == (n // batch) * batch   # no example twice in an epoch
+    rows = np.concatenate(seen)
+    users = np.searchsorted(indptr, epoch, side="right") - 1
+    np.testing.assert_array_equal(np.sort(rows[:, 0]), np.sort(users))  # the shares are those examples
 
 
 @pytest.mark.realdata

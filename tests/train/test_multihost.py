@@ -33,11 +33,20 @@ def _losses(run_dir) -> list[float]:
     return [r["train/loss"] for r in rows if "train/loss" in r]
 
 
-def test_two_processes_train_like_one_process(tmp_path):
+@pytest.mark.parametrize("prepared", [False, True], ids=["in_memory", "prepared"])
+def test_two_processes_train_like_one_process(tmp_path, prepared):
+    """Each process reads only its half of every global batch (from memory, or the records of its users from a
+    prepared dataset's shards) and the two train like one process with 4 devices reading whole batches."""
     multi, single = tmp_path / "multi", tmp_path / "single"
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
                JAX_COORDINATOR_ADDRESS=f"localhost:{_free_port()}", JAX_NUM_PROCESSES="2")
-    cmd = [sys.executable, "-m", "train", *ARGS, f"hydra.run.dir={multi}"]
+    data = []
+    if prepared:
+        from data import load
+        from data.prepared.write import write_dataset
+        write_dataset(load(smoke_cfg().data), tmp_path / "prepared", num_shards=4, config={})
+        data = ["data=prepared", "data.source=prepared", f"data.path={tmp_path / 'prepared'}"]
+    cmd = [sys.executable, "-m", "train", *ARGS, *data, f"hydra.run.dir={multi}"]
     procs = [subprocess.Popen(cmd, cwd=REPO, env=dict(env, JAX_PROCESS_ID=str(i)), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for i in range(2)]
     try:
@@ -45,8 +54,10 @@ def test_two_processes_train_like_one_process(tmp_path):
     finally:
         for p in procs:
             p.kill()
-    for i, (p, (_, err)) in enumerate(zip(procs, outs)):
+    for i, (p, (out, err)) in enumerate(zip(procs, outs)):
         assert p.returncode == 0, f"process {i} failed:\n{err[-3000:]}"
+        # each reads its own half: disjoint examples of every global batch (16 = the smoke batch)
+        assert f"process {i} of 2 reads examples [{8 * i}, {8 * i + 8}) of every global batch of 16" in out + err
 
     cfg = smoke_cfg(*ARGS[1:])
     run(cfg, single)   # this test process: 4 fake devices, one process
