@@ -50,3 +50,17 @@ def test_movielens_prepared_trains_like_in_memory(tmp_path, shared_data):
     keep = ["data.history_len=10", "model.user.use_history=true", "eval.max_users=200",
             "train.global_batch_size=64"]
     _assert_same_run(tmp_path, *_train_both(tmp_path, data, [], keep))
+
+
+def test_resume_on_another_prepared_dataset_is_refused(tmp_path):
+    """A run resumed with data.path pointing at a different preparation (other contents) stops before training,
+    naming what changed, rather than continuing on data its checkpoint did not see."""
+    from data.schema import ConfigError
+    for name, seed in (("a", 0), ("b", 1)):
+        write_dataset(load(smoke_cfg(f"data.seed={seed}").data), tmp_path / name, num_shards=2, config={})
+    first = smoke_cfg("data=prepared", "data.source=prepared", f"data.path={tmp_path / 'a'}", *STEPS)
+    run(first, tmp_path / "run")
+    longer = ["train.total_steps=9", "checkpoint.every_steps=3", "train.log_every_steps=1"]
+    other = smoke_cfg("data=prepared", "data.source=prepared", f"data.path={tmp_path / 'b'}", *longer)
+    with pytest.raises(ConfigError, match=r"refused.*data\.(contents|vocabularies)"):
+        run(other, tmp_path / "run")
