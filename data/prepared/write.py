@@ -18,8 +18,9 @@ from array_record.python import array_record_module as arm
 from data.errors import DataError
 from data.prepared import format as fmt
 
-# One record per group: random access to a user costs one read, not a block's decompression.
-_WRITER_OPTIONS = "group_size:1"
+# One record per group, uncompressed: random access to a user costs one read and no decompression. Item ids are
+# near-random, so zstd halves the files but made reads 4x slower (60 vs 15 ms per 1,000 records of 18 KB here).
+_WRITER_OPTIONS = "group_size:1,uncompressed"
 STAMP = "prepare.json"
 
 
