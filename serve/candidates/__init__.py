@@ -14,6 +14,11 @@ of their sorted vocabulary rows, so the split depends only on the user set. A sh
 temporary name and renamed into place, so a shard file is either absent or complete; a re-run skips complete
 shards (after checking that they belong to the same job) and redoes the others, which yields the same bytes
 as an uninterrupted run.
+
+A run trained on a prepared dataset (`data.source: prepared`) keeps its log on disk here too: the dataset is
+opened (`data.load.open_data`), and each chunk of `chunk_users` users reads only those users' records
+(`PreparedData.load_users`) for their histories and the items to exclude, so memory grows with the chunk, not
+with the interactions. The output is the same as from the same data in memory.
 """
 from __future__ import annotations
 
@@ -46,7 +51,7 @@ class Job:
     """Everything a worker needs to write any shard; built once per process by `load_job`."""
     config: CandidatesConfig
     trained: object                  # towers.restore.TrainedModel
-    ds: object                       # data.types.Dataset the run was trained on
+    ds: object                       # data.types.Dataset the run was trained on, or its opened PreparedData
     corpus: Corpus
     users: np.ndarray                # int32[U] user rows of the job, sorted, distinct
     slot_of_row: np.ndarray          # int64[num item rows]: corpus slot of each vocabulary item, -1 if absent
@@ -111,15 +116,29 @@ def _seen_sources(c: CandidatesConfig, ds) -> list:
     return [ds.split_csr(s) for s in c.exclude_splits if getattr(ds, s) is not None]
 
 
+def _seen_counts(c: CandidatesConfig, ds) -> np.ndarray:
+    """int64[num_users]: each user's rows in `exclude_splits` (from a prepared dataset's counts, no records)."""
+    splits = [s for s in c.exclude_splits if getattr(ds, s) is not None]
+    if hasattr(ds, "split_rows"):
+        return sum((ds.split_rows(s) for s in splits), np.zeros(ds.num_users, np.int64))
+    return sum((np.diff(ds.split_csr(s)[0]) for s in splits), np.zeros(ds.num_users, np.int64))
+
+
+def chunk_dataset(job: Job, rows: np.ndarray):
+    """The dataset a chunk of users `rows` reads its histories and seen items from: the job's own, or for a
+    prepared dataset a `Dataset` of those users' records only (`PreparedData.load_users`)."""
+    return job.ds.load_users(rows) if hasattr(job.ds, "load_users") else job.ds
+
+
 def load_job(c: CandidatesConfig) -> Job:
     """Restores the towers, reloads their data, loads the index (its model version must be the run's) and
     resolves the users. Raises `CandidatesError` or `towers.restore.RestoreError`."""
-    from data.load import load
+    from data.load import open_data
     from towers.inference.vocab import VocabularyMismatch, check_vocabularies
     from towers.restore import load_trained
 
     trained = load_trained(c.run_dir, c.step)
-    ds = load(trained.config["data"])
+    ds = open_data(trained.config["data"])   # a prepared dataset stays on disk; chunks read their users
     try:
         check_vocabularies(trained, ds)
     except VocabularyMismatch as e:
@@ -138,7 +157,7 @@ def load_job(c: CandidatesConfig) -> Job:
         raise CandidatesError(f"k={c.k} is larger than the index ({corpus.num_items} items)")
     users = (np.arange(ds.num_users, dtype=np.int32) if c.users is None
              else read_users(c.users, trained.user_vocab, skip_unknown=c.skip_unknown_users))
-    counts = sum((np.diff(indptr) for indptr, _ in _seen_sources(c, ds)), np.zeros(ds.num_users, np.int64))
+    counts = _seen_counts(c, ds)
     overfetch = c.overfetch if c.overfetch is not None else default_overfetch(counts)
     identity = {"model_version": trained.model_version, "index_version": index_version, "overfetch": overfetch,
                 "search": "exact" if corpus.exact else "index",
@@ -164,18 +183,20 @@ def shard_users(users: np.ndarray, num_shards: int, shard_index: int) -> np.ndar
     return users[n * shard_index // num_shards: n * (shard_index + 1) // num_shards]
 
 
-def embed_user_rows(job: Job, rows: np.ndarray) -> np.ndarray:
+def embed_user_rows(job: Job, rows: np.ndarray, ds=None) -> np.ndarray:
     """float32[Q, D] user embeddings (`towers.inference.embed`), in tower calls of exactly `batch_size` users
-    (one compiled shape)."""
+    (one compiled shape). `ds`: the dataset holding those users' records (default `chunk_dataset(job, rows)`)."""
     from towers.inference.embed import embed_users
 
-    return embed_users(job.trained, job.ds, rows, buckets=(job.config.batch_size,))
+    ds = chunk_dataset(job, rows) if ds is None else ds
+    return embed_users(job.trained, ds, rows, buckets=(job.config.batch_size,))
 
 
 def candidates_for(job: Job, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, SearchStats]:
     """Top-k unseen items of the users `rows` (int[Q]): (scores float32[Q, k], slots int64[Q, k], stats)."""
-    ex_indptr, ex_slots = seen_csr(_seen_sources(job.config, job.ds), rows, job.slot_of_row)
-    emb = embed_user_rows(job, rows)
+    ds = chunk_dataset(job, rows)
+    ex_indptr, ex_slots = seen_csr(_seen_sources(job.config, ds), rows, job.slot_of_row)
+    emb = embed_user_rows(job, rows, ds)
     return topk_unseen(job.corpus, emb, job.config.k, ex_indptr, ex_slots, overfetch=job.overfetch,
                        max_fetch=job.config.max_fetch)
 
@@ -318,5 +339,5 @@ def run(cfg) -> dict:
 
 
 __all__ = ["CandidatesConfig", "CandidatesError", "Corpus", "Job", "SearchStats", "candidates_for", "chunk_table",
-           "check_out_dir", "embed_user_rows", "load_job", "read_users", "run", "run_shard", "shard_path",
+           "check_out_dir", "chunk_dataset", "embed_user_rows", "load_job", "read_users", "run", "run_shard", "shard_path",
            "shard_users", "topk_unseen", "validate"]

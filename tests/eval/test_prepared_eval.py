@@ -17,7 +17,7 @@ from eval.run import run as evaluate
 from tests.helpers import REPO, smoke_cfg
 from train.loop import run as train
 
-STEPS = ["train.total_steps=6", "checkpoint.every_steps=3", "train.log_every_steps=1"]
+STEPS = ["train.total_steps=2", "checkpoint.every_steps=2", "train.log_every_steps=1"]
 HIST = ["data.history_len=5", "model.user.use_history=true"]
 SAME = ("num_users", "ks", "methods", "coverage", "popularity_bias", "segments", "skipped", "dataset")
 
