@@ -121,8 +121,10 @@ class PreparedData:
 
     def sequences(self, users: np.ndarray, splits=("train",)) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """Per split, (indptr int64 [n + 1], items int32) of `users`' rows in time order, aligned with `users`."""
-        per = {s: [] for s in splits}
         users = np.asarray(users, np.int64)
+        if tuple(splits) == ("train",):      # the training hot path: the header and the train items only
+            return {"train": self._train_items(users)}
+        per = {s: [] for s in splits}
         for u, rec in zip(users, self.records(users)):
             row, items, _ = fmt.decode_user(rec)
             if row != u:
@@ -135,6 +137,19 @@ class PreparedData:
             np.cumsum([len(x) for x in per[s]], out=indptr[1:])
             out[s] = (indptr, np.concatenate(per[s]) if per[s] else np.zeros(0, np.int32))
         return out
+
+    def _train_items(self, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        recs = self.records(users)
+        heads = np.stack([np.frombuffer(r, np.int64, fmt.HEADER) for r in recs]) if recs else \
+            np.zeros((0, fmt.HEADER), np.int64)
+        if not np.array_equal(heads[:, 0], users):
+            bad = int(np.flatnonzero(heads[:, 0] != users)[0])
+            raise DataError(f"{self.root}: record of user {heads[bad, 0]} found where user {users[bad]} belongs "
+                            "(corrupt shard)")
+        indptr = np.zeros(len(users) + 1, np.int64)
+        np.cumsum(heads[:, 1], out=indptr[1:])
+        items = [np.frombuffer(r, np.int32, int(n), offset=8 * fmt.HEADER) for r, n in zip(recs, heads[:, 1])]
+        return indptr, np.concatenate(items) if items else np.zeros(0, np.int32)
 
     def load_users(self, users: np.ndarray | None = None) -> Dataset:
         """An in-memory `Dataset` with every vocabulary, feature and count of this one but the rows of `users`
