@@ -7,6 +7,9 @@ step. Batches are prepared ahead of the step by a Grain pipeline (`grain_feed`: 
 """
 from __future__ import annotations
 
+import os
+import threading
+import time
 
 import numpy as np
 
@@ -173,8 +176,26 @@ def grain_feed(batches, fn, *, depth: int = 2, threads: int = 1, workers: int = 
         from absl import flags
         if not flags.FLAGS.is_parsed():
             flags.FLAGS.mark_as_parsed()
-        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=max(1, depth)))
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=max(1, depth)),
+                            worker_init_fn=_ExitWithParent(os.getpid()))
     return _Closing(iter(it))
+
+
+class _ExitWithParent:
+    """Grain worker init: the worker ends when the training process is gone. Grain stops its workers only through
+    an event the parent sets on close; a parent killed with SIGKILL (OOM killer, preemption) never sets it, and
+    the worker would wait on its full output queue forever, holding its memory and open shards."""
+
+    def __init__(self, parent_pid: int):
+        self.parent_pid = parent_pid
+
+    def __call__(self, index: int, count: int) -> None:
+        def watch():
+            while os.getppid() == self.parent_pid:
+                time.sleep(0.5)
+            os._exit(1)
+
+        threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 class _Closing:
