@@ -13,7 +13,7 @@ GROUP_FILES = sorted(CONFIGS.glob("*.yaml"))
 
 
 def test_every_source_has_a_group_file():
-    assert {p.stem for p in GROUP_FILES} == {"synthetic", "movielens", "lightgcn", "parquet", "tfds"}
+    assert {p.stem for p in GROUP_FILES} == {"synthetic", "movielens", "lightgcn", "parquet", "tfds", "prepared"}
 
 
 @pytest.mark.parametrize("path", GROUP_FILES, ids=lambda p: p.stem)

@@ -24,9 +24,7 @@ DATA = ["data=synthetic", "data.num_users=16", "data.num_items=50", "data.intera
 TRAIN = ["+debug=smoke", "data=prepared", "data.source=prepared", "model.user.use_history=true",
          f"train.total_steps={STEPS}", f"checkpoint.every_steps={EVERY}", "checkpoint.max_to_keep=20",
          "eval.at_end=false", "train.log_every_steps=1"]
-# `++`: data.input_threads / data.input_workers are schema keys that the data config groups do not list, so a
-# plain `data.input_threads=2` is refused by Hydra; `++` sets them whether or not a group lists them.
-FEEDS = {"threads": ["++data.input_threads=2"], "worker_process": ["++data.input_workers=1"]}
+FEEDS = {"threads": ["data.input_threads=2"], "worker_process": ["data.input_workers=1"]}
 
 
 def _env(root: pathlib.Path) -> dict:
