@@ -128,6 +128,15 @@ def test_gowalla_prepared_batches_equal_in_memory(shared_data, tmp_path):
     for u in range(0, ds.num_users, 97):
         np.testing.assert_array_equal(items[indptr[u]:indptr[u + 1]], sub_items[sub_indptr[u]:sub_indptr[u + 1]])
     _batches_equal(ds, data, 5, batch_size=1024, num_negatives=64, history_len=50, seed=0)
+    # What held-out metrics are computed from: the evaluated users, their excluded and their held-out items.
+    from eval.holdout import heldout_users
+    evaluated = data.eval_subset("test", max_users=500, seed=0)
+    users = heldout_users(ds, max_users=500, seed=0)
+    np.testing.assert_array_equal(heldout_users(evaluated, max_users=500, seed=0), users)
+    for name in ("seen_csr", "heldout_csr"):
+        (a_ptr, a_items), (b_ptr, b_items) = getattr(ds, name)("test"), getattr(evaluated, name)("test")
+        for u in users[::25]:
+            np.testing.assert_array_equal(a_items[a_ptr[u]:a_ptr[u + 1]], b_items[b_ptr[u]:b_ptr[u + 1]])
 
 
 def test_epoch_order_is_a_permutation_and_changes_each_epoch():
