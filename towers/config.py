@@ -41,6 +41,17 @@ class TowerConfig:
     table: "IdTableConfig" = field(default_factory=lambda: IdTableConfig(),
                                    metadata={"help": "this tower's ID table (the item table also serves the "
                                                      "user's history)"})
+    num_embeddings: int = _help(1, "user tower: K embeddings per user, one per interest cluster of the history "
+                                   "(`towers.multi_interest`: max-min initialised single-assignment capsule "
+                                   "routing, each interest through the tower's interaction and MLP with the "
+                                   "user's other inputs); 1 = one embedding from the history mean. K > 1 needs "
+                                   "use_history", ge=1)
+    interest_routing_iters: int = _help(3, "user tower with num_embeddings > 1: routing iterations of the "
+                                           "interest clustering", ge=1)
+    history_per_interest: int = _help(0, "user tower with num_embeddings > 1: how many embeddings inference "
+                                         "searches, K' = min(K, 1 + valid_history_items // "
+                                         "history_per_interest) (a short history has few distinct interests); "
+                                         "0 = all K", ge=0)
 
 
 @dataclass

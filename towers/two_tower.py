@@ -14,10 +14,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from data.types import FeatureSpec
-from towers.config import ModelConfig, TowerConfig
+from towers.config import ConfigError, ModelConfig, TowerConfig
 from towers.features import FeatureEmbedder, masked_mean
 from towers.interactions import Dhen, MaskNet, resolve_interaction
 from towers.layers import MLP, CrossNetwork, l2_normalize
+from towers.multi_interest import InterestClustering
 
 
 def select_features(specs: list[FeatureSpec], names: list[str] | None, tower: str) -> list[FeatureSpec]:
@@ -55,6 +56,13 @@ class Tower(nnx.Module):
         if in_dim == 0:
             raise ValueError("a tower needs at least one input: enable use_id, use_history or side features")
         self.interaction = resolve_interaction(cfg, name, feature_dim)
+        self.num_embeddings = int(getattr(cfg, "num_embeddings", 1))
+        self.history_per_interest = int(getattr(cfg, "history_per_interest", 0))
+        if self.num_embeddings > 1 and (name != "user" or not self.use_history):
+            raise ConfigError(f"model.{name}.num_embeddings={self.num_embeddings}: several embeddings cluster "
+                              "the user's history; needs the user tower with model.user.use_history=true")
+        self.interests = InterestClustering(id_dim, self.num_embeddings, cfg.interest_routing_iters, rngs=rngs) \
+            if self.num_embeddings > 1 else None
         self.cross = CrossNetwork(in_dim, cfg.cross_layers, rank=cfg.cross_rank, rngs=rngs) \
             if self.interaction == "dcn" else None
         self.masknet = MaskNet(field_sizes, cfg.masknet, rngs=rngs) if self.interaction == "masknet" else None
@@ -78,13 +86,17 @@ class Tower(nnx.Module):
             teaches the tower to embed from features alone (fresh items, unseen users), and each of its elements
             with prob `id_dropout_elementwise` (the others scaled by 1/(1-p)).
         Returns:
-          [B, output_dim], unit L2 norm when `normalize`.
+          [B, output_dim], unit L2 norm when `normalize`; [B, K, output_dim] for a user tower with
+          `num_embeddings` K > 1 (the history mean replaced by each of the K interests of
+          `towers.multi_interest`, the other inputs shared).
         """
         parts = []
         if self.use_id:
             if dropout_rng is not None:
                 id_emb = self._drop_id(id_emb, dropout_rng)
             parts.append(id_emb)
+        if self.interests is not None:
+            return self._multi(feats, parts, history_emb, history_mask)
         if self.use_history:
             pooled = masked_mean(history_emb, history_mask)
             if self.sum_id_history:
@@ -99,6 +111,10 @@ class Tower(nnx.Module):
                 f = self.features(feats)
                 parts.append(f.reshape(f.shape[0], f.shape[1] * f.shape[2]))
             x = jnp.concatenate(parts, axis=-1) if len(parts) > 1 else parts[0]
+        return self._head(x)
+
+    def _head(self, x: jax.Array) -> jax.Array:
+        """The interaction block, the MLP and the normalisation of the (concatenated or DHEN-mixed) inputs."""
         if self.cross is not None:
             x = self.cross(x)
         if self.masknet is not None:
@@ -106,6 +122,28 @@ class Tower(nnx.Module):
         if self.mlp is not None:
             x = self.mlp(x)
         return l2_normalize(x) if self.normalize else x
+
+    def _multi(self, feats, parts: list, history_emb, history_mask) -> jax.Array:
+        """[B, K, output_dim]: each of the K history interests takes the history mean's place among the inputs
+        (the ID row and side features repeated per interest) and goes through the same interaction and MLP."""
+        interests = self.interests(history_emb, history_mask)              # [B, K, id_dim]
+        b, k = interests.shape[:2]
+        per = lambda a: jnp.repeat(a, k, axis=0)  # noqa: E731  [B, ...] -> [B * K, ...], b-major
+        parts = [per(p) for p in parts]
+        pooled = interests.reshape(b * k, interests.shape[-1])
+        if self.sum_id_history:
+            parts[-1] = parts[-1] + pooled
+        else:
+            parts.append(pooled)
+        f = per(self.features(feats)) if len(self.features) else None
+        if self.dhen is not None:
+            x = self.dhen(parts + ([f[:, i] for i in range(f.shape[1])] if f is not None else []))
+        else:
+            if f is not None:
+                parts.append(f.reshape(f.shape[0], f.shape[1] * f.shape[2]))
+            x = jnp.concatenate(parts, axis=-1) if len(parts) > 1 else parts[0]
+        out = self._head(x)
+        return out.reshape(b, k, out.shape[-1])
 
     def _drop_id(self, id_emb: jax.Array, rng: jax.Array) -> jax.Array:
         """Training-time ID dropout: whole rows with prob `id_dropout` (no rescaling: a dropped row stands for an

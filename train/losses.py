@@ -97,6 +97,34 @@ def row_scores(q: jax.Array, c: jax.Array) -> jax.Array:
     return jnp.einsum("bd,bmd->bm", q, c, preferred_element_type=out_dtype)
 
 
+def best_interest(q: jax.Array, c: jax.Array) -> jax.Array:
+    """Each row's user embedding that matches its positive best, for users with K embeddings (multi-interest).
+
+    The sampled softmax of a multi-embedding user (Fan et al., KDD 2025; MIND's hard label-aware attention)
+    scores the positive with the embedding k* = argmax_k q_k . c and then ranks every candidate of the row
+    against that same q_{k*}: the interest that explains the positive is pulled towards it and pushed away from
+    the negatives, the other interests are left alone. The alternative, scoring each candidate with its own best
+    interest (max over K for every column), is closer to how the merged serving lists are built, but then each
+    row pushes every interest away from the negatives near it, also in rows whose positive another interest
+    explains: each interest is trained on rows that are not its own, which works against the clustering. It
+    also needs K score matrices instead of one. The argmax is a discrete choice: no gradient flows through it
+    (ties: the lower k).
+
+    Args:
+      q: [batch, K, dim] user embeddings, or [batch, dim] (returned unchanged).
+      c: [batch, dim] each row's positive item.
+
+    Returns:
+      [batch, dim] q[i, k*_i], ready for `retrieval_loss`.
+    """
+    if q.ndim == 2:
+        return q
+    out_dtype = jnp.promote_types(jnp.result_type(q, c), jnp.float32)
+    match = jnp.einsum("bkd,bd->bk", q, c, preferred_element_type=out_dtype)
+    k = jax.lax.stop_gradient(jnp.argmax(match, axis=1))
+    return jnp.take_along_axis(q, k[:, None, None], axis=1)[:, 0]
+
+
 def apply_temperature(logits: jax.Array, temperature) -> jax.Array:
     """Divides [batch, num_candidates] logits by a scalar temperature (> 0; smaller = sharper softmax)."""
     return logits / temperature

@@ -238,8 +238,9 @@ def row_negative_embeddings(model, x: dict, local: dict, rng: jax.Array) -> jax.
 
 
 def user_embeddings(model, x: dict, local: dict, rng: jax.Array, cfg: StepConfig) -> jax.Array:
-    """q, with `cfg.user_dropout` on it (training only: this is the loss's path). A normalising tower's q is
-    normalised again after the dropout, so the scores stay cosines (SimpleX drops out, then takes cosines)."""
+    """q ([B, d], or [B, K, d] for a user tower with K embeddings), with `cfg.user_dropout` on it (training
+    only: this is the loss's path). A normalising tower's q is normalised again after the dropout, so the scores
+    stay cosines (SimpleX drops out, then takes cosines)."""
     q = model.user(local["user_feat"], x.get("user_id"), x.get("history"), local.get("history_mask"),
                    dropout_rng=rng)
     if not cfg.user_dropout:
@@ -261,6 +262,7 @@ def loss_fn(params, rows: dict, local: dict, rng: jax.Array, *, graphdef, cfg: S
                     local.get("neg_item_history_mask"), dropout_rng=k_neg) if cfg.global_negatives else None
     per_row = cfg.negatives_per_row
     row_nc = row_negative_embeddings(model, x, local, jax.random.fold_in(k_neg, 1)) if per_row else None
+    q = losses.best_interest(q, c)   # a multi-embedding user [B, K, d]: the interest nearest the positive
     pos_logq, neg_logq, row_logq = candidate_logq(local, cfg) if cfg.logq_correction else (None, None, None)
     loss_sum, count, extras = losses.retrieval_loss(
         q, c, temperature=cfg.temperature,

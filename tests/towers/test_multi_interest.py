@@ -1,0 +1,157 @@
+"""Multi-embedding users: the interest clustering (max-min start, single-assignment routing, squash) against a
+numpy forward written from the description in `towers.multi_interest`; padding never matters; K = 1 is the
+history sum's direction; the user tower with K embeddings; the config checks; and the round-robin merge."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from data.types import FeatureSpec
+from towers.config import ConfigError, ModelConfig, TowerConfig
+from towers.multi_interest import InterestClustering, max_min_init
+from towers.two_tower import TwoTower
+
+RTOL, ATOL = 1e-5, 1e-6
+
+
+# ---------------------------------------------------------------- numpy reference
+def np_squash(z):
+    sq = (z * z).sum(-1, keepdims=True)
+    norm = np.sqrt(sq)
+    return np.where(norm > 0, z * sq / (1 + sq) / np.where(norm > 0, norm, 1), 0.0)
+
+
+def np_max_min(u, mask, k):
+    """Farthest-point picks, one user at a time: first valid item, then the valid item farthest from its
+    nearest pick (first position on ties)."""
+    valid = np.flatnonzero(mask)
+    if not len(valid):
+        return [0] * k
+    picks = [int(valid[0])]
+    while len(picks) < k:
+        d = np.array([min(((u[i] - u[p]) ** 2).sum() for p in picks) for i in valid])
+        picks.append(int(valid[int(np.argmax(d))]))
+    return picks
+
+
+def np_route(e, mask, S, k, iters):
+    """[H, d] history of one user -> [K, d] capsules."""
+    u = e @ S
+    caps = u[np_max_min(u, mask, k)]
+    for _ in range(iters):
+        z = np.zeros_like(caps)
+        for i in np.flatnonzero(mask):
+            z[int(np.argmax(caps @ u[i]))] += u[i]
+        caps = np_squash(z)
+    return caps
+
+
+def _history(b=6, h=7, d=5, seed=0):
+    r = np.random.default_rng(seed)
+    e = r.normal(size=(b, h, d)).astype(np.float32)
+    mask = r.random((b, h)) < 0.7
+    mask[0] = False                  # no valid item
+    mask[1] = False
+    mask[1, 3] = True                # a single valid item
+    mask[2] = True                   # every item valid
+    return e, mask
+
+
+@pytest.mark.parametrize("k,iters", [(1, 1), (3, 3), (4, 2)])
+def test_clustering_matches_numpy(k, iters):
+    e, mask = _history()
+    mod = InterestClustering(e.shape[-1], k, iters, rngs=nnx.Rngs(0))
+    got = np.asarray(mod(jnp.asarray(e), jnp.asarray(mask)))
+    S = np.asarray(mod.bilinear.kernel[...], np.float64)
+    want = np.stack([np_route(e[b].astype(np.float64), mask[b], S, k, iters) for b in range(len(e))])
+    assert got.shape == (len(e), k, e.shape[-1])
+    np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
+    np.testing.assert_array_equal(got[0], 0.0)    # no valid history: zero capsules
+
+
+def test_max_min_picks_spread_out_and_skip_padding():
+    u = np.array([[[0.0, 0], [0.1, 0], [5, 5], [9, 9], [-4, 0]]], np.float32)
+    mask = np.array([[True, True, True, False, True]])
+    picks = np.asarray(max_min_init(jnp.asarray(u), jnp.asarray(mask), 3))
+    np.testing.assert_array_equal(picks, [[0, 2, 4]])   # item 3 is farther but padding
+
+
+def test_padding_items_never_affect_the_interests():
+    e, mask = _history(seed=1)
+    mod = InterestClustering(e.shape[-1], 3, 3, rngs=nnx.Rngs(1))
+    base = np.asarray(mod(jnp.asarray(e), jnp.asarray(mask)))
+    noisy = np.where(mask[..., None], e, np.random.default_rng(9).normal(size=e.shape) * 100).astype(np.float32)
+    np.testing.assert_allclose(np.asarray(mod(jnp.asarray(noisy), jnp.asarray(mask))), base, rtol=1e-6, atol=1e-6)
+
+
+def test_one_interest_is_the_history_sum_direction():
+    e, mask = _history(seed=2)
+    mod = InterestClustering(e.shape[-1], 1, 3, rngs=nnx.Rngs(2))
+    got = np.asarray(mod(jnp.asarray(e), jnp.asarray(mask)))[:, 0]
+    mean = (e * mask[..., None]).sum(1) / np.maximum(mask.sum(1, keepdims=True), 1)
+    mapped = mean @ np.asarray(mod.bilinear.kernel[...])
+    has = mask.any(1)
+    cos = (got * mapped).sum(-1)[has] / np.linalg.norm(got[has], axis=-1) / np.linalg.norm(mapped[has], axis=-1)
+    np.testing.assert_allclose(cos, 1.0, atol=1e-5)
+    assert (np.linalg.norm(got[has], axis=-1) < 1).all()
+
+
+def test_gradients_reach_the_map_and_the_history_but_not_padding():
+    e, mask = _history(seed=3)
+    mod = InterestClustering(e.shape[-1], 3, 2, rngs=nnx.Rngs(3))
+    g = jax.grad(lambda x: jnp.sum(mod(x, jnp.asarray(mask)) ** 2))(jnp.asarray(e))
+    g = np.asarray(g)
+    assert np.isfinite(g).all()
+    np.testing.assert_array_equal(g[~mask], 0.0)
+    assert np.abs(g[mask]).sum() > 0
+
+
+# ---------------------------------------------------------------- the user tower with K embeddings
+USER_SPECS = [FeatureSpec("age", "categorical", 4)]
+
+
+def _model(k, **user):
+    cfg = ModelConfig(id_dim=6, feature_dim=3, output_dim=4,
+                      user=TowerConfig(use_history=True, num_embeddings=k, hidden=[5], **user))
+    return TwoTower(cfg, USER_SPECS, [], rngs=nnx.Rngs(0))
+
+
+def test_user_tower_gives_k_unit_embeddings_from_its_interests():
+    e, mask = _history(b=5, h=7, d=6, seed=4)
+    model = _model(3)
+    feats = {"age": jnp.arange(5, dtype=jnp.int32) % 4}
+    id_emb = jnp.asarray(np.random.default_rng(5).normal(size=(5, 6)), jnp.float32)
+    q = np.asarray(model.user(feats, id_emb, jnp.asarray(e), jnp.asarray(mask)))
+    assert q.shape == (5, 3, 4)
+    np.testing.assert_allclose(np.linalg.norm(q, axis=-1), 1.0, atol=1e-5)
+    # Reference: each interest concatenated with the id row and the feature embedding, then the MLP.
+    caps = np.asarray(model.user.interests(jnp.asarray(e), jnp.asarray(mask)))
+    f = np.asarray(model.user.features(feats)).reshape(5, -1)
+    for k in range(3):
+        x = jnp.asarray(np.concatenate([np.asarray(id_emb), caps[:, k], f], -1))
+        want = np.asarray(model.user.mlp(x))
+        want = want / np.linalg.norm(want, axis=-1, keepdims=True)
+        np.testing.assert_allclose(q[:, k], want, rtol=1e-5, atol=1e-5)
+
+
+def test_one_embedding_is_todays_tower():
+    """num_embeddings=1 builds no clustering module: same parameters, same output as a config without it."""
+    e, mask = _history(b=4, h=7, d=6, seed=6)
+    a, b = _model(1), TwoTower(ModelConfig(id_dim=6, feature_dim=3, output_dim=4,
+                                           user=TowerConfig(use_history=True, hidden=[5])), USER_SPECS, [],
+                               rngs=nnx.Rngs(0))
+    assert a.user.interests is None
+    la, lb = jax.tree.leaves(nnx.state(a)), jax.tree.leaves(nnx.state(b))
+    assert len(la) == len(lb)
+    feats = {"age": jnp.zeros(4, jnp.int32)}
+    id_emb = jnp.ones((4, 6))
+    np.testing.assert_array_equal(np.asarray(a.user(feats, id_emb, jnp.asarray(e), jnp.asarray(mask))),
+                                  np.asarray(b.user(feats, id_emb, jnp.asarray(e), jnp.asarray(mask))))
+
+
+def test_several_embeddings_need_the_history():
+    with pytest.raises(ConfigError, match="use_history"):
+        TwoTower(ModelConfig(user=TowerConfig(use_history=False, num_embeddings=2)), [], [], rngs=nnx.Rngs(0))
+    with pytest.raises(ConfigError, match="model.item.num_embeddings"):
+        TwoTower(ModelConfig(item=TowerConfig(use_history=True, num_embeddings=2)), [], [], rngs=nnx.Rngs(0))
