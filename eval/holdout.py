@@ -13,9 +13,10 @@ import numpy as np
 
 from data.types import sub_csr
 from eval.baselines import most_popular_topk
-from eval.metrics import evaluate_rankings
+from eval.metrics import diversity_metrics, evaluate_rankings
 from towers.inference.embed import embed_items, embed_users
 from towers.inference.exact import exact_topk
+from towers.inference.multi import multi_interest_topk
 
 
 def heldout_users(ds, split: str = "test", max_users: int | None = None, seed: int = 0) -> np.ndarray:
@@ -52,7 +53,7 @@ def protocol(ds, split: str = "test") -> dict:
 
 
 def model_embeddings(trained, ds, users: np.ndarray, history_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """(user embeddings [Q, d], item embeddings [N, d]) for `users` and every item of `ds`, by the inference
+    """(user embeddings [Q, d] (or [Q, K, d] for users with K embeddings), item embeddings [N, d]) for `users` and every item of `ds`, by the inference
     layer's recipe (`towers.inference.embed`), the one export, trending, the server and candidates follow.
 
     trained: a `towers.restore.TrainedModel`, or `towers.inference.embed.Towers` during training.
@@ -62,8 +63,17 @@ def model_embeddings(trained, ds, users: np.ndarray, history_len: int) -> tuple[
 
 def evaluate(user_emb: np.ndarray, item_emb: np.ndarray, ds, users: np.ndarray, ks: list[int], *,
              split: str = "test", user_block: int = 1024, item_block: int = 65536,
-             baselines: bool = True) -> dict:
+             baselines: bool = True, diversity: bool | None = None, item_categories=None) -> dict:
     """Exact full-corpus metrics of the model (and of most-popular) on the held-out items of `users`.
+
+    Users with K embeddings (`user_emb` [Q, K, d], `model.user.num_embeddings`) get each active embedding's
+    exact top-k merged round-robin (`towers.inference.multi`), as they are served.
+
+    Args:
+      diversity: add the model's beyond-accuracy metrics at the largest k (`eval.metrics.diversity_metrics`:
+        catalogue coverage, mean pairwise cosine distance of the top-k and, with `item_categories`, distinct
+        categories per list); None = only for users with K embeddings.
+      item_categories: optional int[N] or int[N, L] (-1 padded) category ids of each item (e.g. genres).
 
     Returns {"model": {"recall@10": ...}, "most_popular": {...}, "num_users": Q, "protocol": {...}, "seconds": t}.
     """
@@ -72,8 +82,15 @@ def evaluate(user_emb: np.ndarray, item_emb: np.ndarray, ds, users: np.ndarray, 
     held = heldout(ds, users, split)
     ex = {"exclude_indptr": held["ex_indptr"], "exclude_items": held["ex_items"]}
     truth = (held["truth_indptr"], held["truth_items"])
-    _, ranked = exact_topk(user_emb, item_emb, kmax, **ex, user_block=user_block, item_block=item_block)
+    multi = np.ndim(user_emb) == 3
+    if multi:
+        ranked = multi_interest_topk(user_emb, item_emb, kmax, exact_topk, **ex, user_block=user_block,
+                                     item_block=item_block)
+    else:
+        _, ranked = exact_topk(user_emb, item_emb, kmax, **ex, user_block=user_block, item_block=item_block)
     out = {"model": evaluate_rankings(np.asarray(ranked), *truth, ks)}
+    if multi if diversity is None else diversity:
+        out["model"].update(diversity_metrics(np.asarray(ranked), np.asarray(item_emb), kmax, item_categories))
     if baselines:
         pop = most_popular_topk(ds.item_counts(), np.arange(len(users)), kmax, **ex)
         out["most_popular"] = evaluate_rankings(pop, *truth, ks)

@@ -218,3 +218,65 @@ def coverage_at_k(retrieved, num_items: int, k: int) -> float:
     seen = np.zeros(num_items, dtype=bool)
     seen[top] = True
     return float(seen.mean())
+
+
+def intra_list_distance(retrieved, item_emb, k: int, *, user_block: int = 4096) -> np.ndarray:
+    """Per-user mean pairwise cosine distance ``1 - cos(e_a, e_b)`` over the distinct pairs of its top-k items.
+
+    Args:
+      retrieved: int[Q, K] ranked item ids, -1 padded (padding takes part in no pair).
+      item_emb: float[N, d] item embeddings (normalised here).
+      k: cut-off in [1, K].
+      user_block: users per block (the block's [users, k, k] cosines are held at once).
+    Returns:
+      float64[Q]; NaN for a user with fewer than 2 items in its top-k.
+    """
+    retrieved = _check_retrieved(retrieved)
+    (k,) = _check_ks(k, retrieved.shape[1])
+    emb = np.asarray(item_emb, np.float64)
+    emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+    out = np.full(len(retrieved), np.nan)
+    for a in range(0, len(retrieved), user_block):
+        top = retrieved[a:a + user_block, :k]
+        valid = top != PAD
+        e = emb[np.maximum(top, 0)] * valid[..., None]
+        cos = np.einsum("qid,qjd->qij", e, e)
+        n = valid.sum(axis=1).astype(np.float64)
+        pairs = n * (n - 1)
+        # Each valid item's self-cosine is 1 (padding rows are zero): off-diagonal sum = total - n.
+        off = cos.sum(axis=(1, 2)) - n
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[a:a + user_block] = np.where(pairs > 0, 1.0 - off / np.where(pairs > 0, pairs, 1), np.nan)
+    return out
+
+
+def distinct_categories(retrieved, item_categories, k: int) -> np.ndarray:
+    """Per-user number of distinct categories among its top-k items.
+
+    Args:
+      retrieved: int[Q, K] ranked item ids, -1 padded.
+      item_categories: int[N] or int[N, L] category ids of each item, -1 padded (e.g. a multi-hot genre bag).
+      k: cut-off in [1, K].
+    Returns:
+      int64[Q].
+    """
+    retrieved = _check_retrieved(retrieved)
+    (k,) = _check_ks(k, retrieved.shape[1])
+    cats = np.asarray(item_categories)
+    cats = cats[:, None] if cats.ndim == 1 else cats
+    top = retrieved[:, :k]
+    c = np.where((top != PAD)[..., None], cats[np.maximum(top, 0)], PAD).reshape(len(top), -1)
+    c = np.sort(c, axis=1)
+    new = np.ones_like(c, bool)
+    new[:, 1:] = c[:, 1:] != c[:, :-1]
+    return (new & (c != PAD)).sum(axis=1).astype(np.int64)
+
+
+def diversity_metrics(retrieved, item_emb, k: int, item_categories=None) -> dict[str, float]:
+    """Beyond-accuracy metrics of the top-k lists: ``coverage@k`` (`coverage_at_k`), ``ild@k`` (mean over users of
+    `intra_list_distance`) and, with `item_categories`, ``categories@k`` (mean of `distinct_categories`)."""
+    out = {f"coverage@{k}": coverage_at_k(retrieved, len(item_emb), k),
+           f"ild@{k}": float(np.nanmean(intra_list_distance(retrieved, item_emb, k)))}
+    if item_categories is not None:
+        out[f"categories@{k}"] = float(distinct_categories(retrieved, item_categories, k).mean())
+    return out

@@ -155,3 +155,104 @@ def test_several_embeddings_need_the_history():
         TwoTower(ModelConfig(user=TowerConfig(use_history=False, num_embeddings=2)), [], [], rngs=nnx.Rngs(0))
     with pytest.raises(ConfigError, match="model.item.num_embeddings"):
         TwoTower(ModelConfig(item=TowerConfig(use_history=True, num_embeddings=2)), [], [], rngs=nnx.Rngs(0))
+
+
+# ---------------------------------------------------------------- inference: K', round-robin merge, search
+from towers.inference.multi import active_interests, merge_round_robin, multi_interest_topk  # noqa: E402
+
+
+def np_round_robin(lists, k):
+    out = []
+    for r in range(max(len(x) for x in lists)):
+        for x in lists:
+            if r < len(x) and x[r] >= 0 and x[r] not in out and len(out) < k:
+                out.append(int(x[r]))
+    return out + [-1] * (k - len(out))
+
+
+def test_round_robin_merge_hand_case():
+    ids = np.array([[[5, 1, 2, 3], [1, 6, 7, 8], [-1, -1, -1, -1]],
+                    [[4, 4 + 1, -1, -1], [-1, -1, -1, -1], [9, -1, -1, -1]]])
+    np.testing.assert_array_equal(merge_round_robin(ids, 4), [[5, 1, 6, 2], [4, 9, 5, -1]])
+    np.testing.assert_array_equal(merge_round_robin(ids, 6), [[5, 1, 6, 2, 7, 3], [4, 9, 5, -1, -1, -1]])
+
+
+def test_round_robin_merge_matches_reference_and_fills_k():
+    r = np.random.default_rng(7)
+    k = 6
+    lists = np.stack([np.stack([r.permutation(12)[:k] for _ in range(3)]) for _ in range(40)])
+    lists[r.random(lists.shape) < 0.1] = -1
+    got = merge_round_robin(lists, k)
+    for u in range(len(lists)):
+        assert got[u].tolist() == np_round_robin(lists[u].tolist(), k)
+        if len(set(lists[u].ravel()) - {-1}) >= k:
+            assert (got[u] >= 0).all()
+
+
+def test_active_interests_rule():
+    np.testing.assert_array_equal(active_interests([0, 4, 5, 9, 10, 50], 3, 5), [1, 1, 2, 2, 3, 3])
+    np.testing.assert_array_equal(active_interests([0, 50], 3, 0), [3, 3])
+
+
+def test_multi_interest_search_merges_exact_per_interest_lists_with_exclusions():
+    from towers.inference.exact import exact_topk
+    r = np.random.default_rng(8)
+    items = r.normal(size=(30, 4)).astype(np.float32)
+    users = r.normal(size=(5, 3, 4)).astype(np.float32)
+    users[1, 2] = 0.0                         # an inactive interest
+    indptr, ex = np.array([0, 2, 2, 3, 3, 5]), np.array([0, 1, 7, 3, 4])
+    got = multi_interest_topk(users, items, 5, exact_topk, exclude_indptr=indptr, exclude_items=ex)
+    for u in range(5):
+        banned = set(ex[indptr[u]:indptr[u + 1]].tolist())
+        lists = []
+        for j in range(3):
+            if j and not users[u, j].any():
+                continue
+            order = [int(i) for i in np.argsort(-(items @ users[u, j]), kind="stable") if int(i) not in banned]
+            lists.append(order[:5])
+        assert got[u].tolist() == np_round_robin(lists, 5)
+
+
+def test_diversity_metrics_match_numpy():
+    from eval.metrics import distinct_categories, intra_list_distance
+    r = np.random.default_rng(9)
+    emb = r.normal(size=(10, 3))
+    ranked = np.array([[0, 1, 2, -1], [3, -1, -1, -1], [4, 5, 6, 7]])
+    cats = np.array([[0, 1], [1, -1], [2, -1], [3, 3], [0, -1], [0, 2], [5, -1], [5, 0], [1, 1], [2, 2]])
+    ild = intra_list_distance(ranked, emb, 4)
+    unit = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    for u, row in enumerate(ranked):
+        v = [i for i in row if i >= 0]
+        d = [1 - unit[a] @ unit[b] for a in v for b in v if a != b]
+        if d:
+            np.testing.assert_allclose(ild[u], np.mean(d), rtol=1e-10)
+        else:
+            assert np.isnan(ild[u])
+    np.testing.assert_array_equal(distinct_categories(ranked, cats, 4), [3, 1, 3])
+    np.testing.assert_array_equal(distinct_categories(ranked, cats, 2), [2, 1, 2])
+
+
+def test_k2_run_evaluates_with_merged_lists_and_reports_diversity(tmp_path):
+    """The end-of-training evaluation of a K = 2 run goes through `embed_users` ([Q, K, d], K' applied) and
+    the round-robin merge; users with a short history search only their first embedding."""
+    from tests.helpers import smoke_cfg
+    from train.loop import run
+    cfg = smoke_cfg("train.total_steps=2", "model.user.use_history=true", "model.user.num_embeddings=2",
+                    "model.user.history_per_interest=3", "train.launcher=jit", "train.num_devices=1")
+    result = run(cfg, tmp_path)
+    model = result["eval"]["model"] if "eval" in result else result["test"]["model"]
+    assert 0 <= model["recall@10"] <= 1
+    assert 0 < model["coverage@10"] <= 1 and 0 <= model["ild@10"] <= 2
+
+    from data.batching import user_history
+    from train.loop import load_data
+    from towers.inference.embed import embed_users
+    from towers.restore import load_trained
+    trained, ds = load_trained(tmp_path), load_data(cfg)
+    users = np.arange(40, dtype=np.int32)
+    for h in (2, 5):    # K' = min(2, 1 + h // 3): 1 for a 2-item history, 2 for 5 items
+        emb = embed_users(trained, ds, users, history_len=h)
+        assert emb.shape == (40, 2, 8)
+        lengths = (user_history(ds, users, h) >= 0).sum(1)
+        np.testing.assert_array_equal(emb[:, 1].any(1), 1 + lengths // 3 >= 2)
+        np.testing.assert_allclose(np.linalg.norm(emb[:, 0], axis=1), 1.0, atol=1e-5)

@@ -200,7 +200,9 @@ def embed_users(trained, ds, users, *, history_len: int | None = None, batch_siz
       batch_size: users per tower call without `buckets`.
       buckets: pad to the smallest of these sizes holding the users (or to a multiple of the largest).
     Returns:
-      float32[Q, output_dim]
+      float32[Q, output_dim]; float32[Q, K, output_dim] for a user tower with K = `num_embeddings` > 1, the
+      embeddings past each user's K' (`towers.inference.multi.active_interests`, from its valid history items)
+      zeroed: those are not searched.
     """
     inputs = users if isinstance(users, UserInputs) else stored_user_inputs(trained, ds, users, history_len)
     n = len(inputs)
@@ -216,4 +218,13 @@ def embed_users(trained, ds, users, *, history_len: int | None = None, batch_siz
                          None if history is None else history[a:a + size],
                          {k: v[a:a + size] for k, v in feats.items()}, None if extra is None else extra[a:a + size]))
            for a in range(0, total, size)]
-    return np.concatenate(out)[:n].astype(np.float32) if out else np.zeros((0, 0), np.float32)
+    if not out:
+        return np.zeros((0, 0), np.float32)
+    emb = np.concatenate(out)[:n].astype(np.float32)
+    if emb.ndim == 3 and inputs.history is not None:
+        from towers.inference.multi import active_interests
+        tower = trained.model.user
+        active = active_interests((np.asarray(inputs.history) >= 0).sum(axis=1), emb.shape[1],
+                                  tower.history_per_interest)
+        emb[np.arange(emb.shape[1])[None, :] >= active[:, None]] = 0.0
+    return emb
