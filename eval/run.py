@@ -127,10 +127,17 @@ def rank_methods(user_emb, item_emb, ds, users: np.ndarray, held: dict, c: Evalu
         fitted = fit_methods(item_emb, ds, c, timing, notes)
     rankings = {}
     with phase("exact_topk", timing, f"exact top-{kmax} over {ds.num_items} items for {len(users)} users"):
-        _, ranked = exact_topk(user_emb, item_emb, kmax, exclude_indptr=held["ex_indptr"],
-                               exclude_items=held["ex_items"], user_block=c.user_block, item_block=c.item_block)
+        search = dict(exclude_indptr=held["ex_indptr"], exclude_items=held["ex_items"], user_block=c.user_block,
+                      item_block=c.item_block)
+        if np.ndim(user_emb) == 3:   # K embeddings per user: each searched, merged round-robin
+            from towers.inference.multi import multi_interest_topk
+            ranked = multi_interest_topk(user_emb, item_emb, kmax, exact_topk, **search)
+        else:
+            _, ranked = exact_topk(user_emb, item_emb, kmax, **search)
         rankings["model"] = np.asarray(ranked)
-    if "ann" in fitted:
+    if "ann" in fitted and np.ndim(user_emb) == 3:
+        notes["skipped"]["ann"] = "users with several embeddings are ranked exactly only"
+    elif "ann" in fitted:
         from eval.ann import ann_topk
         with phase("ann_search", timing, "ScaNN search"):
             rankings["model_ann"] = ann_topk(fitted["ann"], user_emb, kmax, exclude_indptr=held["ex_indptr"],

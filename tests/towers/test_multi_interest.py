@@ -256,3 +256,11 @@ def test_k2_run_evaluates_with_merged_lists_and_reports_diversity(tmp_path):
         lengths = (user_history(ds, users, h) >= 0).sum(1)
         np.testing.assert_array_equal(emb[:, 1].any(1), 1 + lengths // 3 >= 2)
         np.testing.assert_allclose(np.linalg.norm(emb[:, 0], axis=1), 1.0, atol=1e-5)
+
+    # `python -m eval` on the run ranks the same merged lists as the end-of-training evaluation.
+    from eval.config import validate as eval_validate
+    from eval.run import run as eval_run
+    m = eval_run(eval_validate({"run_dir": str(tmp_path), "ks": [5, 10], "out_dir": str(tmp_path / "report"),
+                                "plots": False}))
+    for key in ("recall@5", "recall@10", "ndcg@10"):
+        assert m["methods"]["model"][key] == pytest.approx(model[key], abs=1e-9), key
