@@ -72,7 +72,16 @@ class DenseOptimizerConfig:
 class SparseOptimizerConfig:
     name: str = _help("rowwise_adagrad", "row-sparse optimizer for ID tables: rowwise_adagrad | lazy_adam | sgd",
                       choices=("rowwise_adagrad", "lazy_adam", "sgd"))
-    learning_rate: float = _help(0.05, "learning rate of the ID tables", gt=0)
+    learning_rate: float = _help(0.05, "learning rate of the ID tables (the peak of a schedule)", gt=0)
+    schedule: str = _help("constant", "constant | cosine (warm-up, then cosine decay to end_factor x the rate at "
+                                      "decay_steps) | step (warm-up, then the rate times step_factor every "
+                                      "step_every steps)", choices=("constant", "cosine", "step"))
+    warmup_steps: int = _help(0, "linear warm-up steps from 0 to learning_rate", ge=0)
+    decay_steps: int | None = _help(None, "cosine: the step (warm-up included) where the decay ends; null = the "
+                                          "run's total steps", gt=0)
+    end_factor: float = _help(0.0, "cosine: the final rate as a fraction of learning_rate", ge=0, le=1)
+    step_every: int = _help(1000, "step: steps between two decays (counted after the warm-up)", gt=0)
+    step_factor: float = _help(0.5, "step: the rate is multiplied by this at every decay", gt=0, le=1)
 
 
 @dataclass

@@ -43,7 +43,7 @@ from train.metrics_writer import MetricWriter
 from train.parallel import Launcher
 from train.pretrained import pretrained_overrides, save_window, train_window
 from train.sparse import FrozenTable, make_sparse_optimizer
-from train.state import dense_optimizer, init_state, table_sizes
+from train.state import dense_optimizer, init_state, sparse_learning_rate, table_sizes
 from train.step import StepConfig, make_step
 
 log = logging.getLogger("twotower.train")
@@ -145,8 +145,9 @@ def build_parts(c: config_lib.Config, ds, steps: int, devices: list, table_rows:
     sizes = table_sizes(c, ds.num_users, ds.num_items, model_axis)
     if table_rows:
         sizes = {name: padded_rows(max(rows, table_rows), model_axis) for name, rows in sizes.items()}
+    sparse_lr = sparse_learning_rate(c.optimizer.sparse, steps)
     sparse_opts = {name: FrozenTable() if getattr(c.model, TABLE_TOWERS[name]).table.freeze else
-                   make_sparse_optimizer(c.optimizer.sparse.name, learning_rate=c.optimizer.sparse.learning_rate)
+                   make_sparse_optimizer(c.optimizer.sparse.name, learning_rate=sparse_lr)
                    for name in sizes}
     streaming = None
     if c.loss.logq_source == "streaming":   # item vocabulary rows, B_global of them per step

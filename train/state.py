@@ -51,6 +51,31 @@ def learning_rate_schedule(peak: float, kind: str, warmup: int, total: int):
     return optax.constant_schedule(peak)
 
 
+def sparse_learning_rate(o, total_steps: int):
+    """The ID tables' learning rate from `optimizer.sparse`: the float itself when constant without warm-up (the
+    step then computes exactly what it did before schedules existed), else an optax schedule of the global step,
+    evaluated inside the jitted step.
+
+    Args:
+      o: `SparseOptimizerConfig`.
+      total_steps: the run's steps (the end of a cosine decay when `decay_steps` is null).
+    """
+    peak = o.learning_rate
+    if o.schedule == "cosine":
+        decay = o.decay_steps or total_steps
+        return optax.warmup_cosine_decay_schedule(0.0, peak, o.warmup_steps, max(decay, o.warmup_steps + 1),
+                                                  end_value=peak * o.end_factor)
+    if o.schedule == "step":
+        decay = optax.exponential_decay(peak, o.step_every, o.step_factor, staircase=True)
+    elif o.warmup_steps == 0:
+        return peak
+    else:
+        decay = optax.constant_schedule(peak)
+    if o.warmup_steps == 0:
+        return decay
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, o.warmup_steps), decay], [o.warmup_steps])
+
+
 def init_state(cfg, model: TwoTower, sizes: dict[str, int], dense_tx, sparse_opts, seed: int, *,
                table_sharding=None, overrides: dict | None = None, abstract: bool = False,
                logq_freq: freq_estimator.FreqSpec | None = None) -> dict:
