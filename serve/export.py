@@ -112,12 +112,17 @@ def item_embeddings(trained, ds, batch_size: int) -> np.ndarray:
 
 
 def query_embeddings(trained, ds, num_queries: int, seed: int, batch_size: int) -> np.ndarray:
-    """float32[Q, D]: a seeded sample of users with their train histories through the user tower."""
+    """float32[Q, D]: a seeded sample of users with their train histories through the user tower. For users
+    with several embeddings, every one searched at serving (K' per user) is a query: [sum of K', D]."""
     from towers.inference.embed import embed_users
 
     rng = np.random.default_rng(seed)
     users = np.sort(rng.choice(ds.num_users, min(num_queries, ds.num_users), replace=False)).astype(np.int32)
-    return embed_users(trained, ds, users, batch_size=batch_size)
+    emb = embed_users(trained, ds, users, batch_size=batch_size)
+    if emb.ndim == 3:
+        from towers.inference.multi import interest_queries
+        emb = interest_queries(emb)[0]
+    return emb
 
 
 def ann_recall(index, exact_ids: np.ndarray, queries: np.ndarray, k: int) -> float:

@@ -39,9 +39,15 @@ class ScoredItem(BaseModel):
 
 class TopKResponse(BaseModel):
     items: list[ScoredItem] = Field(..., description="best first; fewer than k only when exclusions leave "
-                                                     "fewer items")
+                                                     "fewer items. For a model with several embeddings per user, "
+                                                     "the searched embeddings' lists merged round-robin without "
+                                                     "duplicates, each item scored by the embedding it came from")
     model_version: str
     index_version: str
+    interests: int | None = Field(None, ge=1, description="models with several embeddings per user "
+                                                          "(model.user.num_embeddings > 1) only: how many of the "
+                                                          "user's embeddings were searched (K', from the history "
+                                                          "length); absent for a single-embedding model")
 
 
 class ItemIn(_Body):

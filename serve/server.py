@@ -118,12 +118,35 @@ class ServerState:
         index, exported = self.current
         emb = self.model.embed_queries(queries)
         k = min(max(q.k for q in queries), len(index))
+        if emb.ndim == 3:
+            return self._run_multi(index, exported, queries, emb, k)
         exclude = [q.exclude for q in queries] if any(q.exclude for q in queries) else None
         scores, ids, generation = index.search_with_generation(emb, k, exclude=exclude)
         version = _with_mutations(exported, generation)
         # -inf marks padding when exclusions leave fewer than k items. Python lists: cheaper than numpy rows.
         return [([{"id": v, "score": x} for v, x in zip(i[:q.k], s[:q.k]) if math.isfinite(x)], version)
                 for q, s, i in zip(queries, scores.tolist(), ids.tolist())]
+
+    @staticmethod
+    def _run_multi(index, exported: str, queries: list[Query], emb: np.ndarray, k: int) -> list:
+        """`_run_batch` for users with K embeddings ([B, K, d], those past each user's K' zero): every active
+        embedding of the batch in one index search, with its user's exclusions, each user's lists merged
+        round-robin without duplicates (`towers.inference.multi`). Each list holds k items whenever k are
+        eligible, so the merged one does too. An item's score is the one of the interest it was taken from."""
+        from towers.inference.multi import interest_queries, merge_searched
+
+        flat, owner, interest = interest_queries(emb)
+        exclude = [queries[o].exclude for o in owner.tolist()] if any(q.exclude for q in queries) else None
+        scores, ids, generation = index.search_with_generation(flat, k, exclude=exclude)
+        found = np.isfinite(scores)
+        _, codes = np.unique(ids, return_inverse=True)   # raw ids of either kind -> ints for the merge
+        codes = np.where(found, codes.reshape(ids.shape), -1)
+        merged, pos = merge_searched(owner, interest, scores, codes, len(queries), emb.shape[1], k)
+        raw = ids.reshape(-1)[np.maximum(pos, 0)]
+        searched = np.bincount(owner, minlength=len(queries)).tolist()
+        version = _with_mutations(exported, generation)
+        return [([{"id": v, "score": x} for v, x in zip(i[:q.k], s[:q.k]) if math.isfinite(x)], version, n)
+                for q, s, i, n in zip(queries, merged.tolist(), raw.tolist(), searched)]
 
     async def topk(self, req: schemas.TopKRequest) -> dict:
         index, _ = self.current
@@ -132,14 +155,17 @@ class ServerState:
         query = self.model.make_query(req, index.id_kind)
         answer = self.batcher.submit_async(query)
         try:
-            items, version = await asyncio.wait_for(answer, _REQUEST_TIMEOUT_S)
+            items, version, *interests = await asyncio.wait_for(answer, _REQUEST_TIMEOUT_S)
         except asyncio.TimeoutError:
             raise ClientError(503, f"no answer within {_REQUEST_TIMEOUT_S:.0f}s; the server is overloaded") from None
         except ClientError:
             raise
         except Exception as e:   # the batch this query ran in failed (logged by the batcher); others go on
             raise ClientError(503, f"the batch holding this query failed ({type(e).__name__}); retry") from None
-        return {"items": items, "model_version": self.model.model_version, "index_version": version}
+        out = {"items": items, "model_version": self.model.model_version, "index_version": version}
+        if interests:   # a multi-embedding model: how many of the user's embeddings were searched
+            out["interests"] = interests[0]
+        return out
 
     # ----------------------------------------------------------------------------------------- mutations
     def live(self) -> tuple:
@@ -403,7 +429,8 @@ def create_app(run_dir, index_dir=None, *, step: int | None = None, batch_sizes=
     writes = {"responses": _WRITE_ERRORS,
               "dependencies": [Security(HTTPBearer(scheme_name="bearer", auto_error=False))] if auth_token else []}
 
-    @app.post("/v1/topk", response_model=schemas.TopKResponse, responses=_ERRORS)
+    # exclude_none: a single-embedding model's answer has no `interests`, as the fast path sends it.
+    @app.post("/v1/topk", response_model=schemas.TopKResponse, response_model_exclude_none=True, responses=_ERRORS)
     async def topk(req: schemas.TopKRequest):
         return await state.topk(req)
 

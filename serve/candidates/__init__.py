@@ -8,6 +8,11 @@ Output: `<out>/part-SSSSS-of-NNNNN.parquet`, one file per shard, with the column
     item_ids   list<int64|string>   raw item ids (the index's id kind), best first
     scores     list<float32>        dot-product scores, descending; ties by item slot ascending
 
+For a model with K embeddings per user (`model.user.num_embeddings`), each of a user's first K' embeddings
+(K' from its history length, `towers.inference.multi.active_interests`) is searched, and the lists are merged
+round-robin without duplicates: then each item carries the score of the embedding it came from, and the
+scores of a user need not descend.
+
 and the job's identity in the file's key-value metadata (`twotower.model_version`, `twotower.index_version`,
 `twotower.k`, ...). A user gets min(k, unseen items) items. Users are split into `num_shards` contiguous ranges
 of their sorted vocabulary rows, so the split depends only on the user set. A shard is written under a
@@ -184,7 +189,7 @@ def shard_users(users: np.ndarray, num_shards: int, shard_index: int) -> np.ndar
 
 
 def embed_user_rows(job: Job, rows: np.ndarray, ds=None) -> np.ndarray:
-    """float32[Q, D] user embeddings (`towers.inference.embed`), in tower calls of exactly `batch_size` users
+    """float32[Q, D] (or [Q, K, D] for users with K embeddings) user embeddings (`towers.inference.embed`), in tower calls of exactly `batch_size` users
     (one compiled shape). `ds`: the dataset holding those users' records (default `chunk_dataset(job, rows)`)."""
     from towers.inference.embed import embed_users
 
@@ -197,8 +202,30 @@ def candidates_for(job: Job, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, 
     ds = chunk_dataset(job, rows)
     ex_indptr, ex_slots = seen_csr(_seen_sources(job.config, ds), rows, job.slot_of_row)
     emb = embed_user_rows(job, rows, ds)
+    if emb.ndim == 3:
+        return multi_interest_unseen(job, emb, ex_indptr, ex_slots)
     return topk_unseen(job.corpus, emb, job.config.k, ex_indptr, ex_slots, overfetch=job.overfetch,
                        max_fetch=job.config.max_fetch)
+
+
+def multi_interest_unseen(job: Job, emb: np.ndarray, ex_indptr: np.ndarray,
+                          ex_slots: np.ndarray) -> tuple[np.ndarray, np.ndarray, SearchStats]:
+    """`candidates_for` of users with K embeddings (float32[Q, K, D], those past each user's K' zero): the
+    chunk's active embeddings searched in one `topk_unseen` call, each with its user's seen items excluded, and
+    each user's lists merged round-robin without duplicates (`towers.inference.multi`). Every list holds
+    min(k, unseen) items, so the merged one does too. An item's score is the one of the embedding it was taken
+    from, so a user's scores need not descend. Stats count users; widened / exact_fallback count searches (one
+    per active embedding); short counts users whose first embedding found fewer than k unseen items."""
+    from data.types import sub_csr
+    from towers.inference.multi import interest_queries, merge_searched
+
+    queries, owner, interest = interest_queries(emb)
+    q_indptr, q_slots = sub_csr(ex_indptr, ex_slots, owner)
+    scores, slots, stats = topk_unseen(job.corpus, queries, job.config.k, q_indptr, q_slots,
+                                       overfetch=job.overfetch, max_fetch=job.config.max_fetch)
+    merged, pos = merge_searched(owner, interest, scores, slots, len(emb), emb.shape[1], job.config.k)
+    stats.users, stats.short = len(emb), int((slots[interest == 0] < 0).any(axis=1).sum())
+    return merged, np.where(pos >= 0, slots.reshape(-1)[np.maximum(pos, 0)], -1), stats
 
 
 def _arrow_schema(job: Job, shard_index: int, num_users: int):
