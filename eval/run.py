@@ -305,7 +305,10 @@ def evaluate_prepared(trained, data, c: EvaluateConfig, history_len: int, timing
             held = heldout(sub, rows, c.split)
             with phase("embed", part_timing, f"embed {len(rows)} users"):
                 user_emb = embed_users(trained, sub, rows, history_len=history_len)
-            ranked, _ = rank_methods(user_emb, item_emb, sub, rows, held, c, part_timing, fitted)
+            # user_emb is [Q, D], or [Q, K, D] for users with K embeddings (merged per-interest lists, as in
+            # memory); the methods a chunk skips are noted as `evaluate_embeddings` notes them.
+            ranked, chunk_notes = rank_methods(user_emb, item_emb, sub, rows, held, c, part_timing, fitted)
+            notes["skipped"].update(chunk_notes["skipped"])
             for name, r in ranked.items():
                 rankings.setdefault(name, []).append(r)
             users.append(rows)
