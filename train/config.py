@@ -101,6 +101,18 @@ class DistributedConfig:
 
 
 @dataclass
+class EarlyStoppingConfig:
+    metric: str | None = _help(None, "validation metric to maximise, recall@K or ndcg@K with K in eval.ks, "
+                                     "measured every eval.valid_every_steps on the validation split; training "
+                                     "stops after `patience` evaluations without improvement and the best "
+                                     "state (kept in ckpt_best/) is restored before the final evaluation; "
+                                     "null = off")
+    patience: int = _help(3, "validation evaluations without improvement before training stops", ge=1)
+    min_delta: float = _help(0.0, "an evaluation improves only when the metric exceeds the best so far by more "
+                                  "than this", ge=0)
+
+
+@dataclass
 class TrainLoopConfig:
     global_batch_size: int = _help(1024, "examples per step over all devices", gt=0)
     total_steps: int | None = _help(None, "steps to train; null = num_epochs over the training split", gt=0)
@@ -115,6 +127,9 @@ class TrainLoopConfig:
     prefetch: int = _help(2, "batches prepared ahead in a background thread", gt=0)
     distributed: DistributedConfig = field(default_factory=DistributedConfig,
                                            metadata={"help": "multi-process (multi-host) set-up"})
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig,
+                                                metadata={"help": "stop when the validation metric stops "
+                                                                  "improving; keep and restore the best state"})
 
 
 @dataclass
@@ -143,6 +158,9 @@ class EvalConfig:
     user_block: int = _help(1024, "users scored per block in exact top-k", gt=0)
     item_block: int = _help(65536, "items scored per block in exact top-k", gt=0)
     seed: int = _help(0, "seed of the user sample", ge=0)
+    valid_every_steps: int | None = _help(None, "evaluate on the validation split (data.valid_fraction > 0) "
+                                                "every N steps and at the last step, logged as valid/model/*; "
+                                                "null = never (train.early_stopping needs it)", gt=0)
 
 
 @dataclass
@@ -206,6 +224,7 @@ def validate(cfg: DictConfig | dict, *, num_devices: int | None = None) -> Confi
                                                   "model.user.table.hash_buckets=null")
     _check_tables(c)
     _check_mesh(c)
+    _check_validation(c)
     if num_devices is not None:
         check_devices(c, num_devices)
     return c
@@ -221,6 +240,27 @@ def _check_tables(c: Config) -> None:
         if t.pretrained and t.pretrained.endswith(".npy") and not t.pretrained_ids:
             _fail(f"{key}.pretrained_ids", t.pretrained_ids, "a .npy pre-trained table needs the .npy of its raw "
                                                              "ids (one per row)")
+
+
+def _check_validation(c: Config) -> None:
+    es = c.train.early_stopping
+    if c.eval.valid_every_steps is not None and c.data.valid_fraction == 0:
+        _fail("eval.valid_every_steps", c.eval.valid_every_steps, "evaluates on the validation split, which "
+                                                                  "data.valid_fraction=0 leaves empty; set "
+                                                                  "data.valid_fraction > 0 (e.g. 0.1)")
+    if es.metric is None:
+        return
+    name, _, k = es.metric.partition("@")
+    if name not in ("recall", "ndcg") or not k.isdigit() or int(k) not in c.eval.ks:
+        _fail("train.early_stopping.metric", es.metric, f"must be recall@K or ndcg@K with K in eval.ks "
+                                                        f"{list(c.eval.ks)}")
+    if c.data.valid_fraction == 0:
+        _fail("train.early_stopping.metric", es.metric, "is measured on the validation split, which "
+                                                        "data.valid_fraction=0 leaves empty; set "
+                                                        "data.valid_fraction > 0 (e.g. 0.1)")
+    if c.eval.valid_every_steps is None:
+        _fail("train.early_stopping.metric", es.metric, "needs eval.valid_every_steps (how often the validation "
+                                                        "split is evaluated)")
 
 
 def _check_mesh(c: Config) -> None:

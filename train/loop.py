@@ -36,7 +36,7 @@ from train import config as config_lib
 from train import distributed
 from train import freq_estimator
 from train import resume
-from train.checkpoint import Checkpointer, NonFiniteState
+from train.checkpoint import CheckpointError, Checkpointer, NonFiniteState
 from train.input import grain_feed, prepare
 from train.mesh import padded_rows, table_bytes_per_device
 from train.metrics_writer import MetricWriter
@@ -198,12 +198,14 @@ def fresh_state(c: config_lib.Config, parts: Parts, ds, run_dir: pathlib.Path | 
 
 
 def restore_or_init(c: config_lib.Config, ckpt: Checkpointer, parts: Parts, ds, batches: Batches,
-                    run_dir: pathlib.Path | None, fingerprint: dict | None = None) -> tuple[dict, dict]:
+                    run_dir: pathlib.Path | None, fingerprint: dict | None = None,
+                    restored_extra: dict | None = None) -> tuple[dict, dict]:
     """The latest usable checkpoint, restored straight into the launcher's layout (split tables arrive split),
     or a fresh state when there is none or `checkpoint.resume` is false.
 
     With `fingerprint` (`train.resume.fingerprint`), a checkpoint whose config or data differ in a way
     `checkpoint.allow_config_change` does not accept refuses the resume (`ConfigError`) before its state is read.
+    `restored_extra`, when given, receives the restored checkpoint's `extra` (the early-stopping tracking).
 
     Returns:
       (state, the accepted changes {key: [old, new]} of the restored checkpoint's config).
@@ -221,6 +223,8 @@ def restore_or_init(c: config_lib.Config, ckpt: Checkpointer, parts: Parts, ds, 
         if restored is not None:
             step, state, extra = restored
             batches.restore(extra["data"])
+            if restored_extra is not None:
+                restored_extra.update(extra)
             log.info("resumed from %s at step %d", ckpt.directory, step)
             return state, changes
     return fresh_state(c, parts, ds, run_dir), {}
@@ -277,6 +281,8 @@ class WindowClock:
         self.steps = 0              # steps since `mark`, the first step excepted
         self.saving = 0.0           # checkpoint seconds since the last lap
         self.checkpoint_seconds = 0.0
+        self.paused = 0.0           # validation seconds since the last lap
+        self.validation_seconds = 0.0
 
     def first_step(self, metrics) -> None:
         """Waits for the first step and starts the first window's clock."""
@@ -291,11 +297,23 @@ class WindowClock:
         """(steps, their seconds, checkpoint seconds) since the last lap; call once the window's metrics are on
         the host. A window that holds only the first step is timed with its compilation: nothing else to time."""
         now = time.perf_counter()
-        steps, seconds, saving = self.steps, now - self.mark - self.saving, self.saving
+        steps, seconds, saving = self.steps, now - self.mark - self.saving - self.paused, self.saving
         if steps == 0:
             steps, seconds = 1, self.first_step_seconds
-        self.mark, self.steps, self.saving = now, 0, 0.0
+        self.mark, self.steps, self.saving, self.paused = now, 0, 0.0, 0.0
         return steps, seconds, saving
+
+    @contextlib.contextmanager
+    def validating(self, state):
+        """Times a validation evaluation apart from the steps (and from the checkpoint saves)."""
+        jax.block_until_ready(state)
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            seconds = time.perf_counter() - t0
+            self.paused += seconds
+            self.validation_seconds += seconds
 
     @contextlib.contextmanager
     def saving_checkpoint(self, state):
@@ -311,9 +329,12 @@ class WindowClock:
 
     def totals(self) -> dict[str, float]:
         """For `final_metrics.json`: the first step, the whole loop (saves included) and the saves."""
-        return {"first_step_seconds": self.first_step_seconds or 0.0,
-                "training_seconds": time.perf_counter() - self.started,
-                "checkpoint_seconds": self.checkpoint_seconds}
+        out = {"first_step_seconds": self.first_step_seconds or 0.0,
+               "training_seconds": time.perf_counter() - self.started,
+               "checkpoint_seconds": self.checkpoint_seconds}
+        if self.validation_seconds:
+            out["validation_seconds"] = self.validation_seconds
+        return out
 
 
 class Progress:
@@ -368,7 +389,7 @@ def prepare_kwargs(step_cfg: StepConfig) -> dict:
 
 
 def train_loop(c, launcher, dev_state, batches, ckpt, writer, start: int, steps: int, step_cfg,
-               row_maps: dict | None = None, extra: dict | None = None):
+               row_maps: dict | None = None, extra: dict | None = None, validation: "Validation | None" = None):
     """Steps `start+1 .. steps`: prefetched batches, metrics every `log_every_steps` (to `writer` unless it is
     None, as on processes other than 0), checkpoints on the cadence and at the end, each with `extra` (the
     config fingerprint) besides the data position. A state with NaN or inf stops the run before it is saved.
@@ -376,6 +397,9 @@ def train_loop(c, launcher, dev_state, batches, ckpt, writer, start: int, steps:
     Throughput is timed by a `WindowClock`: each logged line's steps/s covers the steps the device finished
     since the previous line, without the first step (compilation; `train/first_step_seconds` on the first line)
     and without checkpoint saves (`train/checkpoint_seconds`).
+
+    With a `validation`, the validation split is evaluated on its cadence (timed apart from the steps); when it
+    asks to stop early, the step's checkpoint (with the tracking in its `extra`) is saved and the loop ends.
 
     Returns:
       (state, the last logged metrics, `WindowClock.totals()`).
@@ -399,7 +423,11 @@ def train_loop(c, launcher, dev_state, batches, ckpt, writer, start: int, steps:
                 clock.first_step(metrics)
             else:
                 clock.step()
-            if step % c.train.log_every_steps == 0 or step == steps:
+            stop = False
+            if validation is not None and validation.due(step, steps):
+                with clock.validating(dev_state):
+                    stop = validation(step, dev_state, data_pos, writer)
+            if step % c.train.log_every_steps == 0 or step == steps or stop:
                 window = jax.device_get(window)   # waits for the window's steps: only now is the clock read
                 steps_timed, seconds, saving = clock.lap()
                 last = _summarise(window, step, steps_timed, seconds, c.train.global_batch_size)
@@ -410,18 +438,125 @@ def train_loop(c, launcher, dev_state, batches, ckpt, writer, start: int, steps:
                     writer.write(step, last)
                 progress.window(step, last)
                 window = []
-            if step % c.checkpoint.every_steps == 0 or step == steps:
+            if step % c.checkpoint.every_steps == 0 or step == steps or stop:
+                tracked = {} if validation is None else {"early_stopping": validation.tracking()}
                 with clock.saving_checkpoint(dev_state):
                     try:
-                        ckpt.save(step, launcher.get_state(dev_state), {**(extra or {}), "data": data_pos},
-                                  force=True)
+                        ckpt.save(step, launcher.get_state(dev_state),
+                                  {**(extra or {}), **tracked, "data": data_pos}, force=True)
                     except NonFiniteState as e:
                         raise TrainingDiverged(str(e)) from None
             progress.step()
+            if stop:
+                break
     finally:
         feed.close()
         progress.close()
     return dev_state, last, clock.totals()
+
+
+# ---------------------------------------------------------------- validation and early stopping
+class Validation:
+    """Evaluation on the validation split during training (`eval.valid_every_steps`) and, with
+    `train.early_stopping.metric`, early stopping that keeps the best state.
+
+    The best state is saved by a `Checkpointer` of its own, `<run_dir>/ckpt_best` (one checkpoint kept, verified
+    on restore like the periodic ones), rather than through Orbax's metric-ranked retention (`best_fn`) in
+    `ckpt/`: there `max_to_keep` would then rank the periodic checkpoints a resume needs by a metric most of them
+    lack. The tracking (best step and metric, evaluations without improvement, the step training stopped at)
+    goes into every periodic checkpoint's `extra`, so a resumed run carries on with the best-so-far it had; a
+    best checkpoint newer than the resumed step (saved by the attempt that was killed) is replaced when the
+    replayed steps reach it again.
+    """
+
+    def __init__(self, c: config_lib.Config, parts: Parts, ds, row_maps: dict | None, launcher,
+                 best_ckpt: Checkpointer | None, tracking: dict | None = None):
+        self.c, self.parts, self.ds, self.row_maps, self.launcher = c, parts, ds, row_maps, launcher
+        self.every = c.eval.valid_every_steps
+        es = c.train.early_stopping
+        self.metric, self.patience, self.min_delta = es.metric, es.patience, es.min_delta
+        self.best_ckpt = best_ckpt
+        t = tracking or {}
+        self.best_step: int | None = t.get("best_step")
+        self.best_metric: float | None = t.get("best_metric")
+        self.bad_evals: int = t.get("bad_evals", 0)
+        self.stopped_at: int | None = t.get("stopped_at")
+
+    def due(self, step: int, steps: int) -> bool:
+        return step % self.every == 0 or step == steps
+
+    def tracking(self) -> dict:
+        """What a checkpoint's `extra` keeps of the tracking (JSON)."""
+        return {"metric": self.metric, "best_step": self.best_step, "best_metric": self.best_metric,
+                "bad_evals": self.bad_evals, "stopped_at": self.stopped_at}
+
+    def __call__(self, step: int, dev_state, data_pos, writer) -> bool:
+        """Evaluates the validation split at `step`, logs valid/model/*, saves the state when the metric
+        improved. Returns whether training stops here (the same answer on every process)."""
+        state = self.launcher.get_state(dev_state)
+        ev = final_eval(self.c, self.parts.model, self.parts.graphdef, state, self.ds, self.row_maps,
+                        split="valid", baselines=False)
+        value = None if ev is None else float(ev["model"][self.metric]) if self.metric else None
+        if ev is not None:
+            if writer is not None:
+                writer.write(step, {f"valid/model/{k}": v for k, v in ev["model"].items()})
+            log.info("validation at step %d over %d users: %s", step, ev["num_users"],
+                     ", ".join(f"{k} {v:.4f}" for k, v in ev["model"].items()))
+        if not self.metric:
+            return False
+        value = _from_primary(value)
+        improved = self.best_metric is None or value > self.best_metric + self.min_delta
+        if improved:
+            self.best_step, self.best_metric, self.bad_evals = step, value, 0
+            self.best_ckpt.wait()
+            stale = [s for s in self.best_ckpt.steps() if s >= step]   # from an attempt that was killed
+            for s in stale:
+                self.best_ckpt.manager.delete(s)
+            try:
+                self.best_ckpt.save(step, state, {"data": data_pos, "valid": {self.metric: value}}, force=True)
+            except NonFiniteState as e:
+                raise TrainingDiverged(str(e)) from None
+        else:
+            self.bad_evals += 1
+        log.info("early stopping: %s %.4f at step %d; best %.4f at step %d; %d of %d evaluations without "
+                 "improvement", self.metric, value, step, self.best_metric, self.best_step, self.bad_evals,
+                 self.patience)
+        if self.bad_evals >= self.patience:
+            self.stopped_at = step
+            log.info("early stopping at step %d: no improvement of %s for %d evaluations", step, self.metric,
+                     self.patience)
+            return True
+        return False
+
+    def restore_best(self, abstract_state):
+        """The best state, restored from `ckpt_best` into the launcher's layout (None when nothing was saved)."""
+        if self.best_step is None:
+            return None
+        self.best_ckpt.wait()
+
+        def accept(step: int, extra: dict) -> None:
+            if step != self.best_step:
+                raise CheckpointError(f"{self.best_ckpt.directory} holds step {step}, but the best validation "
+                                      f"{self.metric} was at step {self.best_step}")
+
+        step, state, _ = self.best_ckpt.restore_latest(abstract_state, accept)
+        log.info("restored the best state (step %d, %s %.4f) from %s", step, self.metric, self.best_metric,
+                 self.best_ckpt.directory)
+        return state
+
+    def summary(self, steps: int) -> dict:
+        """For `final_metrics.json`."""
+        return {"metric": self.metric, "best_step": self.best_step, "best_metric": self.best_metric,
+                "stopped_at": self.stopped_at, "planned_steps": steps, "patience": self.patience,
+                "min_delta": self.min_delta}
+
+
+def _from_primary(value):
+    """Process 0's value (the only one that evaluates) on every process."""
+    if jax.process_count() == 1:
+        return value
+    from jax.experimental import multihost_utils
+    return float(multihost_utils.broadcast_one_to_all(np.float64(value if value is not None else 0.0)))
 
 
 # ---------------------------------------------------------------- entry point
@@ -449,7 +584,9 @@ def run(cfg, run_dir: str | pathlib.Path) -> dict:
     if primary:
         run_dir.mkdir(parents=True, exist_ok=True)
     # Nothing but checkpoint directories is written before the resume is accepted.
-    dev_state, changes = restore_or_init(c, ckpt, parts, ds, batches, run_dir if primary else None, fingerprint)
+    restored_extra = {}
+    dev_state, changes = restore_or_init(c, ckpt, parts, ds, batches, run_dir if primary else None, fingerprint,
+                                         restored_extra)
     start = int(jax.device_get(dev_state["step"]))
     if primary:
         save_artifacts(run_dir, c, ds)
@@ -465,14 +602,31 @@ def run(cfg, run_dir: str | pathlib.Path) -> dict:
     # logged, as `drop_replayed_metrics` removed them from metrics.jsonl.
     writer = MetricWriter(run_dir, purge_step=start + 1) if primary else None
     last, timing = {}, {}
+    validation, best_ckpt = None, None
+    if c.eval.valid_every_steps is not None:
+        has_valid = ds.split_rows("valid").any() if hasattr(ds, "split_rows") else ds.valid is not None
+        if not has_valid:
+            raise config_lib.ConfigError("eval.valid_every_steps: the dataset has no validation rows; set "
+                                         "data.valid_fraction > 0")
+        if c.train.early_stopping.metric:
+            best_ckpt = Checkpointer(run_dir / "ckpt_best", every_steps=1, max_to_keep=1,
+                                     async_save=c.checkpoint.async_save)
+        validation = Validation(c, parts, ds, row_maps, launcher, best_ckpt, restored_extra.get("early_stopping"))
     try:
-        if start < steps:
+        if start < steps and (validation is None or validation.stopped_at is None):
             dev_state, last, timing = train_loop(c, launcher, dev_state, batches, ckpt, writer, start, steps,
-                                                 parts.step_cfg, row_maps, {"config": fingerprint})
+                                                 parts.step_cfg, row_maps, {"config": fingerprint}, validation)
+        if best_ckpt is not None:
+            best = validation.restore_best(create_state(c, parts, abstract=True))
+            dev_state = dev_state if best is None else best
     finally:
         ckpt.close()
+        if best_ckpt is not None:
+            best_ckpt.close()
     state = launcher.get_state(dev_state)
     result = {"steps": steps, "train": last, "timing": timing}
+    if best_ckpt is not None:
+        result["early_stopping"] = validation.summary(steps)
     if c.eval.at_end:
         t0 = time.perf_counter()
         ev = final_eval(c, parts.model, parts.graphdef, state, ds, row_maps)   # every process joins the gather
@@ -489,8 +643,10 @@ def run(cfg, run_dir: str | pathlib.Path) -> dict:
     return result
 
 
-def final_eval(c, model, graphdef, state, ds, row_maps: dict | None = None) -> dict | None:
-    """Held-out metrics of the trained towers and of most-popular (None on processes other than 0).
+def final_eval(c, model, graphdef, state, ds, row_maps: dict | None = None, *, split: str = "test",
+               baselines: bool = True) -> dict | None:
+    """Held-out metrics of the trained towers and of most-popular (without `baselines`, of the towers only) on
+    `split` ("test", or "valid" during training); None on processes other than 0.
 
     Hashed tables are first turned into per-id embeddings (`towers.id_tables.vocab_view`), so evaluation
     indexes every table by vocabulary row.
@@ -506,11 +662,11 @@ def final_eval(c, model, graphdef, state, ds, row_maps: dict | None = None) -> d
     # and host (numpy) tables would be copied to the device again for every batch.
     params, tables = jax.device_put((params, tables), jax.local_devices()[0])
     if hasattr(ds, "eval_subset"):   # a prepared dataset: read the evaluated users' records only
-        ds = ds.eval_subset("test", max_users=c.eval.max_users, seed=c.eval.seed)
-    users = heldout_users(ds, max_users=c.eval.max_users, seed=c.eval.seed)
+        ds = ds.eval_subset(split, max_users=c.eval.max_users, seed=c.eval.seed)
+    users = heldout_users(ds, split, max_users=c.eval.max_users, seed=c.eval.seed)
     user_emb, item_emb = model_embeddings(Towers(graphdef, params, tables, model), ds, users, c.data.history_len)
-    return evaluate(user_emb, item_emb, ds, users, list(c.eval.ks), user_block=c.eval.user_block,
-                    item_block=c.eval.item_block)
+    return evaluate(user_emb, item_emb, ds, users, list(c.eval.ks), split=split, user_block=c.eval.user_block,
+                    item_block=c.eval.item_block, baselines=baselines)
 
 
 def print_report(ev: dict, ks: list[int]) -> None:

@@ -1,0 +1,96 @@
+"""Early stopping on the validation split (`train.early_stopping`, `eval.valid_every_steps`): the run stops once
+the metric stops improving, the final (test) evaluation is of the best checkpoint's state, and a resume after a
+kill carries on with the best-so-far tracking."""
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from tests.helpers import smoke_cfg
+from train import loop
+from train.checkpoint import Checkpointer
+from train.config import ConfigError
+
+ES = ("data.valid_fraction=0.2", "train.total_steps=12", "eval.valid_every_steps=2",
+      "train.early_stopping.metric=recall@10")
+
+
+def _restore(directory, cfg):
+    """(step, single-copy state) of the newest checkpoint in `directory`, and the parts to evaluate it."""
+    ds = loop.load_data(cfg)
+    parts = loop.build_parts(cfg, ds, loop.total_steps(cfg, len(ds.train)), loop.select_devices(cfg))
+    ckpt = Checkpointer(directory, every_steps=1, max_to_keep=3, async_save=False)
+    step, state, _ = ckpt.restore_latest(loop.create_state(cfg, parts, abstract=True))
+    ckpt.close()
+    return step, state, parts, ds
+
+
+def _valid_lines(run_dir):
+    rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["valid/model/recall@10"] for r in rows if "valid/model/recall@10" in r}
+
+
+def test_stops_when_the_metric_stops_improving_and_evaluates_the_best_state(tmp_path):
+    # min_delta=1 (recall cannot rise by 1): the first evaluation is the best and no later one improves on it.
+    cfg = smoke_cfg(*ES, "train.early_stopping.patience=2", "train.early_stopping.min_delta=1.0")
+    result = loop.run(cfg, tmp_path)
+    es = result["early_stopping"]
+    assert (es["best_step"], es["stopped_at"], es["planned_steps"]) == (2, 6, 12)
+    valid = _valid_lines(tmp_path)
+    assert sorted(valid) == [2, 4, 6]                           # no evaluation (or step) after the stop
+    assert es["best_metric"] == pytest.approx(valid[2])
+    assert max(int(p.name) for p in (tmp_path / "ckpt").iterdir() if p.name.isdigit()) == 6
+    assert json.loads((tmp_path / "final_metrics.json").read_text())["early_stopping"] == es
+    # The final evaluation is of the best checkpoint's state, not of the last step's.
+    step, best, parts, ds = _restore(tmp_path / "ckpt_best", cfg)
+    assert step == 2
+    ev = loop.final_eval(cfg, parts.model, parts.graphdef, best, ds)
+    assert ev["model"] == result["eval"]["model"]
+    _, last, _, _ = _restore(tmp_path / "ckpt", cfg)
+    ev_last = loop.final_eval(cfg, parts.model, parts.graphdef, last, ds)
+    assert ev_last["model"] != result["eval"]["model"]
+    # The validation metric of the restored best state is the one recorded.
+    ev_valid = loop.final_eval(cfg, parts.model, parts.graphdef, best, ds, split="valid", baselines=False)
+    assert ev_valid["model"]["recall@10"] == pytest.approx(es["best_metric"])
+
+
+def test_resume_after_a_kill_keeps_the_best_so_far(tmp_path, monkeypatch):
+    cfg = smoke_cfg(*ES, "train.early_stopping.patience=1", "checkpoint.every_steps=4")
+    reference = loop.run(cfg, tmp_path / "ref")
+
+    original = loop.Validation.__call__
+
+    def killed_at_6(self, step, *args):
+        out = original(self, step, *args)
+        if step == 6:
+            raise KeyboardInterrupt("killed")
+        return out
+
+    monkeypatch.setattr(loop.Validation, "__call__", killed_at_6)
+    with pytest.raises(KeyboardInterrupt):
+        loop.run(cfg, tmp_path / "run")
+    monkeypatch.undo()
+    # Killed after step 6 improved the best (saved) and before step 6's periodic checkpoint: resume from step 4.
+    assert [p.name for p in (tmp_path / "run" / "ckpt_best").iterdir() if p.name.isdigit()] == ["6"]
+    assert max(int(p.name) for p in (tmp_path / "run" / "ckpt").iterdir() if p.name.isdigit()) == 4
+    resumed = loop.run(cfg, tmp_path / "run")
+    assert resumed["early_stopping"] == reference["early_stopping"]
+    assert reference["early_stopping"]["stopped_at"] < 12
+    assert resumed["eval"]["model"] == reference["eval"]["model"]
+    assert _valid_lines(tmp_path / "run") == _valid_lines(tmp_path / "ref")
+    # A second run of a stopped run trains nothing and evaluates the same best state.
+    again = loop.run(cfg, tmp_path / "run")
+    assert again["early_stopping"] == reference["early_stopping"] and again["train"] == {}
+    assert again["eval"]["model"] == reference["eval"]["model"]
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (("train.early_stopping.metric=recall@10", "eval.valid_every_steps=2"), "data.valid_fraction"),
+    (("train.early_stopping.metric=recall@10", "data.valid_fraction=0.2"), "eval.valid_every_steps"),
+    (("train.early_stopping.metric=recall@7", "data.valid_fraction=0.2", "eval.valid_every_steps=2"), "eval.ks"),
+    (("eval.valid_every_steps=2",), "data.valid_fraction"),
+])
+def test_config_errors_name_the_missing_piece(overrides, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        smoke_cfg(*overrides)
