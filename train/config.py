@@ -82,6 +82,11 @@ class SparseOptimizerConfig:
     end_factor: float = _help(0.0, "cosine: the final rate as a fraction of learning_rate", ge=0, le=1)
     step_every: int = _help(1000, "step: steps between two decays (counted after the warm-up)", gt=0)
     step_factor: float = _help(0.5, "step: the rate is multiplied by this at every decay", gt=0, le=1)
+    plateau_factor: float = _help(1.0, "reduce on plateau: multiply the rate (on top of the schedule) by this after "
+                                       "plateau_patience validation evaluations of train.early_stopping.metric "
+                                       "without improvement; 1 = off", gt=0, le=1)
+    plateau_patience: int = _help(1, "reduce on plateau: evaluations without improvement (since the last "
+                                     "improvement or reduction) before the rate is reduced", ge=1)
 
 
 @dataclass
@@ -249,6 +254,10 @@ def _check_validation(c: Config) -> None:
                                                                   "data.valid_fraction=0 leaves empty; set "
                                                                   "data.valid_fraction > 0 (e.g. 0.1)")
     if es.metric is None:
+        if c.optimizer.sparse.plateau_factor != 1.0:
+            _fail("optimizer.sparse.plateau_factor", c.optimizer.sparse.plateau_factor, "is driven by the "
+                                                                                      "validation metric; set "
+                                                                                      "train.early_stopping.metric")
         return
     name, _, k = es.metric.partition("@")
     if name not in ("recall", "ndcg") or not k.isdigit() or int(k) not in c.eval.ks:

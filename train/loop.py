@@ -120,6 +120,10 @@ def total_steps(c: config_lib.Config, num_train: int) -> int:
     return max(1, math.ceil(c.train.num_epochs * num_train / c.train.global_batch_size))
 
 
+def _scaled(schedule, scale: float, step):
+    return scale * schedule(step)
+
+
 @dataclasses.dataclass
 class Parts:
     """What training needs besides the state; built before the state exists, so a resumed run restores
@@ -133,8 +137,11 @@ class Parts:
     sizes: dict[str, int]
 
 
-def build_parts(c: config_lib.Config, ds, steps: int, devices: list, table_rows: int | None = None) -> Parts:
+def build_parts(c: config_lib.Config, ds, steps: int, devices: list, table_rows: int | None = None, *,
+                sparse_lr_scale: float = 1.0) -> Parts:
     """Model, optimizers and launcher on a (data, model) mesh from `mesh.*`.
+
+    `sparse_lr_scale` multiplies the ID tables' learning rate (reduce on plateau; 1 leaves it as configured).
 
     `table_rows` (benchmarks only) gives every ID table at least that many rows, beyond the vocabulary.
     """
@@ -146,6 +153,9 @@ def build_parts(c: config_lib.Config, ds, steps: int, devices: list, table_rows:
     if table_rows:
         sizes = {name: padded_rows(max(rows, table_rows), model_axis) for name, rows in sizes.items()}
     sparse_lr = sparse_learning_rate(c.optimizer.sparse, steps)
+    if sparse_lr_scale != 1.0:
+        sparse_lr = (sparse_lr * sparse_lr_scale if not callable(sparse_lr) else
+                     functools.partial(_scaled, sparse_lr, sparse_lr_scale))
     sparse_opts = {name: FrozenTable() if getattr(c.model, TABLE_TOWERS[name]).table.freeze else
                    make_sparse_optimizer(c.optimizer.sparse.name, learning_rate=sparse_lr)
                    for name in sizes}
@@ -427,6 +437,7 @@ def train_loop(c, launcher, dev_state, batches, ckpt, writer, start: int, steps:
             if validation is not None and validation.due(step, steps):
                 with clock.validating(dev_state):
                     stop = validation(step, dev_state, data_pos, writer)
+                launcher = validation.launcher   # a new one after a reduce-on-plateau
             if step % c.train.log_every_steps == 0 or step == steps or stop:
                 window = jax.device_get(window)   # waits for the window's steps: only now is the clock read
                 steps_timed, seconds, saving = clock.lap()
@@ -463,14 +474,18 @@ class Validation:
     The best state is saved by a `Checkpointer` of its own, `<run_dir>/ckpt_best` (one checkpoint kept, verified
     on restore like the periodic ones), rather than through Orbax's metric-ranked retention (`best_fn`) in
     `ckpt/`: there `max_to_keep` would then rank the periodic checkpoints a resume needs by a metric most of them
-    lack. The tracking (best step and metric, evaluations without improvement, the step training stopped at)
-    goes into every periodic checkpoint's `extra`, so a resumed run carries on with the best-so-far it had; a
-    best checkpoint newer than the resumed step (saved by the attempt that was killed) is replaced when the
-    replayed steps reach it again.
+    lack. The tracking (best step and metric, evaluations without improvement, the step training stopped at,
+    the reduce-on-plateau scale) goes into every periodic checkpoint's `extra`, so a resumed run carries on with
+    the best-so-far it had; a best checkpoint newer than the resumed step (saved by the attempt that was killed)
+    is replaced when the replayed steps reach it again.
+
+    Reduce on plateau (`optimizer.sparse.plateau_factor` < 1) multiplies the ID tables' rate by the factor after
+    `plateau_patience` evaluations without improvement. The scale is a host value: `rebuild(scale)` makes the
+    parts (and launcher: one compilation per reduction) whose step applies it, and `launcher` is the one to use.
     """
 
     def __init__(self, c: config_lib.Config, parts: Parts, ds, row_maps: dict | None, launcher,
-                 best_ckpt: Checkpointer | None, tracking: dict | None = None):
+                 best_ckpt: Checkpointer | None, tracking: dict | None = None, rebuild=None):
         self.c, self.parts, self.ds, self.row_maps, self.launcher = c, parts, ds, row_maps, launcher
         self.every = c.eval.valid_every_steps
         es = c.train.early_stopping
@@ -481,14 +496,22 @@ class Validation:
         self.best_metric: float | None = t.get("best_metric")
         self.bad_evals: int = t.get("bad_evals", 0)
         self.stopped_at: int | None = t.get("stopped_at")
+        self.plateau_factor = c.optimizer.sparse.plateau_factor
+        self.plateau_patience = c.optimizer.sparse.plateau_patience
+        self.lr_scale: float = t.get("lr_scale", 1.0)
+        self.plateau_count: int = t.get("plateau_count", 0)
+        self.rebuild = rebuild
 
     def due(self, step: int, steps: int) -> bool:
         return step % self.every == 0 or step == steps
 
     def tracking(self) -> dict:
         """What a checkpoint's `extra` keeps of the tracking (JSON)."""
-        return {"metric": self.metric, "best_step": self.best_step, "best_metric": self.best_metric,
-                "bad_evals": self.bad_evals, "stopped_at": self.stopped_at}
+        out = {"metric": self.metric, "best_step": self.best_step, "best_metric": self.best_metric,
+               "bad_evals": self.bad_evals, "stopped_at": self.stopped_at}
+        if self.plateau_factor != 1.0:
+            out.update(lr_scale=self.lr_scale, plateau_count=self.plateau_count)
+        return out
 
     def __call__(self, step: int, dev_state, data_pos, writer) -> bool:
         """Evaluates the validation split at `step`, logs valid/model/*, saves the state when the metric
@@ -507,7 +530,7 @@ class Validation:
         value = _from_primary(value)
         improved = self.best_metric is None or value > self.best_metric + self.min_delta
         if improved:
-            self.best_step, self.best_metric, self.bad_evals = step, value, 0
+            self.best_step, self.best_metric, self.bad_evals, self.plateau_count = step, value, 0, 0
             self.best_ckpt.wait()
             stale = [s for s in self.best_ckpt.steps() if s >= step]   # from an attempt that was killed
             for s in stale:
@@ -518,9 +541,19 @@ class Validation:
                 raise TrainingDiverged(str(e)) from None
         else:
             self.bad_evals += 1
+            self.plateau_count += 1
         log.info("early stopping: %s %.4f at step %d; best %.4f at step %d; %d of %d evaluations without "
                  "improvement", self.metric, value, step, self.best_metric, self.best_step, self.bad_evals,
                  self.patience)
+        if self.bad_evals < self.patience and self.plateau_factor != 1.0 and \
+                self.plateau_count >= self.plateau_patience:
+            self.lr_scale *= self.plateau_factor
+            self.plateau_count = 0
+            log.info("reduce on plateau at step %d: ID-table learning rate scaled by %.4g", step, self.lr_scale)
+            local = self.launcher.process_local_batches
+            self.parts = self.rebuild(self.lr_scale)
+            self.launcher = self.parts.launcher
+            self.launcher.process_local_batches = local
         if self.bad_evals >= self.patience:
             self.stopped_at = step
             log.info("early stopping at step %d: no improvement of %s for %d evaluations", step, self.metric,
@@ -546,9 +579,12 @@ class Validation:
 
     def summary(self, steps: int) -> dict:
         """For `final_metrics.json`."""
-        return {"metric": self.metric, "best_step": self.best_step, "best_metric": self.best_metric,
-                "stopped_at": self.stopped_at, "planned_steps": steps, "patience": self.patience,
-                "min_delta": self.min_delta}
+        out = {"metric": self.metric, "best_step": self.best_step, "best_metric": self.best_metric,
+               "stopped_at": self.stopped_at, "planned_steps": steps, "patience": self.patience,
+               "min_delta": self.min_delta}
+        if self.plateau_factor != 1.0:
+            out["sparse_lr_scale"] = self.lr_scale
+        return out
 
 
 def _from_primary(value):
@@ -611,7 +647,12 @@ def run(cfg, run_dir: str | pathlib.Path) -> dict:
         if c.train.early_stopping.metric:
             best_ckpt = Checkpointer(run_dir / "ckpt_best", every_steps=1, max_to_keep=1,
                                      async_save=c.checkpoint.async_save)
-        validation = Validation(c, parts, ds, row_maps, launcher, best_ckpt, restored_extra.get("early_stopping"))
+        tracking = restored_extra.get("early_stopping") or {}
+        if tracking.get("lr_scale", 1.0) != 1.0:   # a resumed run whose rate was reduced on plateau
+            parts = build_parts(c, ds, steps, devices, sparse_lr_scale=tracking["lr_scale"])
+            launcher = parts.launcher
+        validation = Validation(c, parts, ds, row_maps, launcher, best_ckpt, tracking,
+                                rebuild=lambda scale: build_parts(c, ds, steps, devices, sparse_lr_scale=scale))
     try:
         if start < steps and (validation is None or validation.stopped_at is None):
             dev_state, last, timing = train_loop(c, launcher, dev_state, batches, ckpt, writer, start, steps,

@@ -94,3 +94,54 @@ def test_resume_after_a_kill_keeps_the_best_so_far(tmp_path, monkeypatch):
 def test_config_errors_name_the_missing_piece(overrides, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         smoke_cfg(*overrides)
+
+
+PLATEAU = (*ES, "train.early_stopping.patience=4", "train.early_stopping.min_delta=1.0",
+           "optimizer.sparse.plateau_patience=1", "checkpoint.every_steps=4")
+
+
+def test_reduce_on_plateau_scales_the_sparse_rate_and_survives_a_resume(tmp_path, monkeypatch):
+    # Every evaluation after the first is without improvement: the rate halves at steps 4, 6 and 8, and the run
+    # stops at step 10 (the 4th evaluation without improvement).
+    cfg = smoke_cfg(*PLATEAU, "optimizer.sparse.plateau_factor=0.5")
+    reference = loop.run(cfg, tmp_path / "ref")
+    es = reference["early_stopping"]
+    assert (es["best_step"], es["stopped_at"], es["sparse_lr_scale"]) == (2, 10, 0.125)
+    plain = loop.run(smoke_cfg(*PLATEAU), tmp_path / "plain")
+    assert "sparse_lr_scale" not in plain["early_stopping"]
+    with_plateau, without = _valid_lines(tmp_path / "ref"), _valid_lines(tmp_path / "plain")
+    assert [with_plateau[s] for s in (2, 4)] == [without[s] for s in (2, 4)]   # identical until the reduction
+    assert with_plateau[6] != without[6]
+
+    # The reduced rate is the configured one times the scale, for a float rate and for a schedule.
+    ds = loop.load_data(cfg)
+    parts = loop.build_parts(cfg, ds, 12, loop.select_devices(cfg), sparse_lr_scale=0.25)
+    assert parts.sparse_opts["item"].learning_rate == pytest.approx(0.25 * cfg.optimizer.sparse.learning_rate)
+    cos = smoke_cfg(*PLATEAU, "optimizer.sparse.plateau_factor=0.5", "optimizer.sparse.schedule=cosine")
+    lr = loop.build_parts(cos, ds, 12, loop.select_devices(cos), sparse_lr_scale=0.25).sparse_opts["item"].learning_rate
+    from train.state import sparse_learning_rate
+    base = sparse_learning_rate(cos.optimizer.sparse, 12)
+    assert [float(lr(s)) for s in (0, 5, 11)] == pytest.approx([0.25 * float(base(s)) for s in (0, 5, 11)])
+
+    # Killed at step 6 (after the reductions at 4 and 6): the resume from step 4 keeps the scale 0.5 it had there.
+    original = loop.Validation.__call__
+
+    def killed_at_6(self, step, *args):
+        out = original(self, step, *args)
+        if step == 6:
+            raise KeyboardInterrupt("killed")
+        return out
+
+    monkeypatch.setattr(loop.Validation, "__call__", killed_at_6)
+    with pytest.raises(KeyboardInterrupt):
+        loop.run(cfg, tmp_path / "run")
+    monkeypatch.undo()
+    resumed = loop.run(cfg, tmp_path / "run")
+    assert resumed["early_stopping"] == es
+    assert _valid_lines(tmp_path / "run") == with_plateau
+    assert resumed["eval"]["model"] == reference["eval"]["model"]
+
+
+def test_plateau_needs_the_validation_metric():
+    with pytest.raises(ConfigError, match=r"optimizer\.sparse\.plateau_factor"):
+        smoke_cfg("optimizer.sparse.plateau_factor=0.5")
