@@ -249,7 +249,9 @@ def _check_tables(c: Config) -> None:
 
 def _check_validation(c: Config) -> None:
     es = c.train.early_stopping
-    if c.eval.valid_every_steps is not None and c.data.valid_fraction == 0:
+    # A prepared dataset's split is the one it was prepared with; `run` checks that it has validation rows.
+    no_valid = c.data.valid_fraction == 0 and c.data.source != "prepared"
+    if c.eval.valid_every_steps is not None and no_valid:
         _fail("eval.valid_every_steps", c.eval.valid_every_steps, "evaluates on the validation split, which "
                                                                   "data.valid_fraction=0 leaves empty; set "
                                                                   "data.valid_fraction > 0 (e.g. 0.1)")
@@ -263,7 +265,7 @@ def _check_validation(c: Config) -> None:
     if name not in ("recall", "ndcg") or not k.isdigit() or int(k) not in c.eval.ks:
         _fail("train.early_stopping.metric", es.metric, f"must be recall@K or ndcg@K with K in eval.ks "
                                                         f"{list(c.eval.ks)}")
-    if c.data.valid_fraction == 0:
+    if no_valid:
         _fail("train.early_stopping.metric", es.metric, "is measured on the validation split, which "
                                                         "data.valid_fraction=0 leaves empty; set "
                                                         "data.valid_fraction > 0 (e.g. 0.1)")

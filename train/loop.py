@@ -642,8 +642,9 @@ def run(cfg, run_dir: str | pathlib.Path) -> dict:
     if c.eval.valid_every_steps is not None:
         has_valid = ds.split_rows("valid").any() if hasattr(ds, "split_rows") else ds.valid is not None
         if not has_valid:
-            raise config_lib.ConfigError("eval.valid_every_steps: the dataset has no validation rows; set "
-                                         "data.valid_fraction > 0")
+            raise config_lib.ConfigError(f"eval.valid_every_steps={c.eval.valid_every_steps}: the dataset has no "
+                                         "validation rows; set data.valid_fraction > 0 (a prepared dataset: "
+                                         "prepare it with one)")
         if c.train.early_stopping.metric:
             best_ckpt = Checkpointer(run_dir / "ckpt_best", every_steps=1, max_to_keep=1,
                                      async_save=c.checkpoint.async_save)

@@ -96,22 +96,22 @@ def test_config_errors_name_the_missing_piece(overrides, key):
         smoke_cfg(*overrides)
 
 
-PLATEAU = (*ES, "train.early_stopping.patience=4", "train.early_stopping.min_delta=1.0",
-           "optimizer.sparse.plateau_patience=1", "checkpoint.every_steps=4")
+PLATEAU = (*ES, "train.early_stopping.patience=3", "train.early_stopping.min_delta=1.0",
+           "optimizer.sparse.plateau_patience=2", "checkpoint.every_steps=2")
 
 
 def test_reduce_on_plateau_scales_the_sparse_rate_and_survives_a_resume(tmp_path, monkeypatch):
-    # Every evaluation after the first is without improvement: the rate halves at steps 4, 6 and 8, and the run
-    # stops at step 10 (the 4th evaluation without improvement).
+    # Every evaluation after the first is without improvement: the rate halves at step 6 (the 2nd evaluation
+    # without improvement), and the run stops at step 8 (the 3rd).
     cfg = smoke_cfg(*PLATEAU, "optimizer.sparse.plateau_factor=0.5")
     reference = loop.run(cfg, tmp_path / "ref")
     es = reference["early_stopping"]
-    assert (es["best_step"], es["stopped_at"], es["sparse_lr_scale"]) == (2, 10, 0.125)
+    assert (es["best_step"], es["stopped_at"], es["sparse_lr_scale"]) == (2, 8, 0.5)
     plain = loop.run(smoke_cfg(*PLATEAU), tmp_path / "plain")
     assert "sparse_lr_scale" not in plain["early_stopping"]
     with_plateau, without = _valid_lines(tmp_path / "ref"), _valid_lines(tmp_path / "plain")
-    assert [with_plateau[s] for s in (2, 4)] == [without[s] for s in (2, 4)]   # identical until the reduction
-    assert with_plateau[6] != without[6]
+    assert [with_plateau[s] for s in (2, 4, 6)] == [without[s] for s in (2, 4, 6)]   # same until the reduction
+    assert with_plateau[8] != without[8]
 
     # The reduced rate is the configured one times the scale, for a float rate and for a schedule.
     ds = loop.load_data(cfg)
@@ -123,19 +123,20 @@ def test_reduce_on_plateau_scales_the_sparse_rate_and_survives_a_resume(tmp_path
     base = sparse_learning_rate(cos.optimizer.sparse, 12)
     assert [float(lr(s)) for s in (0, 5, 11)] == pytest.approx([0.25 * float(base(s)) for s in (0, 5, 11)])
 
-    # Killed at step 6 (after the reductions at 4 and 6): the resume from step 4 keeps the scale 0.5 it had there.
+    # Killed at step 8 (after its validation): the resume from step 6 keeps the scale 0.5 reduced there.
     original = loop.Validation.__call__
 
-    def killed_at_6(self, step, *args):
+    def killed_at_8(self, step, *args):
         out = original(self, step, *args)
-        if step == 6:
+        if step == 8:
             raise KeyboardInterrupt("killed")
         return out
 
-    monkeypatch.setattr(loop.Validation, "__call__", killed_at_6)
+    monkeypatch.setattr(loop.Validation, "__call__", killed_at_8)
     with pytest.raises(KeyboardInterrupt):
         loop.run(cfg, tmp_path / "run")
     monkeypatch.undo()
+    assert max(int(p.name) for p in (tmp_path / "run" / "ckpt").iterdir() if p.name.isdigit()) == 6
     resumed = loop.run(cfg, tmp_path / "run")
     assert resumed["early_stopping"] == es
     assert _valid_lines(tmp_path / "run") == with_plateau
@@ -145,3 +146,17 @@ def test_reduce_on_plateau_scales_the_sparse_rate_and_survives_a_resume(tmp_path
 def test_plateau_needs_the_validation_metric():
     with pytest.raises(ConfigError, match=r"optimizer\.sparse\.plateau_factor"):
         smoke_cfg("optimizer.sparse.plateau_factor=0.5")
+
+
+def test_prepared_dataset_validates_like_the_in_memory_one(tmp_path):
+    from data.load import load
+    from data.prepared.write import write_dataset
+    es = ("train.total_steps=6", "eval.valid_every_steps=2", "train.early_stopping.metric=recall@10",
+          "train.early_stopping.patience=2", "train.early_stopping.min_delta=1.0")
+    mem_cfg = smoke_cfg("data.valid_fraction=0.2", *es)
+    write_dataset(load(mem_cfg.data), tmp_path / "prepared", num_shards=3, config={})
+    disk_cfg = smoke_cfg("data=prepared", "data.source=prepared", f"data.path={tmp_path / 'prepared'}", *es)
+    mem, disk = loop.run(mem_cfg, tmp_path / "mem"), loop.run(disk_cfg, tmp_path / "disk")
+    assert disk["early_stopping"] == mem["early_stopping"] and mem["early_stopping"]["best_step"] == 2
+    assert _valid_lines(tmp_path / "disk") == _valid_lines(tmp_path / "mem")
+    assert disk["eval"]["model"] == pytest.approx(mem["eval"]["model"])
