@@ -519,12 +519,12 @@ class Validation:
         state = self.launcher.get_state(dev_state)
         ev = final_eval(self.c, self.parts.model, self.parts.graphdef, state, self.ds, self.row_maps,
                         split="valid", baselines=False)
-        value = None if ev is None else float(ev["model"][self.metric]) if self.metric else None
+        value = float(ev["model"][self.metric]) if ev is not None and self.metric else None
         if ev is not None:
             if writer is not None:
                 writer.write(step, {f"valid/model/{k}": v for k, v in ev["model"].items()})
             log.info("validation at step %d over %d users: %s", step, ev["num_users"],
-                     ", ".join(f"{k} {v:.4f}" for k, v in ev["model"].items()))
+                     ", ".join(f"{k} {v:.4f}" for k, v in ev["model"].items() if "@" in k))
         if not self.metric:
             return False
         value = _from_primary(value)
