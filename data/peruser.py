@@ -32,8 +32,16 @@ from data.errors import DataError
 from data.split import tie_keys
 
 def _order(user, ts, key) -> np.ndarray:
-    """int64 order of the rows by (user, ts, key); `key` breaks ties (distinct per row)."""
-    return np.lexsort((key, ts, user)).astype(np.int64)
+    """int64 order of the rows by (user, ts, key); `key` breaks ties (distinct per row).
+
+    Rows already in (user, time) order without ties (generated logs) need no sort; otherwise a sort by `key`
+    then a stable sort by one packed (user, ts) key, about twice as fast as a three-key `np.lexsort`."""
+    if splitlib._sorted_without_ties(user, ts):
+        return np.arange(user.shape[0], dtype=np.int64)
+    pre = None if np.all(key[1:] > key[:-1]) else np.argsort(key)      # keys are distinct: any sort will do
+    if pre is None:
+        return splitlib._stable_order(user, ts).astype(np.int64)
+    return pre[splitlib._stable_order(user[pre], ts[pre])].astype(np.int64)
 
 
 @dataclass
