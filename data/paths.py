@@ -1,6 +1,7 @@
-"""Finding input files: paths as given, or relative to $TWOTOWER_DATA_DIR."""
+"""Finding input files (paths as given, or relative to $TWOTOWER_DATA_DIR) and checking their contents (sha256)."""
 from __future__ import annotations
 
+import hashlib
 import os
 import pathlib
 
@@ -35,3 +36,12 @@ def int_field(path, lineno: int, value: str, name: str, line: str) -> int:
         return int(value)
     except ValueError:
         raise line_error(path, lineno, f"{name} {value!r} is not an integer", line) from None
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    """Hex sha256 of a file, read in chunks (shards and embeddings of large corpora are hundreds of MB)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()

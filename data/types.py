@@ -31,6 +31,12 @@ def sub_csr(indptr: np.ndarray, items: np.ndarray, rows: np.ndarray) -> tuple[np
 PAD = -1  # id meaning "no item" in ranked lists
 
 
+def log_prob(counts: np.ndarray, total: int) -> np.ndarray:
+    """float32 log(count / total) per item, counts floored at 1 so unseen items stay finite (the log q of the
+    in-batch sampler, for `Dataset` and prepared datasets alike)."""
+    return np.log(np.maximum(counts, 1).astype(np.float64) / max(total, 1)).astype(np.float32)
+
+
 def check_csr(indptr, indices, num_cols: int | None, name: str) -> tuple[np.ndarray, np.ndarray]:
     """Validates a CSR matrix; returns (indptr as int64, indices)."""
     indptr = np.asarray(indptr)
@@ -295,8 +301,7 @@ class Dataset:
     def item_log_prob(self) -> np.ndarray:
         """float32 [num_items]: log(count / N_train), counts floored at 1 so unseen items stay finite."""
         if "item_log_prob" not in self._cache:
-            counts = np.maximum(self.item_counts(), 1).astype(np.float64)
-            self._cache["item_log_prob"] = np.log(counts / max(len(self.train), 1)).astype(np.float32)
+            self._cache["item_log_prob"] = log_prob(self.item_counts(), len(self.train))
         return self._cache["item_log_prob"]
 
     def split_csr(self, split: str) -> tuple[np.ndarray, np.ndarray]:

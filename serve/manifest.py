@@ -36,6 +36,7 @@ import uuid
 
 import numpy as np
 
+from data.paths import sha256_file
 from serve.index import TopK
 from serve.indexes import index_class
 
@@ -55,15 +56,6 @@ class IndexLoadError(RuntimeError):
 
 class ModelVersionError(IndexLoadError):
     """An index directory holds embeddings of another model version than the one asked for."""
-
-
-def sha256_file(path: pathlib.Path, chunk: int = 1 << 22) -> str:
-    """Hex sha256 of a file, read in chunks (embeddings of large corpora are hundreds of MB)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _files_of(directory: pathlib.Path) -> list[str]:

@@ -26,3 +26,27 @@ def shared_data() -> pathlib.Path:
     if path is None or not path.is_dir():
         pytest.skip("TWOTOWER_DATA_DIR is not set to the public datasets directory")
     return path
+
+
+@pytest.fixture
+def reads(monkeypatch):
+    """Records every `PreparedData.load_users` call (users asked for) and every record read (users per read)."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from data.prepared.read import PreparedData
+    seen = SimpleNamespace(load_users=[], records=[])
+    load_users, records = PreparedData.load_users, PreparedData.records
+
+    def counted_load_users(self, users=None):
+        seen.load_users.append(self.num_users if users is None else len(np.unique(users)))
+        return load_users(self, users)
+
+    def counted_records(self, users):
+        seen.records.append(len(users))
+        return records(self, users)
+
+    monkeypatch.setattr(PreparedData, "load_users", counted_load_users)
+    monkeypatch.setattr(PreparedData, "records", counted_records)
+    return seen

@@ -314,28 +314,25 @@ class WindowClock:
         return steps, seconds, saving
 
     @contextlib.contextmanager
+    def _apart(self, state, window: str, total: str):
+        """Times a block apart from the steps: the steps it would wait for are finished first, and its seconds go
+        to the window's `window` counter and the run's `total`."""
+        jax.block_until_ready(state)
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            seconds = time.perf_counter() - t0
+            setattr(self, window, getattr(self, window) + seconds)
+            setattr(self, total, getattr(self, total) + seconds)
+
     def validating(self, state):
         """Times a validation evaluation apart from the steps (and from the checkpoint saves)."""
-        jax.block_until_ready(state)
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            seconds = time.perf_counter() - t0
-            self.paused += seconds
-            self.validation_seconds += seconds
+        return self._apart(state, "paused", "validation_seconds")
 
-    @contextlib.contextmanager
     def saving_checkpoint(self, state):
-        """Times a checkpoint save apart from the steps: the steps it would wait for are finished first."""
-        jax.block_until_ready(state)
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            seconds = time.perf_counter() - t0
-            self.saving += seconds
-            self.checkpoint_seconds += seconds
+        """Times a checkpoint save apart from the steps."""
+        return self._apart(state, "saving", "checkpoint_seconds")
 
     def totals(self) -> dict[str, float]:
         """For `final_metrics.json`: the first step, the whole loop (saves included) and the saves."""

@@ -21,7 +21,6 @@ interactions.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pathlib
@@ -29,6 +28,7 @@ import pathlib
 import numpy as np
 
 from data.errors import DataError
+from data.paths import sha256_file
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -60,14 +60,6 @@ def decode_user(record: bytes) -> tuple[int, dict[str, np.ndarray], dict[str, np
     starts = ends - head[1:]
     return (int(head[0]), {s: items[a:b] for s, a, b in zip(SPLITS, starts, ends)},
             {s: ts[a:b] for s, a, b in zip(SPLITS, starts, ends)})
-
-
-def sha256_file(path: os.PathLike, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def save_npy(path: pathlib.Path, array: np.ndarray) -> None:

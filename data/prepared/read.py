@@ -17,7 +17,7 @@ from array_record.python import array_record_module as arm
 
 from data.errors import DataError
 from data.prepared import format as fmt
-from data.types import Dataset, FeatureSpec, Interactions, Vocab
+from data.types import Dataset, FeatureSpec, Interactions, Vocab, log_prob
 
 
 class _Rows:
@@ -81,8 +81,7 @@ class PreparedData:
 
     def item_log_prob(self) -> np.ndarray:
         """float32 [num_items]: log(count / N_train), as `Dataset.item_log_prob`."""
-        counts = np.maximum(self._item_counts, 1).astype(np.float64)
-        return np.log(counts / max(len(self.train), 1)).astype(np.float32)
+        return log_prob(self._item_counts, len(self.train))
 
     # --- records ----------------------------------------------------------------------------------------------
     def _reader(self, k: int) -> arm.ArrayRecordReader:

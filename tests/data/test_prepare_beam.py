@@ -17,6 +17,7 @@ from data.config import resolve_config  # noqa: E402
 from data.prepared.beam import prepare_beam  # noqa: E402
 from data.prepared.local import prepare_parquet  # noqa: E402
 from data.prepared.read import PreparedData  # noqa: E402
+from tests.data.test_prepared import _same_dataset  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -35,19 +36,6 @@ def _log(tmp_path, files=3, rows=1500, seed=0, strings=False):
                           "timestamp": rng.integers(0, 15, rows) * 1000, "rating": rng.integers(1, 6, rows)})
         pq.write_table(table, d / f"part-{k}.parquet", row_group_size=400)
     return d
-
-
-def _same_dataset(a, b):
-    for split in ("train", "valid", "test"):
-        x, y = getattr(a, split), getattr(b, split)
-        assert (x is None) == (y is None), split
-        if x is None:
-            continue
-        for col in ("user", "item", "timestamp"):
-            np.testing.assert_array_equal(getattr(x, col), getattr(y, col), err_msg=f"{split}.{col}")
-    np.testing.assert_array_equal(a.user_vocab.raw_ids, b.user_vocab.raw_ids)
-    np.testing.assert_array_equal(a.item_vocab.raw_ids, b.item_vocab.raw_ids)
-    np.testing.assert_array_equal(a.item_counts(), b.item_counts())
 
 
 FILTERS = {"drop_duplicates": True, "min_user_interactions": 12, "valid_fraction": 0.1, "min_rating": 2,

@@ -6,7 +6,6 @@ import subprocess
 import sys
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 
 from data import load
@@ -32,25 +31,6 @@ def runs(tmp_path_factory):
     train(mem_cfg, root / "mem")
     train(disk_cfg, root / "disk")
     return SimpleNamespace(root=root, mem=root / "mem", disk=root / "disk", prepared=root / "prepared")
-
-
-@pytest.fixture
-def reads(monkeypatch):
-    """Records every `PreparedData.load_users` call (users asked for) and every record read (users per read)."""
-    seen = SimpleNamespace(load_users=[], records=[])
-    load_users, records = PreparedData.load_users, PreparedData.records
-
-    def counted_load_users(self, users=None):
-        seen.load_users.append(self.num_users if users is None else len(np.unique(users)))
-        return load_users(self, users)
-
-    def counted_records(self, users):
-        seen.records.append(len(users))
-        return records(self, users)
-
-    monkeypatch.setattr(PreparedData, "load_users", counted_load_users)
-    monkeypatch.setattr(PreparedData, "records", counted_records)
-    return seen
 
 
 def _config(run_dir, out_dir, **changes) -> EvaluateConfig:

@@ -5,13 +5,11 @@ import subprocess
 import sys
 from types import SimpleNamespace
 
-import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
 import serve.candidates as candidates
 from data import load
-from data.prepared.read import PreparedData
 from data.prepared.write import write_dataset
 from tests.helpers import REPO, smoke_cfg
 from train.loop import run as train
@@ -34,25 +32,6 @@ def runs(tmp_path_factory):
         export(export_validate({"run_dir": str(root / name), "num_queries": 20}))
     return SimpleNamespace(root=root, mem=root / "mem", disk=root / "disk", prepared=root / "prepared",
                            ds=load(mem_cfg.data))
-
-
-@pytest.fixture
-def reads(monkeypatch):
-    """Users asked of every `PreparedData.load_users` call and of every record read."""
-    seen = SimpleNamespace(load_users=[], records=[])
-    load_users, records = PreparedData.load_users, PreparedData.records
-
-    def counted_load_users(self, users=None):
-        seen.load_users.append(self.num_users if users is None else len(np.unique(users)))
-        return load_users(self, users)
-
-    def counted_records(self, users):
-        seen.records.append(len(users))
-        return records(self, users)
-
-    monkeypatch.setattr(PreparedData, "load_users", counted_load_users)
-    monkeypatch.setattr(PreparedData, "records", counted_records)
-    return seen
 
 
 def generate(run_dir, out, **overrides) -> dict:
