@@ -24,7 +24,7 @@ import scipy.sparse
 from data.config import HISTORY_MODES
 from data.errors import DataError
 from data.shuffle import permute
-from data.types import Dataset, sub_csr
+from data.types import CONDITION, Dataset, sub_csr
 
 # Sample mode: users with at most this many times H other items are sampled exactly without replacement
 # (random keys over all their items); heavier users draw 2H with replacement and keep the distinct ones.
@@ -186,6 +186,8 @@ class Batches:
       item_history_len: HI, audience slots per item (0 = none; see module docstring; in-memory datasets only).
       negatives_per_row: M_r, items drawn uniformly (from the same pool) for each example on its own
         (0 = none); drawn after everything else, so the other arrays are the same with or without them.
+      condition: a conditional user tower's item feature (`model.user.condition`): each batch's user_feat also
+        holds `data.types.CONDITION`, int32 [B_p] the positive's value of it (one drawn value for multihot).
       process_index, process_count: this process's part of each global batch: rows
         [p * B / P, (p + 1) * B / P). Everything random is drawn for the whole global batch in every process, so
         the global batches are the same whatever P is; only the user records read differ.
@@ -206,7 +208,8 @@ class Batches:
 
     def __init__(self, ds, *, batch_size: int, num_negatives: int, history_len: int,
                  history_mode: str = "causal", seed: int = 0, item_history_len: int = 0,
-                 negatives_per_row: int = 0, process_index: int = 0, process_count: int = 1):
+                 negatives_per_row: int = 0, process_index: int = 0, process_count: int = 1,
+                 condition: str | None = None):
         if (batch_size < 1 or num_negatives < 0 or history_len < 0 or item_history_len < 0
                 or negatives_per_row < 0):
             raise DataError(f"need batch_size >= 1, num_negatives >= 0, history_len >= 0, item_history_len >= 0, "
@@ -236,6 +239,12 @@ class Batches:
         self._logq = ds.item_log_prob()
         self._negative_pool = negative_pool(ds)
         self.num_negative_candidates = len(self._negative_pool)
+        self.condition = condition
+        if condition is not None:
+            spec = next((s for s in ds.item_feature_specs if s.name == condition), None)
+            if spec is None or spec.kind == "dense":
+                raise DataError(f"condition {condition!r}: not a categorical or multihot item feature of "
+                                f"{ds.name} (item features: {[s.name for s in ds.item_feature_specs]})")
         self._offset = 0
 
     def state(self) -> dict:
@@ -308,7 +317,24 @@ class Batches:
             batch["item_history"], batch["neg_item_history"] = aud[lo:hi], neg_aud[neg_rows[0]:neg_rows[1]]
         if self.negatives_per_row:
             batch.update(self._row_negatives((lo, hi), rng))
+        if self.condition is not None:
+            batch["user_feat"][CONDITION] = self._conditions(batch["item_feat"][self.condition], offset, (lo, hi))
         return batch
+
+    def _conditions(self, values: np.ndarray, offset: int, rows: tuple[int, int]) -> np.ndarray:
+        """int32 [B_p] each example's condition: its positive item's value of the condition feature; for a
+        multihot feature one of the item's values, uniformly (-1 when it has none). The draws come from their
+        own stream, made for the global batch, so the other arrays and the process count do not change them."""
+        if values.ndim == 1:
+            return values.astype(np.int32)
+        n = self.examples_per_epoch
+        u = np.random.default_rng([self.seed, offset // n, offset % n, 2]).random(self.batch_size)[rows[0]:rows[1]]
+        valid = values >= 0
+        count = valid.sum(axis=1)
+        # the j-th valid slot, j = floor(u * count): slots are -1 padded at the end, so valid ones come first
+        pick = np.minimum((u * count).astype(np.int64), np.maximum(count - 1, 0))
+        out = np.take_along_axis(values, pick[:, None], axis=1)[:, 0]
+        return np.where(count > 0, out, -1).astype(np.int32)
 
     def _row_negatives(self, rows: tuple[int, int], rng) -> dict:
         """Each example's own `negatives_per_row` uniform draws from the negative pool, their features and log p

@@ -29,6 +29,9 @@ def sub_csr(indptr: np.ndarray, items: np.ndarray, rows: np.ndarray) -> tuple[np
 
 
 PAD = -1  # id meaning "no item" in ranked lists
+# Key of a conditional user tower's condition in a batch's user features: int32 [B] codes of the item feature
+# named by `model.user.condition` (-1 = no condition). "@" keeps it apart from any data feature's name.
+CONDITION = "@condition"
 
 
 def log_prob(counts: np.ndarray, total: int) -> np.ndarray:

@@ -41,6 +41,14 @@ class TowerConfig:
     table: "IdTableConfig" = field(default_factory=lambda: IdTableConfig(),
                                    metadata={"help": "this tower's ID table (the item table also serves the "
                                                      "user's history)"})
+    condition: str | None = _help(None, "user tower: conditional retrieval on this categorical or multihot item "
+                                        "feature (e.g. genres): its value enters the tower as one more field, in "
+                                        "training the positive item's (one value drawn per example for a "
+                                        "multihot feature), at serving the requested one, and the search is "
+                                        "filtered to items with that value; null = unconditioned")
+    condition_dropout: float = _help(0.1, "user tower with a condition, training only: probability of feeding "
+                                          "'no condition' instead of the positive's value, so an unconditioned "
+                                          "query still gets a trained embedding", ge=0, lt=1)
     num_embeddings: int = _help(1, "user tower: K embeddings per user, one per interest cluster of the history "
                                    "(`towers.multi_interest`: max-min initialised single-assignment capsule "
                                    "routing, each interest through the tower's interaction and MLP with the "

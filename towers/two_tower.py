@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from data.types import FeatureSpec
+from data.types import CONDITION, FeatureSpec
 from towers.config import ConfigError, ModelConfig, TowerConfig
 from towers.features import FeatureEmbedder, masked_mean
 from towers.interactions import Dhen, MaskNet, resolve_interaction
@@ -41,7 +41,8 @@ class Tower(nnx.Module):
     """
 
     def __init__(self, cfg: TowerConfig, specs: list[FeatureSpec], *, id_dim: int, feature_dim: int,
-                 output_dim: int, normalize: bool, rngs: nnx.Rngs, name: str = "tower"):
+                 output_dim: int, normalize: bool, rngs: nnx.Rngs, name: str = "tower",
+                 condition: FeatureSpec | None = None):
         self.use_id = bool(cfg.use_id)
         self.use_history = bool(getattr(cfg, "use_history", False))
         self.id_dropout = float(cfg.id_dropout)
@@ -51,7 +52,12 @@ class Tower(nnx.Module):
             raise ValueError(f"combine={cfg.combine!r}: expected concat or sum")
         self.sum_id_history = cfg.combine == "sum" and self.use_id and self.use_history
         self.features = FeatureEmbedder(specs, feature_dim, rngs=rngs)
-        field_sizes = [id_dim] * (self.use_id + self.use_history - self.sum_id_history) + [feature_dim] * len(specs)
+        # A conditional tower embeds the condition code + 1 (row 0: no condition) as one more feature field.
+        self.condition = None if condition is None else nnx.Embed(
+            condition.size + 1, feature_dim, embedding_init=nnx.initializers.normal(stddev=0.05), rngs=rngs)
+        self.condition_dropout = float(getattr(cfg, "condition_dropout", 0.0)) if condition is not None else 0.0
+        num_fields = len(specs) + (condition is not None)
+        field_sizes = [id_dim] * (self.use_id + self.use_history - self.sum_id_history) + [feature_dim] * num_fields
         in_dim = sum(field_sizes)
         if in_dim == 0:
             raise ValueError("a tower needs at least one input: enable use_id, use_history or side features")
@@ -79,12 +85,14 @@ class Tower(nnx.Module):
         """Embeds a batch.
 
         Args:
-          feats: side features by name, each [B, ...] (see `data.types.FeatureSpec`).
+          feats: side features by name, each [B, ...] (see `data.types.FeatureSpec`); for a conditional tower
+            also `data.types.CONDITION`, int[B] codes of the condition feature (-1 = none; absent = none for all).
           id_emb: [B, id_dim] rows of this tower's ID table (zeros for an id without a row).
           history_emb: [B, H, id_dim] item-table rows of the user's history; history_mask: [B, H].
           dropout_rng: when given (training), each example's id row is zeroed with prob `id_dropout`, which
             teaches the tower to embed from features alone (fresh items, unseen users), and each of its elements
-            with prob `id_dropout_elementwise` (the others scaled by 1/(1-p)).
+            with prob `id_dropout_elementwise` (the others scaled by 1/(1-p)); a conditional tower's condition is
+            replaced by none with prob `condition_dropout`.
         Returns:
           [B, output_dim], unit L2 norm when `normalize`; [B, K, output_dim] for a user tower with
           `num_embeddings` K > 1 (the history mean replaced by each of the K interests of
@@ -95,8 +103,9 @@ class Tower(nnx.Module):
             if dropout_rng is not None:
                 id_emb = self._drop_id(id_emb, dropout_rng)
             parts.append(id_emb)
+        f = self._fields(feats, dropout_rng, id_emb, history_emb)
         if self.interests is not None:
-            return self._multi(feats, parts, history_emb, history_mask)
+            return self._multi(f, parts, history_emb, history_mask)
         if self.use_history:
             pooled = masked_mean(history_emb, history_mask)
             if self.sum_id_history:
@@ -104,14 +113,28 @@ class Tower(nnx.Module):
             else:
                 parts.append(pooled)
         if self.dhen is not None:
-            f = self.features(feats) if len(self.features) else None
             x = self.dhen(parts + ([f[:, i] for i in range(f.shape[1])] if f is not None else []))
         else:
-            if len(self.features):
-                f = self.features(feats)
+            if f is not None:
                 parts.append(f.reshape(f.shape[0], f.shape[1] * f.shape[2]))
             x = jnp.concatenate(parts, axis=-1) if len(parts) > 1 else parts[0]
         return self._head(x)
+
+    def _fields(self, feats: dict, dropout_rng, id_emb, history_emb) -> jax.Array | None:
+        """[B, F, feature_dim]: the side-feature embeddings, then the condition's (row 0 = none), or None."""
+        f = self.features(feats) if len(self.features) else None
+        if self.condition is None:
+            return f
+        known = [a for a in (f, id_emb, history_emb, feats.get(CONDITION)) if a is not None]
+        if not known:
+            raise ValueError("a conditional tower with no other input needs the condition in feats")
+        b = known[0].shape[0]
+        code = jnp.asarray(feats[CONDITION], jnp.int32) if CONDITION in feats else jnp.full((b,), -1, jnp.int32)
+        if dropout_rng is not None and self.condition_dropout > 0:
+            drop = jax.random.bernoulli(jax.random.fold_in(dropout_rng, 2), self.condition_dropout, code.shape)
+            code = jnp.where(drop, -1, code)
+        c = self.condition(jnp.maximum(code, -1) + 1)[:, None, :]
+        return c if f is None else jnp.concatenate([f, c], axis=1)
 
     def _head(self, x: jax.Array) -> jax.Array:
         """The interaction block, the MLP and the normalisation of the (concatenated or DHEN-mixed) inputs."""
@@ -123,7 +146,7 @@ class Tower(nnx.Module):
             x = self.mlp(x)
         return l2_normalize(x) if self.normalize else x
 
-    def _multi(self, feats, parts: list, history_emb, history_mask) -> jax.Array:
+    def _multi(self, f, parts: list, history_emb, history_mask) -> jax.Array:
         """[B, K, output_dim]: each of the K history interests takes the history mean's place among the inputs
         (the ID row and side features repeated per interest) and goes through the same interaction and MLP."""
         interests = self.interests(history_emb, history_mask)              # [B, K, id_dim]
@@ -135,7 +158,7 @@ class Tower(nnx.Module):
             parts[-1] = parts[-1] + pooled
         else:
             parts.append(pooled)
-        f = per(self.features(feats)) if len(self.features) else None
+        f = None if f is None else per(f)
         if self.dhen is not None:
             x = self.dhen(parts + ([f[:, i] for i in range(f.shape[1])] if f is not None else []))
         else:
@@ -166,8 +189,31 @@ class TwoTower(nnx.Module):
                  *, rngs: nnx.Rngs):
         common = dict(id_dim=cfg.id_dim, feature_dim=cfg.feature_dim, output_dim=cfg.output_dim,
                       normalize=cfg.normalize, rngs=rngs)
-        self.user = Tower(cfg.user, select_features(user_specs, cfg.user.features, "user"), name="user", **common)
+        self.user = Tower(cfg.user, select_features(user_specs, cfg.user.features, "user"), name="user",
+                          condition=condition_spec(cfg.user, item_specs), **common)
+        if getattr(cfg.item, "condition", None):
+            raise ConfigError("model.item.condition: conditions belong to the user (query) tower; the item tower "
+                              "reads the item's own features")
         self.item = Tower(cfg.item, select_features(item_specs, cfg.item.features, "item"), name="item", **common)
+
+
+def condition_spec(cfg: TowerConfig, item_specs: list[FeatureSpec]) -> FeatureSpec | None:
+    """The item feature a conditional user tower is conditioned on (`model.user.condition`), or None.
+
+    Raises:
+      ConfigError: the data has no such item feature, or it is dense (a condition is a categorical value).
+    """
+    name = getattr(cfg, "condition", None)
+    if not name:
+        return None
+    spec = next((s for s in item_specs if s.name == name), None)
+    if spec is None:
+        raise ConfigError(f"model.user.condition={name!r}: not an item feature of the data (item features: "
+                          f"{sorted(s.name for s in item_specs)})")
+    if spec.kind == "dense":
+        raise ConfigError(f"model.user.condition={name!r}: a dense feature; a condition needs a categorical or "
+                          "multihot item feature")
+    return spec
 
 
 def feature_names(model: TwoTower) -> tuple[list[str], list[str]]:

@@ -386,7 +386,8 @@ def make_batches(c: config_lib.Config, ds, seed: int | None = None, share: tuple
                    history_len=c.data.history_len if c.model.user.use_history else 0,
                    history_mode=c.data.history_mode, seed=c.seed if seed is None else seed,
                    item_history_len=c.data.item_history_len if c.model.item.use_history else 0,
-                   negatives_per_row=c.loss.negatives_per_row, process_index=share[0], process_count=share[1])
+                   negatives_per_row=c.loss.negatives_per_row, process_index=share[0], process_count=share[1],
+                   condition=c.model.user.condition)
 
 
 def prepare_kwargs(step_cfg: StepConfig) -> dict:

@@ -20,6 +20,7 @@ import dataclasses
 import numpy as np
 
 from data.batching import item_audience_mean, user_history
+from data.types import CONDITION
 from towers.embed import embed_items as run_item_tower
 from towers.embed import user_forward
 from towers.two_tower import feature_names
@@ -45,11 +46,14 @@ class UserInputs:
       history: int32[Q, H] item rows, most recent first, -1 padded; None when the tower reads no history.
       id_emb: float32[Q, id_dim] added to the ID embedding (the hashed rows of user ids outside the
         vocabulary, zeros elsewhere), or None.
+      condition: int32[Q] codes of a conditional tower's condition feature (`model.user.condition`), -1 = none;
+        None = no condition for anyone (and ignored by an unconditional tower).
     """
     rows: np.ndarray
     features: dict
     history: np.ndarray | None = None
     id_emb: np.ndarray | None = None
+    condition: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -189,7 +193,7 @@ def _user_forward(trained):
 
 
 def embed_users(trained, ds, users, *, history_len: int | None = None, batch_size: int = 8192,
-                buckets: tuple[int, ...] | None = None) -> np.ndarray:
+                buckets: tuple[int, ...] | None = None, condition=None) -> np.ndarray:
     """User embeddings of a trained run.
 
     Args:
@@ -199,17 +203,23 @@ def embed_users(trained, ds, users, *, history_len: int | None = None, batch_siz
       history_len: H for user rows; None = the run's own.
       batch_size: users per tower call without `buckets`.
       buckets: pad to the smallest of these sizes holding the users (or to a multiple of the largest).
+      condition: int[Q] condition codes for user rows of a conditional tower (-1 = none); `UserInputs` carry
+        their own. Ignored by an unconditional tower.
     Returns:
       float32[Q, output_dim]; float32[Q, K, output_dim] for a user tower with K = `num_embeddings` > 1, the
       embeddings past each user's K' (`towers.inference.multi.active_interests`, from its valid history items)
       zeroed: those are not searched.
     """
     inputs = users if isinstance(users, UserInputs) else stored_user_inputs(trained, ds, users, history_len)
+    if condition is not None:
+        inputs = dataclasses.replace(inputs, condition=condition)
     n = len(inputs)
     total, size = _padded_size(n, batch_size, buckets)
     fn, leaves, user_table, item_table = _user_forward(trained)
     rows = _pad(np.asarray(inputs.rows, np.int32), total, -1)
     feats = {k: _pad(np.asarray(v), total, 0) for k, v in inputs.features.items()}
+    if inputs.condition is not None and trained.model.user.condition is not None:
+        feats[CONDITION] = _pad(np.asarray(inputs.condition, np.int32), total, -1)
     history = None if inputs.history is None else _pad(np.asarray(inputs.history, np.int32), total, -1)
     extra = None
     if user_table is not None and inputs.id_emb is not None:

@@ -1,0 +1,130 @@
+"""Conditional retrieval (`model.user.condition`): the condition field of the user tower against a numpy forward,
+'no condition' and condition dropout, the batches' conditions (the positive's value; one drawn value of a
+multihot feature, the same whatever the process count), the config checks, and a conditional model trained on
+1 device and on 4 devices giving the same model."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from data.batching import Batches
+from data.types import CONDITION, FeatureSpec
+from tests.helpers import smoke_cfg
+from towers.config import ConfigError, ModelConfig, TowerConfig
+from towers.two_tower import TwoTower
+from train.loop import load_data, run
+
+GENRE = FeatureSpec("genre", "categorical", 5)
+TAGS = FeatureSpec("tags", "multihot", 7, 3)
+AGE = FeatureSpec("age", "categorical", 4)
+
+
+def _a(v) -> np.ndarray:
+    return np.asarray(v[...], dtype=np.float64)
+
+
+def _model(condition="genre", **user_kw) -> TwoTower:
+    user = TowerConfig(use_history=False, condition=condition, **user_kw)
+    cfg = ModelConfig(id_dim=6, feature_dim=3, output_dim=5, user=user, item=TowerConfig())
+    return TwoTower(cfg, [AGE], [GENRE, TAGS, FeatureSpec("q", "dense", 1)], rngs=nnx.Rngs(0))
+
+
+def _np_user(tower, id_emb, age, code):
+    """The user tower by hand: [id row, age embedding, condition embedding (row code + 1)] -> linear -> L2."""
+    x = np.concatenate([id_emb, _a(tower.features.layers["age"].embedding)[age],
+                        _a(tower.condition.embedding)[code + 1]], axis=1)
+    (layer,) = tower.mlp.layers
+    y = x @ _a(layer.kernel) + _a(layer.bias)
+    return y / np.linalg.norm(y, axis=1, keepdims=True)
+
+
+def test_condition_is_one_more_field_as_numpy_says():
+    model = _model()
+    rng = np.random.default_rng(0)
+    id_emb = rng.normal(size=(9, 6)).astype(np.float32)
+    age = rng.integers(0, 4, 9).astype(np.int32)
+    code = np.array([0, 1, 2, 3, 4, -1, 2, -1, 0], np.int32)
+    got = model.user({"age": age, CONDITION: code}, jnp.asarray(id_emb))
+    np.testing.assert_allclose(np.asarray(got), _np_user(model.user, id_emb, age, code), rtol=1e-5, atol=1e-6)
+    # the condition changes the embedding, and an absent condition is 'none' (row 0) for every user
+    none = model.user({"age": age}, jnp.asarray(id_emb))
+    np.testing.assert_allclose(np.asarray(none), _np_user(model.user, id_emb, age, np.full(9, -1)), rtol=1e-5,
+                               atol=1e-6)
+    assert not np.allclose(np.asarray(got)[:5], np.asarray(none)[:5])
+
+
+def test_condition_dropout_feeds_none_at_its_rate_in_training_only():
+    model = _model(condition_dropout=0.3)
+    n = 4000
+    id_emb = jnp.zeros((n, 6))
+    feats = {"age": np.zeros(n, np.int32), CONDITION: np.full(n, 2, np.int32)}
+    none = np.asarray(model.user({"age": feats["age"]}, id_emb))[0]
+    kept = np.asarray(model.user(feats, id_emb))[0]
+    out = np.asarray(model.user(feats, id_emb, dropout_rng=jax.random.key(3)))
+    is_none = np.isclose(out, none, atol=1e-6).all(1)
+    is_kept = np.isclose(out, kept, atol=1e-6).all(1)
+    assert (is_none | is_kept).all()
+    assert is_none.mean() == pytest.approx(0.3, abs=0.03)
+
+
+def test_condition_config_errors():
+    with pytest.raises(ConfigError, match="not an item feature"):
+        _model(condition="colour")
+    with pytest.raises(ConfigError, match="dense"):
+        _model(condition="q")
+    user = TowerConfig(use_history=False)
+    with pytest.raises(ConfigError, match="user"):
+        TwoTower(ModelConfig(user=user, item=TowerConfig(condition="genre")), [], [GENRE], rngs=nnx.Rngs(0))
+
+
+def test_batches_carry_the_positives_value_and_draw_one_of_several():
+    ds = load_data(smoke_cfg())
+    cat = ds.item_features["category"]
+    b = next(Batches(ds, batch_size=64, num_negatives=0, history_len=0, condition="category"))
+    np.testing.assert_array_equal(b["user_feat"][CONDITION], cat[b["item"]])
+
+    tags = ds.item_features["tags"]
+    drawn = []
+    it = Batches(ds, batch_size=64, num_negatives=4, history_len=2, condition="tags", seed=1)
+    for _ in range(40):
+        batch = next(it)
+        c, items = batch["user_feat"][CONDITION], batch["item"]
+        own = tags[items]
+        has = (own >= 0).any(1)
+        assert ((c[:, None] == own).any(1) | (~has & (c == -1))).all()   # one of the positive's own values
+        drawn.append((c, own))
+    # uniform over the item's values: for items with 2+ tags, the first slot is drawn about 1/count of the time
+    c = np.concatenate([d[0] for d in drawn])
+    own = np.concatenate([d[1] for d in drawn])
+    count = (own >= 0).sum(1)
+    two = count == 2
+    assert two.sum() > 200
+    assert np.mean(c[two] == own[two, 0]) == pytest.approx(0.5, abs=0.08)
+    # the other arrays do not change with the condition, and two processes' halves make the whole batch
+    plain = Batches(ds, batch_size=64, num_negatives=4, history_len=2, seed=1).batch_at(0)
+    conditioned = Batches(ds, batch_size=64, num_negatives=4, history_len=2, condition="tags", seed=1).batch_at(0)
+    for key in ("item", "neg_item", "history"):
+        np.testing.assert_array_equal(plain[key], conditioned[key])
+    whole = Batches(ds, batch_size=64, num_negatives=4, history_len=2, condition="tags", seed=1).batch_at(64)
+    halves = [Batches(ds, batch_size=64, num_negatives=4, history_len=2, condition="tags", seed=1,
+                      process_index=p, process_count=2).batch_at(64)["user_feat"][CONDITION] for p in (0, 1)]
+    np.testing.assert_array_equal(np.concatenate(halves), whole["user_feat"][CONDITION])
+
+
+def test_conditional_model_trains_the_same_on_one_and_four_devices(tmp_path):
+    from tests.train.test_loop import _final_state
+    common = ["eval.at_end=false", "train.total_steps=3", "checkpoint.every_steps=3", "model.item.id_dropout=0.0",
+              "model.user.condition=tags", "model.user.condition_dropout=0.0"]
+    one = smoke_cfg(*common, "train.launcher=jit", "train.num_devices=1")
+    four = smoke_cfg(*common, "train.launcher=pmap", "train.num_devices=4")
+    r1, r4 = run(one, tmp_path / "one"), run(four, tmp_path / "four")
+    assert r1["train"]["train/loss"] == pytest.approx(r4["train"]["train/loss"], rel=1e-5)
+    _, s1 = _final_state(tmp_path / "one", one)
+    _, s4 = _final_state(tmp_path / "four", four)
+    leaves1, leaves4 = jax.tree.leaves(s1), jax.tree.leaves(s4)
+    assert len(leaves1) == len(leaves4)
+    for a, b in zip(leaves1, leaves4):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-6)
+    # the tags table (7 values in the smoke data + 'none') is a user-tower parameter
+    assert np.asarray(s1["params"]["user"]["condition"]["embedding"]).shape[1] == 4
