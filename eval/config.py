@@ -70,6 +70,9 @@ class EvaluateConfig:
     ann: AnnConfig = field(default_factory=AnnConfig, metadata={"help": "approximate search"})
     baselines: BaselinesConfig = field(default_factory=BaselinesConfig, metadata={"help": "baselines"})
     segments: SegmentsConfig = field(default_factory=SegmentsConfig, metadata={"help": "segments"})
+    conditional: bool = _help(True, "a conditional model (model.user.condition): also score each (user, value "
+                                    "of the condition) within that value's items, conditioned vs the tower "
+                                    "fed no condition + post-filtering (`eval.conditional`; in-memory data)")
     plots: bool = _help(True, "write PNG plots (needs matplotlib)")
     user_block: int = _help(1024, "users per block in exact top-k and EASE scoring", gt=0)
     item_block: int = _help(65536, "items per tile in exact top-k", gt=0)

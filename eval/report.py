@@ -65,6 +65,22 @@ def _segment_lines(m: dict, k: int) -> list[str]:
                           rows)
 
 
+def _conditional_lines(m: dict, k: int) -> list[str]:
+    """A conditional model's recall@k within each condition value's items (`eval.conditional`)."""
+    cm = m.get("conditional")
+    if not cm:
+        return []
+    lines = ["## Conditional retrieval", "",
+             f"{cm['num_queries']} (user, value) queries; each ranks only the items with the value. Conditioned: "
+             "the tower fed the value; post-filter: the tower fed no condition, its full ranking filtered. Tail: "
+             "values with fewer training interactions than the median value.", ""]
+    rows = [["all", str(cm["num_queries"]), cm["conditional"][f"recall@{k}"], cm["post_filter"][f"recall@{k}"]]]
+    rows += [["tail", "", cm["tail"]["conditional"][f"recall@{k}"], cm["tail"]["post_filter"][f"recall@{k}"]]]
+    rows += [[str(v["value"]), str(v["queries"]), v["conditional"][f"recall@{k}"], v["post_filter"][f"recall@{k}"]]
+             for v in cm["per_value"]]
+    return lines + _table(["value", "queries", f"conditioned recall@{k}", f"post-filter recall@{k}"], rows)
+
+
 def markdown(m: dict) -> str:
     """The full report.md text."""
     ks, k = m["ks"], primary_k(m["ks"])
@@ -92,6 +108,7 @@ def markdown(m: dict) -> str:
                     [[LABELS.get(n, n)] + [v[f"mean_percentile@{x}"] for x in ks] for n, v in pb["methods"].items()],
                     spec=".1f")
     lines += ["## Segments", ""] + _segment_lines(m, k)
+    lines += _conditional_lines(m, k)
     if m.get("timing"):
         lines += ["## Timing (seconds)", ""] + _table(["phase", "s"], [[p, f"{s:.2f}"] for p, s in m["timing"].items()])
     return "\n".join(lines)

@@ -372,6 +372,15 @@ def run(c: EvaluateConfig) -> dict:
         with phase("embed", timing, f"embed {len(users)} users and {ds.num_items} items"):
             user_emb, item_emb = model_embeddings(trained, ds, users, history_len)
         metrics = evaluate_embeddings(user_emb, item_emb, ds, users, c, timing)
+        condition = getattr(trained.model.user, "condition", None)
+        if c.conditional and condition is not None:
+            from eval.conditional import evaluate_conditional
+            from towers.inference.embed import embed_users
+            name = trained.config["model"]["user"]["condition"]
+            with phase("conditional", timing, f"recall within each value of {name}"):
+                metrics["conditional"] = evaluate_conditional(
+                    lambda rows, codes: embed_users(trained, ds, rows, history_len=history_len, condition=codes),
+                    item_emb, ds, users, name, c.ks, split=c.split)
     out_dir = pathlib.Path(c.out_dir) if c.out_dir else default_out_dir(c, trained.run_dir, trained.step)
     metrics = {
         "run_dir": str(trained.run_dir), "out_dir": str(out_dir), "model_version": trained.model_version,
