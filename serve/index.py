@@ -14,6 +14,12 @@ undone before the lock is released and `MutationError` says so, so no search eve
 caller can label an answer with the exact corpus it came from.
 A server hot-swaps a whole index by building or loading a new `TopK` and replacing its reference to it
 (assignment is atomic); searches already inside the old index finish there.
+
+Conditional retrieval: an index may hold, per slot, the codes of one item categorical or multihot feature (the
+run's `model.user.condition`, `set_condition`); `search(..., conditions=int[Q])` then returns only items holding
+each query's value (`towers.inference.filtered.filtered_topk`: small values exactly, large ones by the backend's
+ANN, filtered). The codes follow every upsert (new items bring theirs), delete, undo, save and load; an index
+directory without them loads as before and answers unfiltered searches only.
 """
 from __future__ import annotations
 
@@ -25,9 +31,14 @@ import threading
 import numpy as np
 
 from data.ids import as_id_array
+from towers.inference.filtered import (ConditionLists, ConditionValueError, FilterStats, as_codes,
+                                       check_conditions, filtered_topk)
 from towers.inference.search import exact_topk_host, topk_excluding
 
 _ANN_ATTEMPTS = 3           # ANN searches (each deeper and 4x wider) before exact search answers a query
+
+
+__all__ = ["BruteForce", "ConditionValueError", "MutationError", "TopK", "UnknownIdError"]
 
 
 class UnknownIdError(LookupError):
@@ -108,7 +119,11 @@ class TopK:
     directory can never slip in something a library would execute on load (a pickle, say).
     """
     kind = "abstract"
-    files: tuple[str, ...] = ("embeddings.npy", "ids.npy", "index.json")
+    files: tuple[str, ...] = ("embeddings.npy", "ids.npy", "index.json", "conditions.npy", "condition_values.npy")
+    # Filtered search (`towers.inference.filtered.filtered_topk`): values with at most `exact_below` items are
+    # searched exactly; larger ones by the ANN, fetching `overfetch` / share times what they need, at most
+    # `max_ann_fetch` (None = the corpus). Recorded in index.json with the codes.
+    filter_settings = {"exact_below": 20_000, "overfetch": 2.0, "max_ann_fetch": None}
 
     _kinds: dict[str, type["TopK"]] = {}
 
@@ -124,6 +139,13 @@ class TopK:
         self._n = 0
         self._pos: dict = {}                        # id -> slot
         self.generation = 0                         # upserts and deletes applied since built or loaded
+        self._condition: dict | None = None         # {"feature", "kind", "size"} of the per-slot codes
+        self._codes = np.zeros((0, 1), np.int32)    # same capacity; int32[cap, L] codes, -1 = none
+        self._values: np.ndarray | None = None      # the raw feature value of each code, if known
+        self._lists: ConditionLists | None = None   # built lazily for the current codes and vectors
+        self._lists_lock = threading.Lock()
+        self.filter_settings = dict(type(self).filter_settings)
+        self.filter_stats = FilterStats()           # how filtered searches were answered, summed
 
     # ----------------------------------------------------------------------------------------- public API
     @property
@@ -153,7 +175,8 @@ class TopK:
             return self._ids[:self._n].copy()
 
     def index(self, embeddings, ids) -> "TopK":
-        """Replaces the corpus. embeddings: float[N, D]; ids: int[N] or str[N], distinct. Returns self."""
+        """Replaces the corpus (and drops any condition codes: `set_condition` adds them). embeddings: float[N, D];
+        ids: int[N] or str[N], distinct. Returns self."""
         emb = _as_matrix(embeddings, "embeddings", None, "one row per item")
         if emb.shape[0] == 0 or emb.shape[1] == 0:
             raise ValueError(f"embeddings must hold at least one item of dim >= 1, got shape {emb.shape}")
@@ -161,10 +184,81 @@ class TopK:
         with self._lock.write():  # copies: deletes and upserts rewrite rows in place, never the caller's arrays
             self._emb, self._ids, self._n, self.generation = emb.copy(), id_arr.copy(), emb.shape[0], 0
             self._pos = {v: i for i, v in enumerate(id_arr.tolist())}
+            self._condition, self._codes, self._values, self._lists = None, np.zeros((0, 1), np.int32), None, None
             self._backend_build()
         return self
 
-    def search(self, queries, k: int, *, exclude=None) -> tuple[np.ndarray, np.ndarray]:
+    def set_condition(self, feature: str, codes, size: int, *, values=None) -> "TopK":
+        """Attaches the per-item codes of the feature that filtered searches condition on.
+
+        Args:
+          feature: the item feature's name (the run's `model.user.condition`, e.g. "genres").
+          codes: int[N] (categorical, values 0..size-1) or int[N, L] (multihot, -1 = padding), row i belonging
+            to `ids()[i]`.
+          size: the feature's vocabulary size V (condition values are 0..V-1).
+          values: optional [V] raw feature values of the codes (e.g. genre names), for `condition_codes`.
+        Returns:
+          self.
+        """
+        arr = np.asarray(codes)
+        kind = "multihot" if arr.ndim == 2 else "categorical"
+        if not isinstance(feature, str) or not feature:
+            raise ValueError(f"feature must be a non-empty name, got {feature!r}")
+        if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
+            raise ValueError(f"size must be an int >= 1 (the feature's vocabulary size), got {size!r}")
+        codes2 = as_codes(arr, int(size), f"codes of {feature!r}")
+        raw = None if values is None else np.asarray(values)
+        if raw is not None and (raw.shape != (size,) or raw.dtype.kind not in "iuU"):
+            raise ValueError(f"values of {feature!r} must be int or str [{size}] (one per code), got shape "
+                             f"{raw.shape} dtype {raw.dtype}")
+        with self._lock.write():
+            if len(codes2) != self._n:
+                raise ValueError(f"codes of {feature!r} hold {len(codes2)} items but the index {self._n}")
+            self._condition = {"feature": feature, "kind": kind, "size": int(size)}
+            self._codes = np.full((self._emb.shape[0], codes2.shape[1]), -1, np.int32)   # the slots' capacity
+            self._codes[:self._n] = codes2
+            self._values, self._lists = raw, None
+        return self
+
+    @property
+    def condition(self) -> dict | None:
+        """{"feature": name, "kind": "categorical" | "multihot", "size": V} of the codes that filtered searches
+        use, or None when the index holds none."""
+        return None if self._condition is None else dict(self._condition)
+
+    def condition_values(self) -> np.ndarray | None:
+        """The raw feature value of each code 0..V-1 (e.g. genre names), or None when unknown or no condition."""
+        return None if self._values is None else self._values.copy()
+
+    def condition_codes(self, raw) -> np.ndarray:
+        """int64[Q] codes of raw feature values (e.g. ["Comedy", "Drama"]). Raises `ConditionValueError` for a
+        value the feature does not have, or when the index holds no condition or no raw values."""
+        if self._condition is None or self._values is None:
+            raise ConditionValueError("this index holds no condition values to look up"
+                                      if self._condition is None else
+                                      f"this index holds no raw values of {self._condition['feature']!r}; "
+                                      "pass codes")
+        query = np.asarray(raw).reshape(-1)
+        if query.size and (query.dtype.kind == "U") != (self._values.dtype.kind == "U"):
+            raise ConditionValueError(f"{self._condition['feature']!r} values are {self._values.dtype} but got "
+                                      f"{query.dtype}")
+        order = np.argsort(self._values, kind="stable")
+        pos = np.minimum(np.searchsorted(self._values[order], query), len(order) - 1)
+        found = self._values[order][pos] == query
+        if not found.all():
+            raise ConditionValueError(f"{self._condition['feature']!r} has no value(s) "
+                                      f"{query[~found][:5].tolist()}")
+        return order[pos].astype(np.int64)
+
+    def conditions(self) -> np.ndarray | None:
+        """A copy of the per-slot codes (int32[N], or int32[N, L] for a multihot feature), or None."""
+        with self._lock.read():
+            if self._condition is None:
+                return None
+            codes = self._codes[:self._n]
+            return codes[:, 0].copy() if self._condition["kind"] == "categorical" else codes.copy()
+
+    def search(self, queries, k: int, *, exclude=None, conditions=None) -> tuple[np.ndarray, np.ndarray]:
         """Top-k items by dot product for each query.
 
         Args:
@@ -172,22 +266,29 @@ class TopK:
           k: results per query, in [1, N].
           exclude: optional sequence of Q sequences of item ids never to return for that query (e.g. items
             the user has seen); ids the index does not hold are ignored.
+          conditions: optional int[Q] codes of the `condition` feature (0..V-1): query q gets only items
+            holding value conditions[q]. None searches every item.
         Returns:
           (scores float32[Q, k] descending, ids [Q, k]). Only when fewer than k items remain after a query's
-          exclusions is the tail padded, with score -inf and id -1 (int ids) or "" (str ids).
+          exclusions (and condition) is the tail padded, with score -inf and id -1 (int ids) or "" (str ids).
+        Raises:
+          ConditionValueError (a ValueError): conditions given to an index without codes, or out of range.
         """
         with self._lock.read():
-            return self._search(queries, k, exclude)
+            return self._search(queries, k, exclude, conditions)
 
-    def search_with_generation(self, queries, k: int, *, exclude=None) -> tuple[np.ndarray, np.ndarray, int]:
+    def search_with_generation(self, queries, k: int, *, exclude=None,
+                               conditions=None) -> tuple[np.ndarray, np.ndarray, int]:
         """`search`, and the `generation` of the corpus it searched: both read under one hold of the lock, so
         no upsert or delete can fall between them."""
         with self._lock.read():
-            return (*self._search(queries, k, exclude), self.generation)
+            return (*self._search(queries, k, exclude, conditions), self.generation)
 
-    def upsert(self, embeddings, ids) -> None:
+    def upsert(self, embeddings, ids, *, conditions=None) -> None:
         """Inserts new ids and replaces the vectors of ids already held. embeddings: float[M, D]; ids [M].
 
+        conditions: the items' codes of the `condition` feature, int[M] or int[M, L] (multihot, -1 = padding);
+        required when the index holds codes and an id is new; None keeps the codes of replaced ids.
         Raises ValueError / TypeError for bad input, and `MutationError` (nothing changed) if applying fails."""
         with self._lock.write():
             emb = _as_matrix(embeddings, "upsert embeddings", self.dim, f"the index holds dim {self.dim}")
@@ -196,10 +297,17 @@ class TopK:
                 raise TypeError(f"this index holds {self.id_kind} ids but upsert got {id_arr.dtype} ids")
             slots = np.array([self._pos.get(v, -1) for v in id_arr.tolist()], np.int64)
             old, new = slots >= 0, slots < 0
+            codes = self._upsert_codes(conditions, len(id_arr), bool(new.any()))
             with self._undone_on_failure("upsert", slots[old], added=id_arr[new].tolist()):
                 self._emb[slots[old]] = emb[old]
+                if codes is not None:
+                    if codes.shape[1] > self._codes.shape[1]:   # a longer multihot row widens every row
+                        self._codes = np.pad(self._codes, ((0, 0), (0, codes.shape[1] - self._codes.shape[1])),
+                                             constant_values=-1)
+                    codes = np.pad(codes, ((0, 0), (0, self._codes.shape[1] - codes.shape[1])), constant_values=-1)
+                    self._codes[slots[old]] = codes[old]
                 first = self._n
-                self._append(emb[new], id_arr[new])
+                self._append(emb[new], id_arr[new], None if codes is None else codes[new])
                 self._backend_upsert(slots[old], emb[old], first, emb[new])
 
     def delete(self, ids) -> None:
@@ -222,22 +330,34 @@ class TopK:
                     slot, last = self._pos.pop(v), self._n - 1
                     if slot != last:
                         self._emb[slot], self._ids[slot] = self._emb[last], self._ids[last]
+                        if self._condition is not None:
+                            self._codes[slot] = self._codes[last]
                         self._pos[self._ids[slot].item()] = slot
                     self._n -= 1
                     slots.append(slot)
                 self._backend_delete(slots)
 
     def params(self) -> dict:
-        """What `index.json` (and the manifest) record about this index."""
-        return {"type": self.kind, "is_exact": self.is_exact, "count": self._n, "dim": self.dim,
-                "id_kind": self.id_kind}
+        """What `index.json` (and the manifest) record about this index; "condition" only when it holds codes."""
+        out = {"type": self.kind, "is_exact": self.is_exact, "count": self._n, "dim": self.dim,
+               "id_kind": self.id_kind}
+        if self._condition is not None:
+            out["condition"] = {**self._condition, "values": self._values is not None,
+                                "search": dict(self.filter_settings)}
+        return out
 
     def save(self, directory) -> list[str]:
         """Writes the index into `directory` (created). Returns the relative paths of the files written."""
         d = pathlib.Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         with self._lock.read():  # a consistent snapshot: mutations wait, searches go on
-            for name, arr in (("ids.npy", self._ids[:self._n]), ("embeddings.npy", self._emb[:self._n])):
+            arrays = [("ids.npy", self._ids[:self._n]), ("embeddings.npy", self._emb[:self._n])]
+            if self._condition is not None:
+                codes = self._codes[:self._n]
+                arrays.append(("conditions.npy", codes[:, 0] if self._condition["kind"] == "categorical" else codes))
+                if self._values is not None:
+                    arrays.append(("condition_values.npy", self._values))
+            for name, arr in arrays:
                 with open(d / name, "wb") as f:
                     np.save(f, np.ascontiguousarray(arr), allow_pickle=False)
             (d / "index.json").write_text(json.dumps(self.params(), indent=2, sort_keys=True))
@@ -267,15 +387,88 @@ class TopK:
         index._emb, index._ids, index._n = _as_matrix(emb, "embeddings.npy", None, ""), _as_ids(
             ids, emb.shape[0], "ids.npy"), emb.shape[0]
         index._pos = {v: i for i, v in enumerate(index._ids.tolist())}
+        if params.get("condition") is not None:   # directories written before conditional retrieval have none
+            index._load_condition(d, params["condition"])
         index._backend_load(d, params)
         return index
 
     # ------------------------------------------------------------------------------------------ internals
-    def _search(self, queries, k, exclude) -> tuple[np.ndarray, np.ndarray]:
+    def _load_condition(self, d: pathlib.Path, cond: dict) -> None:
+        """Reads conditions.npy (and condition_values.npy) as `index.json`'s "condition" describes them."""
+        kind, size = cond.get("kind"), cond.get("size")
+        if kind not in ("categorical", "multihot") or not isinstance(size, int) or size < 1:
+            raise ValueError(f"{d}/index.json: condition {cond!r} needs kind categorical|multihot and size >= 1")
+        codes = np.load(d / "conditions.npy", allow_pickle=False)
+        if codes.ndim != (1 if kind == "categorical" else 2) or len(codes) != self._n:
+            raise ValueError(f"{d}/conditions.npy has shape {codes.shape}; a {kind} feature of {self._n} items "
+                             "was expected")
+        self._codes = as_codes(codes, size, f"{d}/conditions.npy")
+        self._condition = {"feature": str(cond.get("feature")), "kind": kind, "size": size}
+        if cond.get("values"):
+            values = np.load(d / "condition_values.npy", allow_pickle=False)
+            if values.shape != (size,) or values.dtype.kind not in "iuU":
+                raise ValueError(f"{d}/condition_values.npy has shape {values.shape} dtype {values.dtype}; "
+                                 f"[{size}] int or str values were expected")
+            self._values = values
+        self.filter_settings.update({k: v for k, v in (cond.get("search") or {}).items()
+                                     if k in self.filter_settings})
+
+    def _upsert_codes(self, conditions, m: int, any_new: bool) -> np.ndarray | None:
+        """The validated int32[M, L] codes of an upsert, or None (the index holds none, or replaced items keep
+        theirs). Raises `ConditionValueError` for codes the index cannot hold or new items without them."""
+        if self._condition is None:
+            if conditions is not None:
+                raise ConditionValueError("upsert got condition codes but this index holds none (it was built "
+                                          "without a condition feature)")
+            return None
+        feature, kind, size = self._condition["feature"], self._condition["kind"], self._condition["size"]
+        if conditions is None:
+            if any_new:
+                raise ConditionValueError(f"this index filters by {feature!r}: upsert needs conditions= (the "
+                                          f"{kind} codes of every upserted item) when it adds items")
+            return None
+        arr = np.asarray(conditions)
+        if kind == "categorical" and arr.ndim != 1:
+            raise ConditionValueError(f"{feature!r} is categorical: conditions must be int[{m}], got shape "
+                                      f"{arr.shape}")
+        try:
+            codes = as_codes(arr, size, f"upsert conditions of {feature!r}")
+        except ValueError as e:
+            raise ConditionValueError(str(e)) from None
+        if len(codes) != m:
+            raise ConditionValueError(f"upsert conditions hold {len(codes)} items but the embeddings {m}")
+        return codes
+
+    def _condition_lists(self) -> ConditionLists:
+        """The inverted lists of the current codes and vectors (built once per change; the caller holds the
+        read lock, so no change can happen meanwhile)."""
+        lists = self._lists
+        if lists is None:
+            with self._lists_lock:
+                if self._lists is None:
+                    self._lists = ConditionLists(self._codes[:self._n], self._condition["size"],
+                                                 self._emb[:self._n])
+                lists = self._lists
+        return lists
+
+    def _search(self, queries, k, exclude, conditions=None) -> tuple[np.ndarray, np.ndarray]:
         """`search` without the lock (the caller holds it)."""
         q = self._check_search(queries, k)
         ex_rows, ex_slots = self._exclusions(exclude, q.shape[0])
-        if self.is_exact or not len(q):
+        if conditions is not None:
+            if self._condition is None:
+                raise ConditionValueError("this index holds no condition codes (exported without "
+                                          "model.user.condition); search without conditions")
+            cond = check_conditions(conditions, len(q), self._condition["size"])
+            settings, stats = self.filter_settings, FilterStats()
+            scores, slots = filtered_topk(
+                q, k, cond, self._condition_lists(), *_pairs_csr(ex_rows, ex_slots, len(q)),
+                ann=None if self.is_exact else self._backend_ann, exact_below=settings["exact_below"],
+                overfetch=settings["overfetch"], max_ann_fetch=settings["max_ann_fetch"],
+                max_attempts=_ANN_ATTEMPTS, stats=stats)
+            with self._lists_lock:
+                self.filter_stats.add(stats)
+        elif self.is_exact or not len(q):
             scores, slots = self._exact(q, k, ex_rows, ex_slots)
         else:
             scores, slots = self._ann_with_exclusions(q, k, ex_rows, ex_slots)
@@ -287,7 +480,10 @@ class TopK:
         appends `added` ids after the live rows; if it raises, puts the host arrays and the backend back as
         they were and raises `MutationError`. Saving M rows, not a copy of the corpus, keeps small upserts
         into a large index cheap. A success bumps `generation`."""
-        saved = (self._emb, self._ids, self._n, touched, self._emb[touched], self._ids[touched])
+        row_codes = self._codes[touched] if self._condition is not None else None
+        saved = (self._emb, self._ids, self._n, touched, self._emb[touched], self._ids[touched], self._codes,
+                 row_codes)
+        self._lists = None   # rebuilt from the changed codes and vectors by the next filtered search
         try:
             yield
         except BaseException as e:   # an interrupt, too, must not leave half a change behind
@@ -301,11 +497,13 @@ class TopK:
     def _restore(self, saved: tuple, added) -> None:
         """Puts back the state `_undone_on_failure` saved: the arrays (an append may have replaced them), the
         rows at the touched slots and their ids' slots, without the appended ids; then the backend."""
-        emb, ids, n, touched, rows, row_ids = saved
+        emb, ids, n, touched, rows, row_ids, codes, row_codes = saved
         for v in added:
             self._pos.pop(v, None)
-        self._emb, self._ids, self._n = emb, ids, n
+        self._emb, self._ids, self._n, self._codes, self._lists = emb, ids, n, codes, None
         emb[touched], ids[touched] = rows, row_ids
+        if row_codes is not None:
+            codes[touched] = row_codes
         for slot, v in zip(touched.tolist(), row_ids.tolist()):
             self._pos[v] = slot
         self._backend_restore(touched)
@@ -356,15 +554,20 @@ class TopK:
                                           max_attempts=_ANN_ATTEMPTS)
         return scores, found
 
-    def _append(self, emb: np.ndarray, ids: np.ndarray) -> None:
+    def _append(self, emb: np.ndarray, ids: np.ndarray, codes: np.ndarray | None = None) -> None:
         m = emb.shape[0]
         if self._n + m > self._emb.shape[0]:  # grow geometrically: upserts of a few items stay O(1) amortised
             cap = max(self._n + m, 2 * self._emb.shape[0])
             self._emb = np.concatenate([self._emb[:self._n], np.zeros((cap - self._n, self.dim), np.float32)])
             self._ids = np.concatenate([self._ids[:self._n], np.zeros(cap - self._n, self._ids.dtype)])
+            if self._condition is not None:
+                self._codes = np.concatenate([self._codes[:self._n],
+                                              np.full((cap - self._n, self._codes.shape[1]), -1, np.int32)])
         if ids.dtype.kind == "U" and ids.dtype.itemsize > self._ids.dtype.itemsize:
             self._ids = self._ids.astype(ids.dtype)  # a longer string id widens the array
         self._emb[self._n:self._n + m], self._ids[self._n:self._n + m] = emb, ids
+        if codes is not None:
+            self._codes[self._n:self._n + m] = codes
         for i, v in enumerate(ids.tolist()):
             self._pos[v] = self._n + i
         self._n += m
