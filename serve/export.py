@@ -4,6 +4,8 @@ Restores the towers of a training run, embeds every item, builds the index (`con
 ANN recall@k against exact search on a sample of real user queries, and writes the index directory with its
 manifest (`serve.manifest`). The export fails (exit 1, nothing written) when the recall stays below
 `min_recall` after tuning; a bad config exits 2 with a one-line message. `export(cfg)` is the library entry.
+A conditional run (`model.user.condition`) stores the items' codes of that feature in the index, for filtered
+searches (`TopK.search(..., conditions=)`), and names the feature in the manifest ("condition").
 """
 from __future__ import annotations
 
@@ -125,6 +127,22 @@ def query_embeddings(trained, ds, num_queries: int, seed: int, batch_size: int) 
     return emb
 
 
+def set_condition(index, trained, ds) -> dict | None:
+    """Stores in `index` the item codes of the run's `model.user.condition` feature (with its raw values when the
+    dataset has them). Returns `index.condition`, or None for an unconditioned run."""
+    name = (trained.config or {}).get("model", {}).get("user", {}).get("condition")
+    if not name:
+        return None
+    spec = next((s for s in ds.item_feature_specs if s.name == name), None)
+    if spec is None or spec.kind not in ("categorical", "multihot"):
+        raise ExportError(f"model.user.condition={name!r} is not a categorical or multihot item feature of the "
+                          f"dataset (item features: {[(s.name, s.kind) for s in ds.item_feature_specs]})")
+    vocab = ds.feature_vocabs.get(name)
+    values = vocab.raw_ids if vocab is not None and len(vocab) == spec.size else None
+    index.set_condition(name, ds.item_features[name], spec.size, values=values)   # item rows = index slots
+    return index.condition
+
+
 def ann_recall(index, exact_ids: np.ndarray, queries: np.ndarray, k: int) -> float:
     """Mean over queries of |ANN top-k ∩ exact top-k| / k. exact_ids: [Q, k]; queries: float[Q, D]."""
     _, got = index.search(queries, k)
@@ -167,6 +185,7 @@ def export(cfg) -> dict:
     queries = query_embeddings(trained, ds, c.num_queries, c.seed, c.batch_size)
     times["embed"], t = time.perf_counter() - t, time.perf_counter()
     index = make_index(asdict(c.index)).index(emb, ds.item_vocab.raw_ids)
+    condition = set_condition(index, trained, ds)
     times["build"], t = time.perf_counter() - t, time.perf_counter()
     log.info("built %s index over %d x %d in %.1fs: %s", index.kind, len(index), index.dim, times["build"],
              {k: v for k, v in index.params().items() if k != "config"})
@@ -182,7 +201,8 @@ def export(cfg) -> dict:
     out = pathlib.Path(c.out) if c.out else pathlib.Path(c.run_dir) / "export" / trained.model_version
     extra = {"run_dir": str(pathlib.Path(c.run_dir).absolute()), "step": trained.step,
              "recall": {**recall, "metric": f"ann_recall@{k}", "against": "exact dot-product top-k"},
-             f"ann_recall@{k}": recall["value"], "build_seconds": round(times["build"], 3)}
+             f"ann_recall@{k}": recall["value"], "build_seconds": round(times["build"], 3),
+             **({"condition": condition} if condition else {})}
     out = write_index(index, out, model_version=trained.model_version, extra=extra)
     times["write"] = time.perf_counter() - t
     log.info("wrote %s (recall@%d %.4f; embed %.1fs, build %.1fs, recall %.1fs, write %.1fs)", out, k,

@@ -203,3 +203,23 @@ def test_bad_conditions_and_lookups_are_clear_errors():
     assert len(index) == 60
     with pytest.raises(ValueError, match="hold 5 items"):
         index.set_condition("genres", np.zeros(5, np.int32), 6)
+
+
+@pytest.mark.parametrize("feature", ["category", "tags"])
+def test_export_of_a_conditional_run_stores_the_features_codes(feature, tmp_path):
+    """A run with model.user.condition exports an index holding that feature's item codes (categorical or
+    multihot), named in the manifest, that filtered searches use."""
+    from serve.export import export, validate
+    from tests.helpers import smoke_cfg
+    from train.loop import write_untrained_run
+
+    ds, _, _ = write_untrained_run(smoke_cfg(f"model.user.condition={feature}"), tmp_path / "run", step=1)
+    summary = export(validate({"run_dir": str(tmp_path / "run"), "num_queries": 20, "batch_size": 8}))
+    index, manifest = load_index(summary["out"])
+    spec = next(s for s in ds.item_feature_specs if s.name == feature)
+    assert manifest["condition"] == index.condition == {"feature": feature, "kind": spec.kind, "size": spec.size}
+    assert manifest["index"]["condition"]["feature"] == feature
+    np.testing.assert_array_equal(index.conditions(), ds.item_features[feature])
+    np.testing.assert_array_equal(index.ids(), ds.item_vocab.raw_ids)
+    rng = np.random.default_rng(8)
+    _check(index, rng.normal(size=(10, index.dim)).astype(np.float32), 5, rng.integers(0, spec.size, 10))
