@@ -213,6 +213,10 @@ def condition_spec(cfg: TowerConfig, item_specs: list[FeatureSpec]) -> FeatureSp
     if spec.kind == "dense":
         raise ConfigError(f"model.user.condition={name!r}: a dense feature; a condition needs a categorical or "
                           "multihot item feature")
+    if getattr(cfg, "num_embeddings", 1) > 1:
+        raise ConfigError(f"model.user.condition={name!r} with model.user.num_embeddings="
+                          f"{cfg.num_embeddings}: conditional retrieval serves one embedding per condition; "
+                          "use one of the two")
     return spec
 
 

@@ -25,7 +25,7 @@ def _a(v) -> np.ndarray:
 
 
 def _model(condition="genre", **user_kw) -> TwoTower:
-    user = TowerConfig(use_history=False, condition=condition, **user_kw)
+    user = TowerConfig(**{"use_history": False, "condition": condition, **user_kw})
     cfg = ModelConfig(id_dim=6, feature_dim=3, output_dim=5, user=user, item=TowerConfig())
     return TwoTower(cfg, [AGE], [GENRE, TAGS, FeatureSpec("q", "dense", 1)], rngs=nnx.Rngs(0))
 
@@ -73,6 +73,8 @@ def test_condition_config_errors():
         _model(condition="colour")
     with pytest.raises(ConfigError, match="dense"):
         _model(condition="q")
+    with pytest.raises(ConfigError, match="num_embeddings"):
+        _model(use_history=True, num_embeddings=2)
     user = TowerConfig(use_history=False)
     with pytest.raises(ConfigError, match="user"):
         TwoTower(ModelConfig(user=user, item=TowerConfig(condition="genre")), [], [GENRE], rngs=nnx.Rngs(0))
