@@ -463,7 +463,7 @@ class TopK:
             settings, stats = self.filter_settings, FilterStats()
             scores, slots = filtered_topk(
                 q, k, cond, self._condition_lists(), *_pairs_csr(ex_rows, ex_slots, len(q)),
-                ann=None if self.is_exact else self._backend_ann, exact_below=settings["exact_below"],
+                ann=None if self.is_exact else self._backend_filtered_ann, exact_below=settings["exact_below"],
                 overfetch=settings["overfetch"], max_ann_fetch=settings["max_ann_fetch"],
                 max_attempts=_ANN_ATTEMPTS, stats=stats)
             with self._lists_lock:
@@ -596,6 +596,11 @@ class TopK:
 
     def _backend_load(self, directory: pathlib.Path, params: dict) -> None:
         pass
+
+    def _backend_filtered_ann(self, q, fetch: int, attempt: int, share: float) -> tuple[np.ndarray, np.ndarray]:
+        """`_backend_ann` for a filtered search whose value holds a fraction `share` of the corpus (a backend may
+        search wider for rare values); by default the same search."""
+        return self._backend_ann(q, fetch, attempt)
 
     def _backend_ann(self, q, fetch: int, attempt: int) -> tuple[np.ndarray, np.ndarray]:
         """(scores float32[Q, fetch], slots int64[Q, fetch]) without exclusions, NaN / -1 for missing ones;

@@ -72,6 +72,9 @@ class ScaNNIndex(TopK):
     """
     kind = "scann"
     files = TopK.files + tuple(f"scann/{name}" for name in SCANN_FILES)
+    # Filtered searches probe num_leaves_to_search * share ** -leaf_exponent leaves for a value holding that
+    # share of the corpus (scripts/bench_serve.py --filtered: 0.5 keeps recall@20 >= 0.95 on rare head values).
+    filter_settings = {**TopK.filter_settings, "leaf_exponent": 0.5}
     _CONFIG_KEYS = ("num_leaves", "num_leaves_to_search", "dimensions_per_block",
                     "anisotropic_quantization_threshold", "reorder", "training_sample_size", "brute_force_below",
                     "training_threads")
@@ -114,8 +117,15 @@ class ScaNNIndex(TopK):
         self.num_leaves, self.num_leaves_to_search = settings["num_leaves"], settings["num_leaves_to_search"]
         self._searcher = build_scann_searcher(self._emb[:self._n], settings)
 
-    def _backend_ann(self, q, fetch, attempt):
-        leaves = widened_leaves(self.num_leaves_to_search, self.num_leaves, attempt)
+    def _backend_filtered_ann(self, q, fetch, attempt, share):
+        """A filtered search's ANN: the leaves probed grow as share ** -leaf_exponent (a rare value's best items
+        lie in more leaves around the query), then 4x per retry."""
+        boost = share ** -self.filter_settings["leaf_exponent"]
+        return self._backend_ann(q, fetch, attempt, base=min(self.num_leaves, math.ceil(self.num_leaves_to_search
+                                                                                       * boost)))
+
+    def _backend_ann(self, q, fetch, attempt, base=None):
+        leaves = widened_leaves(base or self.num_leaves_to_search, self.num_leaves, attempt)
         # `reorder` is sized for k=10: deeper fetches (large k, many exclusions) rescore proportionally more.
         pre = max(self.config["reorder"], math.ceil(fetch * self.config["reorder"] / 10))
         idx, dist = self._searcher.searcher.search_batched(q, fetch, pre, leaves, len(q) >= 256, 256)

@@ -75,9 +75,36 @@ def test_scann_filtered_search_finds_the_exact_answer_for_head_and_tail_values()
     assert (got >= 0).all() and all(_holds(codes[row], v).all() for row, v in zip(got, conditions))
     recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(got.tolist(), want.tolist())])
     assert recall >= 0.95, recall
+    assert (np.diff(got_s, axis=1) <= 0).all()
     head = int((index._condition_lists().counts[conditions] > 300).sum())
     assert index.filter_stats.queries == 60 and index.filter_stats.ann == head > 0, index.filter_stats
-    assert (np.diff(got_s, axis=1) <= 0).all()
+
+
+class _LeafSpy:
+    """Stands in for a ScaNN searcher and records the leaves each search probes."""
+
+    def __init__(self, real):
+        self.searcher, self._real, self.leaves = self, real.searcher, []
+
+    def search_batched(self, q, k, pre, leaves, *args):
+        self.leaves.append(leaves)
+        return self._real.search_batched(q, k, pre, leaves, *args)
+
+
+def test_scann_probes_more_leaves_for_rarer_values():
+    rng = np.random.default_rng(9)
+    emb = clustered(3000, 16, rng)
+    codes = np.repeat(np.arange(3), [2000, 750, 250]).astype(np.int32)
+    index = ScaNNIndex(brute_force_below=1000, num_leaves_to_search=4).index(emb, np.arange(3000))
+    index.set_condition("genres", codes, 3)
+    index.filter_settings["exact_below"] = 100
+    index._searcher = spy = _LeafSpy(index._searcher)
+    q = clustered(3, 16, rng)
+    index.search(q, 5)
+    for v in range(3):
+        index.search(q[v:v + 1], 5, conditions=[v])
+    share = np.array([2000, 750, 250]) / 3000
+    assert spy.leaves[0] == 4 and spy.leaves[1:4] == np.ceil(4 * share ** -0.5).astype(int).tolist()
 
 
 @pytest.mark.parametrize("multihot", [False, True])

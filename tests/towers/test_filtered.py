@@ -54,8 +54,8 @@ def _exact_ranking(queries, emb, fetch):
 def _prefix_ann(queries_all, emb, fractions, calls):
     """An ANN that returns the true ranking but only its first fractions[attempt] of what was asked (NaN / -1
     after), so the first searches leave queries short."""
-    def ann(q, fetch, attempt):
-        calls.append((len(q), fetch, attempt))
+    def ann(q, fetch, attempt, share):
+        calls.append((len(q), fetch, attempt, share))
         s, i = _exact_ranking(q, emb, fetch)
         keep = max(0, int(fetch * fractions[min(attempt, len(fractions) - 1)]))
         s[:, keep:], i[:, keep:] = np.nan, -1
@@ -132,10 +132,13 @@ def test_ann_path_widens_and_falls_back_to_the_reference_answer(multihot):
     big = lists.counts[conditions] > 40
     assert stats.ann == int(big.sum()) > 0 and stats.exact == int((~big).sum()) > 0
     assert 0 < stats.widened < stats.ann and stats.exact_fallback > 0, stats
-    # The whole-corpus fetch grows as the value's share shrinks and doubles on the retry.
-    assert {a for _, _, a in calls} == {0, 1}
-    for _, fetch, attempt in calls:
-        assert fetch <= 800
+    # The ANN is told the value's share; its whole-corpus fetch is overfetch / share times the value's need
+    # (k plus exclusions, a power of two on retries) and doubles on the retry.
+    assert {a for *_, a, _ in calls} == {0, 1}
+    shares = set((lists.counts / 800).tolist())
+    for m, fetch, attempt, share in calls:
+        assert share in shares and share > 40 / 800
+        assert fetch == 800 or fetch >= 12 * 1.5 * 2 ** attempt / share - 1
 
 
 def test_an_ann_with_wrong_and_missing_candidates_still_returns_k_valid_items_in_order():
@@ -147,7 +150,7 @@ def test_an_ann_with_wrong_and_missing_candidates_still_returns_k_valid_items_in
     conditions = rng.integers(0, 8, 50)
     exclude = _exclusions(rng, 700, 50, codes, conditions)
 
-    def noisy_ann(q, fetch, attempt):
+    def noisy_ann(q, fetch, attempt, share):
         ids = np.stack([rng.permutation(700)[:fetch] for _ in q])
         ids[rng.random(ids.shape) < 0.1] = -1
         s = np.einsum("qd,qfd->qf", q, emb[np.maximum(ids, 0)]).astype(np.float32)
@@ -174,7 +177,7 @@ def test_an_empty_ann_answers_every_query_exactly():
     conditions = rng.integers(0, 6, 30)
     stats = FilterStats()
     got_s, got_i = filtered_topk(
-        queries, 7, conditions, ConditionLists(codes, 6, emb), ann=lambda q, f, a: (
+        queries, 7, conditions, ConditionLists(codes, 6, emb), ann=lambda q, f, a, share: (
             np.full((len(q), f), np.nan, np.float32), np.full((len(q), f), -1)), exact_below=0, stats=stats)
     want_s, want_i = _reference(queries, emb, codes, conditions, 7, None)
     np.testing.assert_array_equal(got_i, want_i)

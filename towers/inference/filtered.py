@@ -19,7 +19,14 @@ searched exactly over their items: every query of one value in one matmul, the g
 ANN over the whole corpus fetches `overfetch` / share times the candidates the value needs, doubled on each
 retry while the ANN probes wider, keeps the value's items, and queries still short (the value's items are rarer
 near the query than in the corpus) or needing a fetch past `max_ann_fetch` are answered exactly over the
-value's items. So `k` is always filled when the value holds >= k eligible items; fewer come back only when fewer
+value's items. The ANN is told the value's share: a rare value's best items lie further out among the query's
+neighbours than the unfiltered top k, so a tree probes more leaves for it (`serve.scann_index`), or they are
+missed without the search ever coming back short.
+
+Where the threshold lies: exactly, a value costs its size; through the ANN, the probed leaves plus the exact
+rescoring of about 10 k / share candidates (the whole-corpus neighbours the value's k best hide among). The
+second grows as the value shrinks, so for a million items and k = 20 values below a few percent of the corpus
+are cheaper exactly (scripts/bench_serve.py --filtered measures both). So `k` is always filled when the value holds >= k eligible items; fewer come back only when fewer
 exist. Because a value's slot list is sorted, its numbering keeps the slot order: equal scores come by smaller
 slot first, the tie rule of `towers.inference.search`.
 """
@@ -28,13 +35,20 @@ from __future__ import annotations
 import dataclasses
 import math
 import threading
+from typing import Callable
 
 import numpy as np
 
 from data.types import PAD, csr_pairs
-from towers.inference.search import AnnFn, topk_excluding
+from towers.inference.search import topk_excluding
 
 _SCORE_BYTES = 1 << 28      # exact_topk_ranked scores at most this many bytes of [queries, items] at once
+
+
+# (queries float32[m, D], fetch, attempt, share) -> (scores float32[m, fetch], slots int[m, fetch]) over the whole
+# corpus: `share` is the fraction of the corpus the queries' value holds, so a partitioned ANN can probe more of
+# its partitions for a rare value (its top items lie further out among the query's neighbours).
+FilteredAnnFn = Callable[[np.ndarray, int, int, float], tuple[np.ndarray, np.ndarray]]
 
 
 class ConditionValueError(ValueError):
@@ -182,7 +196,7 @@ def check_conditions(conditions, num_queries: int, num_values: int) -> np.ndarra
 
 def filtered_topk(queries: np.ndarray, k: int, conditions, lists: ConditionLists,
                   ex_indptr: np.ndarray | None = None, ex_items: np.ndarray | None = None, *,
-                  ann: AnnFn | None = None, exact_below: int = 20_000, overfetch: float = 2.0,
+                  ann: FilteredAnnFn | None = None, exact_below: int = 20_000, overfetch: float = 2.0,
                   max_ann_fetch: int | None = None, max_attempts: int = 3,
                   stats: FilterStats | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Top-k items by dot product among the items holding each query's condition value.
@@ -193,8 +207,9 @@ def filtered_topk(queries: np.ndarray, k: int, conditions, lists: ConditionLists
       conditions: int[Q], each query's value in [0, lists.num_values).
       lists: the corpus's `ConditionLists` (its vectors are what is scored exactly).
       ex_indptr, ex_items: optional CSR aligned with `queries` of the slots never to return (repeats allowed).
-      ann: (queries float32[m, D], fetch, attempt) -> (scores float32[m, fetch], slots int[m, fetch]) over the
-        whole corpus, -1 / NaN marking missing candidates, wider on later attempts; None = exact only.
+      ann: (queries float32[m, D], fetch, attempt, share) -> (scores float32[m, fetch], slots int[m, fetch]) over
+        the whole corpus, -1 / NaN marking missing candidates, wider on later attempts and for smaller shares
+        (`FilteredAnnFn`); None = exact only.
       exact_below: values with at most this many items are searched exactly, never by the ANN.
       overfetch: the first ANN fetch of a value holding a share s of the corpus is overfetch / s times the
         candidates the value needs (k plus the query's exclusions in it); doubled on each retry.
@@ -242,7 +257,7 @@ def filtered_topk(queries: np.ndarray, k: int, conditions, lists: ConditionLists
 
             def value_ann(q, fetch, attempt, items=items, share=share):
                 depth = min(n, math.ceil(fetch * overfetch * 2 ** attempt / share))
-                return _keep_value(*ann(q, depth, attempt), items)
+                return _keep_value(*ann(q, depth, attempt, share), items)
 
             def value_exact(r, sub_indptr, sub_items, qv=qv, value=value, kk=kk):
                 return exact_topk_ranked(qv[r], lists.vectors(value), kk, sub_indptr, sub_items)
