@@ -91,8 +91,9 @@ class Tower(nnx.Module):
           history_emb: [B, H, id_dim] item-table rows of the user's history; history_mask: [B, H].
           dropout_rng: when given (training), each example's id row is zeroed with prob `id_dropout`, which
             teaches the tower to embed from features alone (fresh items, unseen users), and each of its elements
-            with prob `id_dropout_elementwise` (the others scaled by 1/(1-p)); a conditional tower's condition is
-            replaced by none with prob `condition_dropout`.
+            with prob `id_dropout_elementwise` (the others scaled by 1/(1-p)). (A conditional tower's
+            `condition_dropout` is applied by the training step to the codes, `drop_condition`, so the loss
+            sees which rows went without a condition.)
         Returns:
           [B, output_dim], unit L2 norm when `normalize`; [B, K, output_dim] for a user tower with
           `num_embeddings` K > 1 (the history mean replaced by each of the K interests of
@@ -103,7 +104,7 @@ class Tower(nnx.Module):
             if dropout_rng is not None:
                 id_emb = self._drop_id(id_emb, dropout_rng)
             parts.append(id_emb)
-        f = self._fields(feats, dropout_rng, id_emb, history_emb)
+        f = self._fields(feats, id_emb, history_emb)
         if self.interests is not None:
             return self._multi(f, parts, history_emb, history_mask)
         if self.use_history:
@@ -120,7 +121,7 @@ class Tower(nnx.Module):
             x = jnp.concatenate(parts, axis=-1) if len(parts) > 1 else parts[0]
         return self._head(x)
 
-    def _fields(self, feats: dict, dropout_rng, id_emb, history_emb) -> jax.Array | None:
+    def _fields(self, feats: dict, id_emb, history_emb) -> jax.Array | None:
         """[B, F, feature_dim]: the side-feature embeddings, then the condition's (row 0 = none), or None."""
         f = self.features(feats) if len(self.features) else None
         if self.condition is None:
@@ -130,9 +131,6 @@ class Tower(nnx.Module):
             raise ValueError("a conditional tower with no other input needs the condition in feats")
         b = known[0].shape[0]
         code = jnp.asarray(feats[CONDITION], jnp.int32) if CONDITION in feats else jnp.full((b,), -1, jnp.int32)
-        if dropout_rng is not None and self.condition_dropout > 0:
-            drop = jax.random.bernoulli(jax.random.fold_in(dropout_rng, 2), self.condition_dropout, code.shape)
-            code = jnp.where(drop, -1, code)
         c = self.condition(jnp.maximum(code, -1) + 1)[:, None, :]
         return c if f is None else jnp.concatenate([f, c], axis=1)
 
@@ -195,6 +193,13 @@ class TwoTower(nnx.Module):
             raise ConfigError("model.item.condition: conditions belong to the user (query) tower; the item tower "
                               "reads the item's own features")
         self.item = Tower(cfg.item, select_features(item_specs, cfg.item.features, "item"), name="item", **common)
+
+
+def drop_condition(codes: jax.Array, rate: float, rng: jax.Array) -> jax.Array:
+    """Training's condition dropout: each code replaced by -1 (no condition) with probability `rate`."""
+    if rate <= 0:
+        return codes
+    return jnp.where(jax.random.bernoulli(rng, rate, codes.shape), -1, codes)
 
 
 def condition_spec(cfg: TowerConfig, item_specs: list[FeatureSpec]) -> FeatureSpec | None:

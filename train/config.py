@@ -54,6 +54,10 @@ class LossConfig:
                                       "log(M_r / N); 0 = none", ge=0)
     user_dropout: float = _help(0.0, "dropout on the user embedding in training (renormalised when "
                                      "model.normalize), before the scores", ge=0, lt=1)
+    condition_filter: bool = _help(True, "a conditional user tower (model.user.condition): each example's "
+                                         "softmax keeps only the candidates having its condition value, as the "
+                                         "filtered search ranks only those at serving (an example fed no "
+                                         "condition keeps all); false = every candidate")
 
 
 @dataclass

@@ -173,7 +173,9 @@ def build_parts(c: config_lib.Config, ds, steps: int, devices: list, table_rows:
         ccl_negative_weight=c.loss.ccl_negative_weight, negative_power=c.loss.bsl_negative_power,
         negatives_per_row=c.loss.negatives_per_row, user_dropout=c.loss.user_dropout,
         use_user_table="user" in sizes, use_item_table="item" in sizes, use_history=c.model.user.use_history,
-        use_item_history=c.model.item.use_history, logq_streaming=streaming)
+        use_item_history=c.model.item.use_history, logq_streaming=streaming,
+        condition=c.model.user.condition, condition_dropout=c.model.user.condition_dropout,
+        condition_filter=c.loss.condition_filter)
     step_fn = make_step(graphdef=graphdef, cfg=step_cfg, dense_tx=dense_tx, sparse_opts=sparse_opts)
     launcher = Launcher(c.train.launcher, step_fn, devices, model=model_axis,
                         replicated=("logq_freq",) if streaming else ())

@@ -162,6 +162,21 @@ def accidental_hits(label_ids: jax.Array, candidate_ids: jax.Array, label_cols: 
     return same_item & (cols[None, :] != label_cols[:, None])
 
 
+def outside_condition(row_condition: jax.Array, values: jax.Array) -> jax.Array:
+    """Where a candidate lacks its row's condition value (conditional retrieval's filtered softmax).
+
+    Args:
+      row_condition: int[batch] each row's condition code; -1 = none (that row keeps every candidate).
+      values: the candidates' values of the condition feature, L slots each (1 for a categorical feature, -1
+        padded for a multihot one): int[C, L] shared by all rows, or int[batch, C, L] each row's own.
+    Returns:
+      bool[batch, C], True where the candidate has not the row's value.
+    """
+    values = values[None] if values.ndim == 2 else values
+    has = jnp.any(values == row_condition[:, None, None], axis=-1)
+    return ~has & (row_condition[:, None] >= 0)
+
+
 def row_accidental_hits(label_ids: jax.Array, row_ids: jax.Array) -> jax.Array:
     """Where a row's own negative is the row's positive item.
 
@@ -399,11 +414,31 @@ def _append_row_negatives(raw, removed, hits, logq, row_raw, row_hits, row_logq)
     return jnp.concatenate([raw, row_raw], axis=1), removed, hits, logq
 
 
+def _condition_columns(row_condition, candidate_condition, neg_condition, row_neg_condition, label_cols,
+                       axis_name, gather_negatives, num_cols):
+    """bool[batch, num_cols]: the columns outside each row's condition (never the row's own label)."""
+    def flat(v):   # [n] or [n, L] -> [n, L]
+        return v.reshape(v.shape[0], -1)
+
+    values = flat(_gather(flat(candidate_condition), axis_name))
+    if neg_condition is not None:
+        values = jnp.concatenate([values, flat(_gather(flat(neg_condition), axis_name if gather_negatives
+                                                       else None))], axis=0)
+    out = outside_condition(row_condition, values)
+    if row_neg_condition is not None:
+        per_row = row_neg_condition.reshape(*row_neg_condition.shape[:2], -1)
+        out = jnp.concatenate([out, outside_condition(row_condition, per_row)], axis=1)
+    if out.shape[1] != num_cols:
+        raise ValueError(f"condition values for {out.shape[1]} candidate columns, the scores have {num_cols}")
+    return out & (jnp.arange(num_cols)[None, :] != label_cols[:, None])
+
+
 def retrieval_loss(q, c, *, temperature, candidate_ids=None, candidate_logq=None, label_ids=None, neg_c=None,
                    neg_ids=None, neg_logq=None, axis_name=None, mask=None, remove_accidental_hits=True,
                    gather_negatives=True, num_hard_negatives=None, recall_ks=(), in_batch_negatives=True,
                    loss_type="softmax", ccl_margin=0.9, ccl_negative_weight=150.0, row_neg_c=None,
-                   row_neg_ids=None, row_neg_logq=None, negative_power=1.0):
+                   row_neg_ids=None, row_neg_logq=None, negative_power=1.0, row_condition=None,
+                   candidate_condition=None, neg_condition=None, row_neg_condition=None):
     """Sampled softmax over [global in-batch positives ∪ M negatives ∪ the row's own M_r negatives], with log-q
     and accidental-hit corrections.
 
@@ -440,6 +475,11 @@ def retrieval_loss(q, c, *, temperature, candidate_ids=None, candidate_logq=None
       row_neg_ids: optional int[batch, per_row]; needed with row_neg_c when removing accidental hits.
       row_neg_logq: optional float[batch, per_row]; required with row_neg_c exactly when candidate_logq is given.
       negative_power: the exponent on the negatives' log-sum-exp (`bsl_cross_entropy`); 1 = plain softmax.
+      row_condition: optional int[batch] condition code of each row (-1 = none): the row's softmax then keeps
+        only the candidates having that value (`outside_condition`), as the filtered search at serving ranks
+        only those. Needs candidate_condition ([batch] or [batch, L], gathered like the ids), neg_condition
+        with neg_c and row_neg_condition ([batch, per_row(, L)]) with row_neg_c. The in-batch recall metric
+        still ranks every candidate.
 
     Returns:
       (loss_sum, count, extras): float32 scalars `sum(mask * loss_row)` and `sum(mask)`, and a dict of sums:
@@ -471,6 +511,9 @@ def retrieval_loss(q, c, *, temperature, candidate_ids=None, candidate_logq=None
         raw, removed, hits, logq = _append_row_negatives(raw, removed, hits, logq, row_scores(q, row_neg_c),
                                                          row_hits, row_neg_logq)
     shown = removed  # the in-batch recall metric ranks all real candidates, whatever the loss uses
+    if row_condition is not None:
+        removed = removed | _condition_columns(row_condition, candidate_condition, neg_condition, row_neg_condition,
+                                               label_cols, axis_name, gather_negatives, raw.shape[1])
     if not in_batch_negatives:
         cols = jnp.arange(raw.shape[1])
         in_batch = cols < num_in_batch

@@ -34,7 +34,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from data.types import CONDITION
 from towers.layers import l2_normalize
+from towers.two_tower import drop_condition
 from train import freq_estimator, losses
 
 
@@ -61,6 +63,9 @@ class StepConfig:
     negatives_per_row: int = 0
     user_dropout: float = 0.0
     logq_streaming: freq_estimator.FreqSpec | None = None   # None: log q from the host's item counts
+    condition: str | None = None        # a conditional user tower's item feature (model.user.condition)
+    condition_dropout: float = 0.0      # share of rows fed no condition (model.user.condition_dropout)
+    condition_filter: bool = False      # a conditional row's softmax keeps only candidates with its value
 
 
 def _psum(x, axis_name):
@@ -249,12 +254,32 @@ def user_embeddings(model, x: dict, local: dict, rng: jax.Array, cfg: StepConfig
     return l2_normalize(q) if model.user.normalize else q
 
 
+def condition_inputs(local: dict, rng: jax.Array, cfg: StepConfig) -> tuple[dict, dict]:
+    """A conditional tower's training inputs: `local` with `cfg.condition_dropout` of the rows' condition codes
+    set to none (-1), and the `losses.retrieval_loss` arguments of `cfg.condition_filter` (each row's softmax
+    over the candidates having its value; a row without one keeps all), or {} without it."""
+    if cfg.condition is None:
+        return local, {}
+    codes = drop_condition(local["user_feat"][CONDITION], cfg.condition_dropout, jax.random.fold_in(rng, 2))
+    local = dict(local, user_feat=dict(local["user_feat"], **{CONDITION: codes}))
+    if not cfg.condition_filter:
+        return local, {}
+    name = cfg.condition
+    kw = {"row_condition": codes, "candidate_condition": local["item_feat"][name]}
+    if cfg.global_negatives:
+        kw["neg_condition"] = local["neg_item_feat"][name]
+    if cfg.negatives_per_row:
+        kw["row_neg_condition"] = local["row_neg_item_feat"][name]
+    return local, kw
+
+
 def loss_fn(params, rows: dict, local: dict, rng: jax.Array, *, graphdef, cfg: StepConfig,
             axis_name: str | None):
     """Global-mean sampled-softmax loss contribution of this device's rows (+ L2 on touched rows)."""
     model = nnx.merge(graphdef, params)
     x = tower_inputs(rows, local, cfg)
     k_user, k_item, k_neg = jax.random.split(rng, 3)
+    local, condition_kw = condition_inputs(local, k_user, cfg)
     q = user_embeddings(model, x, local, k_user, cfg)
     c = model.item(local["item_feat"], x.get("item_id"), x.get("item_history"), local.get("item_history_mask"),
                    dropout_rng=k_item)
@@ -274,7 +299,7 @@ def loss_fn(params, rows: dict, local: dict, rng: jax.Array, *, graphdef, cfg: S
         axis_name=axis_name, mask=local["mask"], remove_accidental_hits=cfg.remove_accidental_hits,
         recall_ks=(10,), in_batch_negatives=cfg.in_batch_negatives, loss_type=cfg.loss_type,
         ccl_margin=cfg.ccl_margin, ccl_negative_weight=cfg.ccl_negative_weight,
-        negative_power=cfg.negative_power)
+        negative_power=cfg.negative_power, **condition_kw)
     total = _psum(count, axis_name)
     loss = loss_sum / total
     if cfg.embedding_l2:

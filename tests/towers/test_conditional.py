@@ -12,7 +12,7 @@ from data.batching import Batches
 from data.types import CONDITION, FeatureSpec
 from tests.helpers import smoke_cfg
 from towers.config import ConfigError, ModelConfig, TowerConfig
-from towers.two_tower import TwoTower
+from towers.two_tower import TwoTower, drop_condition
 from train.loop import load_data, run
 
 GENRE = FeatureSpec("genre", "categorical", 5)
@@ -54,18 +54,17 @@ def test_condition_is_one_more_field_as_numpy_says():
     assert not np.allclose(np.asarray(got)[:5], np.asarray(none)[:5])
 
 
-def test_condition_dropout_feeds_none_at_its_rate_in_training_only():
-    model = _model(condition_dropout=0.3)
-    n = 4000
-    id_emb = jnp.zeros((n, 6))
-    feats = {"age": np.zeros(n, np.int32), CONDITION: np.full(n, 2, np.int32)}
-    none = np.asarray(model.user({"age": feats["age"]}, id_emb))[0]
-    kept = np.asarray(model.user(feats, id_emb))[0]
-    out = np.asarray(model.user(feats, id_emb, dropout_rng=jax.random.key(3)))
-    is_none = np.isclose(out, none, atol=1e-6).all(1)
-    is_kept = np.isclose(out, kept, atol=1e-6).all(1)
-    assert (is_none | is_kept).all()
-    assert is_none.mean() == pytest.approx(0.3, abs=0.03)
+def test_condition_dropout_feeds_none_at_its_rate():
+    codes = jnp.full((4000,), 2, jnp.int32)
+    out = np.asarray(drop_condition(codes, 0.3, jax.random.key(3)))
+    assert set(np.unique(out)) == {-1, 2}
+    assert (out == -1).mean() == pytest.approx(0.3, abs=0.03)
+    np.testing.assert_array_equal(np.asarray(drop_condition(codes, 0.0, jax.random.key(3))), 2)
+    # the tower itself never drops it (the step does, so the loss knows): training and inference agree
+    model = _model(condition_dropout=0.5)
+    feats = {"age": np.zeros(8, np.int32), CONDITION: np.full(8, 2, np.int32)}
+    np.testing.assert_array_equal(np.asarray(model.user(feats, jnp.zeros((8, 6)), dropout_rng=jax.random.key(1))),
+                                  np.asarray(model.user(feats, jnp.zeros((8, 6)))))
 
 
 def test_condition_config_errors():
@@ -168,3 +167,54 @@ def test_conditional_evaluation_matches_a_brute_force_reference():
     assert got["conditional"]["recall@10"] != got["post_filter"]["recall@10"]
     assert sum(v["queries"] for v in got["per_value"]) == got["num_queries"]
     assert got["tail_values"] and set(got["tail_values"]) < {v["code"] for v in got["per_value"]}
+
+
+# ---------------------------------------------------------------- the filtered softmax of training
+def test_outside_condition_matches_numpy():
+    from train.losses import outside_condition
+    rng = np.random.default_rng(1)
+    rows = np.array([0, 3, -1, 5], np.int32)
+    values = rng.integers(-1, 6, (7, 3)).astype(np.int32)
+    want = np.array([[r >= 0 and r not in v for v in values] for r in rows])
+    np.testing.assert_array_equal(np.asarray(outside_condition(jnp.asarray(rows), jnp.asarray(values))), want)
+    own = rng.integers(-1, 6, (4, 5, 2)).astype(np.int32)
+    want = np.array([[r >= 0 and r not in v for v in own[i]] for i, r in enumerate(rows)])
+    np.testing.assert_array_equal(np.asarray(outside_condition(jnp.asarray(rows), jnp.asarray(own))), want)
+
+
+def test_filtered_softmax_is_the_softmax_over_the_rows_own_value():
+    """Each row's loss is the cross entropy over its label and the candidates (in-batch, shared and own
+    negatives) having the row's value, with log q; a row without a condition keeps every candidate."""
+    from train.losses import retrieval_loss
+    rng = np.random.default_rng(2)
+    b, m, mr, d, t = 6, 4, 3, 5, 0.5
+    q, c = rng.normal(size=(b, d)), rng.normal(size=(b, d))
+    neg, own = rng.normal(size=(m, d)), rng.normal(size=(b, mr, d))
+    ids = np.arange(b) + 100
+    neg_ids, own_ids = np.arange(m) + 200, np.arange(b * mr).reshape(b, mr) + 300
+    logq, neg_logq, own_logq = rng.normal(size=b), rng.normal(size=m), rng.normal(size=(b, mr))
+    c_val = rng.integers(-1, 3, (b, 2))
+    c_val[:, 0] = rng.integers(0, 3, b)               # each positive has a value
+    row = c_val[:, 0].copy()
+    row[4] = -1                                       # a row fed no condition
+    n_val, o_val = rng.integers(-1, 3, (m, 2)), rng.integers(-1, 3, (b, mr, 2))
+    f = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
+    loss_sum, count, _ = retrieval_loss(
+        f(q), f(c), temperature=t, candidate_ids=jnp.asarray(ids), candidate_logq=f(logq), neg_c=f(neg),
+        neg_ids=jnp.asarray(neg_ids), neg_logq=f(neg_logq), row_neg_c=f(own), row_neg_ids=jnp.asarray(own_ids),
+        row_neg_logq=f(own_logq), row_condition=jnp.asarray(row), candidate_condition=jnp.asarray(c_val),
+        neg_condition=jnp.asarray(n_val), row_neg_condition=jnp.asarray(o_val))
+    total = 0.0
+    for i in range(b):
+        cols = [(q[i] @ c[j] / t - logq[j], row[i] < 0 or j == i or row[i] in c_val[j]) for j in range(b)]
+        cols += [(q[i] @ neg[j] / t - neg_logq[j], row[i] < 0 or row[i] in n_val[j]) for j in range(m)]
+        cols += [(q[i] @ own[i, j] / t - own_logq[i, j], row[i] < 0 or row[i] in o_val[i, j]) for j in range(mr)]
+        kept = np.array([x for x, keep in cols if keep])
+        total += np.log(np.exp(kept).sum()) - cols[i][0]
+    assert float(count) == b
+    assert float(loss_sum) == pytest.approx(total, rel=1e-5)
+    plain, _, _ = retrieval_loss(
+        f(q), f(c), temperature=t, candidate_ids=jnp.asarray(ids), candidate_logq=f(logq), neg_c=f(neg),
+        neg_ids=jnp.asarray(neg_ids), neg_logq=f(neg_logq), row_neg_c=f(own), row_neg_ids=jnp.asarray(own_ids),
+        row_neg_logq=f(own_logq))
+    assert float(plain) > float(loss_sum)   # fewer negatives, smaller loss
