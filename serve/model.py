@@ -55,6 +55,8 @@ class Query:
     k: int
     exclude: list
     id_emb: np.ndarray | None = None
+    conditions: list[int] | None = None   # a conditional model's requested condition codes (None = unconditioned)
+    condition: int = -1                   # the code this row feeds the tower (one per condition; -1 = none)
 
 
 class Model:
@@ -88,6 +90,7 @@ class Model:
         self.item_hashed = t.model.item.use_id and "item" in t.hashing
         self.item_table = t.tables.get("item")
         self.output_dim = int(t.config["model"]["output_dim"])
+        self.condition = t.config["model"]["user"].get("condition")   # a conditional tower's item feature
 
     # ------------------------------------------------------------------------------------------ features
     def _code(self, name: str, value) -> int:
@@ -199,7 +202,8 @@ class Model:
             for j, q in enumerate(queries):
                 if q.id_emb is not None:
                     id_emb[j] = q.id_emb
-        inputs = UserInputs(np.asarray([q.row for q in queries], np.int32), feats, history, id_emb)
+        condition = np.asarray([q.condition for q in queries], np.int32) if self.condition else None
+        inputs = UserInputs(np.asarray([q.row for q in queries], np.int32), feats, history, id_emb, condition)
         return embed_users(self.trained, self.ds, inputs, buckets=self.batch_sizes)
 
     def item_embeddings(self, items, id_kind: str, dim: int) -> tuple[list, np.ndarray]:
@@ -230,6 +234,38 @@ class Model:
             emb[by_feat] = embed_items(self.trained, self.ds, rows, features=stacked, raw_ids=np.asarray(keys),
                                        buckets=self.batch_sizes)
         return ids, emb
+
+    def item_conditions(self, items, id_kind: str, feature: str) -> np.ndarray:
+        """The condition codes of upserted items, for an index that filters by `feature`: the request's value of
+        the feature when given (raw values, encoded as for the tower), else the stored value of an item the
+        training data holds. int32[M] (categorical) or int32[M, L] (multihot, -1 padded). A new item without
+        the value is a 422: a filtered search could never return it."""
+        spec = self.specs.get(feature)
+        if spec is None:   # the item tower does not read it: the data's spec
+            spec = next(s for s in self.ds.item_feature_specs if s.name == feature)
+            self.specs[feature] = spec
+        keys = [as_id_kind(it.id, id_kind) for it in items]
+        rows = self.trained.item_vocab.lookup(np.asarray(keys), missing="minus_one")
+        out = []
+        for it, row in zip(items, rows.tolist()):
+            if it.features is not None and feature in it.features:
+                given = it.features[feature]
+                values = given if isinstance(given, list) else [given]
+                codes = [self._code(feature, v) for v in values[:spec.max_len]]
+                if -1 in codes or not codes or len(values) > spec.max_len or \
+                        (spec.kind == "categorical" and len(values) != 1):
+                    raise ClientError(422, f"item {it.id!r}: features.{feature}={str(given)[:100]} must be "
+                                           f"{'one known value' if spec.kind == 'categorical' else 'known values'}"
+                                           f" of {feature!r}")
+                row_codes = np.full(spec.max_len, -1, np.int32)
+                row_codes[:len(codes)] = codes
+                out.append(row_codes[0] if spec.kind == "categorical" else row_codes)
+            elif row >= 0:
+                out.append(np.asarray(self.ds.item_features[feature][row]))
+            else:
+                raise ClientError(422, f"item {it.id!r}: new to the model, and this index filters by {feature!r}: "
+                                       f"give features.{feature}")
+        return np.stack(out).astype(np.int32)
 
     def warmup(self) -> None:
         """Compiles the user tower for every batch size and the item tower for the smallest one."""

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Stri
 RawId = Union[StrictStr, StrictInt]
 
 MAX_LIST = 10_000          # ids / items per request: bounded work per call
+MAX_CONDITIONS = 64        # condition values per request: one user-tower row and one search each
 MAX_EMBEDDING_VALUE = 1e4  # larger coordinates could overflow float32 dot products into inf scores
 
 
@@ -30,6 +31,12 @@ class TopKRequest(_Body):
     exclude: list[RawId] | None = Field(None, max_length=MAX_LIST, description="raw item ids never to return")
     exclude_seen: StrictBool = Field(False, description="also exclude the user's training items (known users) "
                                                         "and the given history")
+    condition: RawId | list[RawId] | None = Field(
+        None, description="conditional models (model.user.condition) only: one value, or a list of up to "
+                          f"{MAX_CONDITIONS} values, of the condition feature (e.g. a genre). Only items with the "
+                          "value are returned; for several values, each value's list (the user embedded with "
+                          "that value) merged round-robin without duplicates, `k` filled whenever the values hold "
+                          "k eligible items together. null = unconditioned (the tower fed no condition)")
 
 
 class ScoredItem(BaseModel):

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -47,6 +48,7 @@ from serve.index import MutationError, UnknownIdError
 from serve.manifest import IndexLoadError, ModelVersionError, load_index
 from serve.metrics import Metrics
 from serve.model import ClientError, Model, Query, as_id_kind  # noqa: F401 (re-exported)
+from towers.inference.filtered import ConditionValueError
 
 log = logging.getLogger("twotower.serve")
 
@@ -116,8 +118,10 @@ class ServerState:
     def _run_batch(self, queries: list[Query]) -> list:
         """One user-tower call and one index search for a batch of queries (the batcher's worker thread)."""
         index, exported = self.current
-        emb = self.model.embed_queries(queries)
         k = min(max(q.k for q in queries), len(index))
+        if any(q.conditions for q in queries):
+            return self._run_conditional(index, exported, queries, k)
+        emb = self.model.embed_queries(queries)
         if emb.ndim == 3:
             return self._run_multi(index, exported, queries, emb, k)
         exclude = [q.exclude for q in queries] if any(q.exclude for q in queries) else None
@@ -126,6 +130,40 @@ class ServerState:
         # -inf marks padding when exclusions leave fewer than k items. Python lists: cheaper than numpy rows.
         return [([{"id": v, "score": x} for v, x in zip(i[:q.k], s[:q.k]) if math.isfinite(x)], version)
                 for q, s, i in zip(queries, scores.tolist(), ids.tolist())]
+
+    def _run_conditional(self, index, exported: str, queries: list[Query], k: int) -> list:
+        """`_run_batch` for a batch holding conditional queries: one tower row per (query, condition value),
+        all embedded in one call; the rows with a value searched in one filtered index call (only items holding
+        their value), the unconditioned rows in one plain call; each query's lists merged round-robin without
+        duplicates (`towers.inference.multi.merge_searched`), so `k` is filled whenever the query's values
+        hold k eligible items together. An item's score is the one of the value whose list it came from."""
+        from towers.inference.multi import merge_searched
+
+        owner, slot, rows = [], [], []
+        for j, q in enumerate(queries):
+            for i, code in enumerate(q.conditions or [-1]):
+                owner.append(j), slot.append(i), rows.append(dataclasses.replace(q, condition=code))
+        owner, slot = np.asarray(owner, np.int64), np.asarray(slot, np.int64)
+        emb = self.model.embed_queries(rows)
+        codes = np.asarray([r.condition for r in rows], np.int64)
+        scores, ids, version = np.full((len(rows), k), -np.inf, np.float32), None, {}
+        for part in (np.flatnonzero(codes >= 0), np.flatnonzero(codes < 0)):   # filtered rows, then plain ones
+            if not part.size:
+                continue
+            exclude = [rows[r].exclude for r in part] if any(rows[r].exclude for r in part) else None
+            s, i, generation = index.search_with_generation(
+                emb[part], k, exclude=exclude, conditions=codes[part] if codes[part[0]] >= 0 else None)
+            ids = np.empty((len(rows), k), i.dtype) if ids is None else ids
+            scores[part], ids[part] = s, i
+            for r in part:
+                version[int(owner[r])] = _with_mutations(exported, generation)
+        found = np.isfinite(scores)
+        _, item_codes = np.unique(ids, return_inverse=True)   # raw ids of either kind -> ints for the merge
+        item_codes = np.where(found, item_codes.reshape(ids.shape), -1)
+        merged, pos = merge_searched(owner, slot, scores, item_codes, len(queries), int(slot.max()) + 1, k)
+        raw = ids.reshape(-1)[np.maximum(pos, 0)]
+        return [([{"id": v, "score": x} for v, x in zip(i[:q.k], s[:q.k]) if math.isfinite(x)], version[j])
+                for j, (q, s, i) in enumerate(zip(queries, merged.tolist(), raw.tolist()))]
 
     @staticmethod
     def _run_multi(index, exported: str, queries: list[Query], emb: np.ndarray, k: int) -> list:
@@ -153,6 +191,8 @@ class ServerState:
         if req.k > len(index):
             raise ClientError(422, f"k={req.k} exceeds the corpus size {len(index)}; ask for k in [1, {len(index)}]")
         query = self.model.make_query(req, index.id_kind)
+        if req.condition is not None:
+            query.conditions = self._condition_codes(req.condition, index)
         answer = self.batcher.submit_async(query)
         try:
             items, version, *interests = await asyncio.wait_for(answer, _REQUEST_TIMEOUT_S)
@@ -167,6 +207,32 @@ class ServerState:
             out["interests"] = interests[0]
         return out
 
+    def _condition_codes(self, raw, index) -> list[int]:
+        """A request's `condition` (one raw value or a list) -> the distinct codes, in the order given; a 422
+        naming the problem for a model or index without a condition, too many values or an unknown one."""
+        feature = self.model.condition
+        if feature is None:
+            raise ClientError(422, "condition: this model is not conditional (its model.user.condition is null); "
+                                   "leave condition out")
+        held = index.condition
+        if held is None or held["feature"] != feature:
+            raise ClientError(422, f"condition: the served index holds no {feature!r} values to filter by; export "
+                                   "it from this conditional run")
+        values = list(dict.fromkeys(raw if isinstance(raw, list) else [raw]))
+        if not values or len(values) > schemas.MAX_CONDITIONS:
+            raise ClientError(422, f"condition: give 1 to {schemas.MAX_CONDITIONS} distinct values, got "
+                                   f"{len(values)}")
+        if index.condition_values() is None:   # a feature without a value vocabulary: its integer codes
+            bad = [v for v in values if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < held["size"]]
+            if bad:
+                raise ClientError(422, f"condition: {feature!r} has no value vocabulary; give integer codes in "
+                                       f"[0, {held['size']}), got {bad[:5]}")
+            return [int(v) for v in values]
+        try:
+            return [int(c) for c in index.condition_codes(values)]
+        except ConditionValueError as e:
+            raise ClientError(422, f"condition: {e}") from None
+
     # ----------------------------------------------------------------------------------------- mutations
     def live(self) -> tuple:
         """(the live index, its version label now)."""
@@ -177,8 +243,11 @@ class ServerState:
         with self._mutate:
             index, _ = self.current
             ids, emb = self.model.item_embeddings(req.items, index.id_kind, index.dim)
+            held = index.condition
+            conditions = None if held is None else \
+                self.model.item_conditions(req.items, index.id_kind, held["feature"])
             try:
-                index.upsert(emb, ids)
+                index.upsert(emb, ids, conditions=conditions)
             except MutationError as e:
                 raise _failed_mutation(e) from None
             except (ValueError, TypeError) as e:
