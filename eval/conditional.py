@@ -85,8 +85,19 @@ def _search_within(queries: np.ndarray, item_emb: np.ndarray, cand: np.ndarray, 
     return out
 
 
+def _first_within(ranked: np.ndarray, member: np.ndarray, k: int) -> np.ndarray:
+    """int64[Q, k]: the first k entries of each ranked row that `member` (bool[N]) holds, PAD past them."""
+    ok = member[np.maximum(ranked, 0)] & (ranked >= 0)
+    pick = np.argsort(~ok, axis=1, kind="stable")[:, :k]
+    out = np.where(np.take_along_axis(ok, pick, axis=1), np.take_along_axis(ranked, pick, axis=1), PAD)
+    if out.shape[1] < k:
+        out = np.concatenate([out, np.full((len(out), k - out.shape[1]), PAD, out.dtype)], axis=1)
+    return out
+
+
 def evaluate_conditional(embed_users_fn, item_emb: np.ndarray, ds, users: np.ndarray, name: str, ks: list[int], *,
-                         split: str = "test", baseline_user_emb: np.ndarray | None = None) -> dict:
+                         split: str = "test", baseline_user_emb: np.ndarray | None = None,
+                         post_filter_depths: tuple[int, ...] = ()) -> dict:
     """Recall and NDCG within each condition value's items, conditioned vs unconditioned + post-filter.
 
     Args:
@@ -97,6 +108,9 @@ def evaluate_conditional(embed_users_fn, item_emb: np.ndarray, ds, users: np.nda
       name: the condition feature (an item feature).
       baseline_user_emb: float32[U, d] the post-filter baseline's unconditioned embeddings of `users` (e.g. a
         model trained without a condition); None = the conditional tower fed 'no condition'.
+      post_filter_depths: also score post-filtering as a search without filters serves it: the unconditioned
+        top-D of all items (exact, exclusions applied), filtered to the value, first k kept (fewer when the top-D
+        holds fewer of the value's items), as `post_filter@D`.
     Returns:
       {"conditional": {"recall@k": ...}, "post_filter": {...}, "tail": {same two, over the long-tail values},
        "per_value": [{"value", "items", "train_interactions", "queries", "conditional", "post_filter"}],
@@ -115,10 +129,22 @@ def evaluate_conditional(embed_users_fn, item_emb: np.ndarray, ds, users: np.nda
     ranked = {"conditional": np.full((len(rows), kmax), PAD, np.int64),
               "post_filter": np.full((len(rows), kmax), PAD, np.int64)}
     values = np.unique(q["value"])
+    depth_ranked = {}
+    for depth in post_filter_depths:
+        base_users = np.asarray(embed_users_fn(np.asarray(users, np.int32), None) if baseline_user_emb is None
+                                else baseline_user_emb, np.float32)
+        everything = np.arange(item_emb.shape[0])
+        depth_ranked[depth] = _search_within(base_users, item_emb, everything, np.arange(len(users)), held,
+                                             min(depth, item_emb.shape[0]))
+        ranked[f"post_filter@{depth}"] = np.full((len(rows), kmax), PAD, np.int64)
     for v in values:
         sel = np.flatnonzero(q["value"] == v)
         for method, emb in (("conditional", cond_emb), ("post_filter", base)):
             ranked[method][sel] = _search_within(emb[sel], item_emb, cand_of[v], q["user"][sel], held, kmax)
+        member = np.zeros(item_emb.shape[0], bool)
+        member[cand_of[v]] = True
+        for depth, top in depth_ranked.items():
+            ranked[f"post_filter@{depth}"][sel] = _first_within(top[q["user"][sel]], member, kmax)
     per = {m: per_user_metrics(r, q["truth_indptr"], q["truth_items"], ks) for m, r in ranked.items()}
     counts = ds.item_counts()
     train_of = np.array([int(counts[c].sum()) for c in cand_of], np.int64)

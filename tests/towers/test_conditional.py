@@ -146,7 +146,7 @@ def test_conditional_evaluation_matches_a_brute_force_reference():
         out = user_base[rows]
         return out if codes is None else out + shift[codes]
 
-    got = evaluate_conditional(embed, item_emb, ds, users, "tags", [3, 10])
+    got = evaluate_conditional(embed, item_emb, ds, users, "tags", [3, 10], post_filter_depths=(10, ds.num_items))
     tags = ds.item_features["tags"]
     seen_ind, seen = ds.seen_csr("test")
     truth_ind, truth = ds.heldout_csr("test")
@@ -165,6 +165,9 @@ def test_conditional_evaluation_matches_a_brute_force_reference():
     for method in recalls:
         assert got[method]["recall@10"] == pytest.approx(np.mean(recalls[method]), abs=1e-9)
     assert got["conditional"]["recall@10"] != got["post_filter"]["recall@10"]
+    # post-filtering the whole ranking is the exact search within the value; a top-10 filtered holds less
+    assert got[f"post_filter@{ds.num_items}"] == got["post_filter"]
+    assert got["post_filter@10"]["recall@10"] < got["post_filter"]["recall@10"]
     assert sum(v["queries"] for v in got["per_value"]) == got["num_queries"]
     assert got["tail_values"] and set(got["tail_values"]) < {v["code"] for v in got["per_value"]}
 
