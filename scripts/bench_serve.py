@@ -18,10 +18,23 @@ can be read apart from the load on the machine.
   python scripts/bench_serve.py --items 200000 --clients 32 --requests 3000
   python scripts/bench_serve.py --clients 1 --requests 2000  # single-query latency
   python scripts/bench_serve.py --keep /tmp/bench1m --repeat 3   # reuse the built index across invocations
+
+`--filtered` measures filtered search for conditional retrieval in process (`TopK.search(..., conditions=)`,
+no HTTP): the same kind of corpus, each item given one of `--values` condition values with Zipf-like sizes
+(exponent `--zipf`; a share `--correlation` of the items take their cluster's own value, so a value is dense
+in some regions and absent from others), a ScaNN index holding the codes, and queries whose condition is drawn
+as often as items hold it (half of them) or uniformly over the values (the other half). Head values (more than
+`exact_below` items: the ANN, filtered) and tail values (searched exactly) are reported apart: recall@k against
+exact filtered search, and p50 / p99 latency of single queries and of batches, for each `--exact-below` x
+`--overfetch` setting.
+
+  python scripts/bench_serve.py --filtered                     # 1M x 64, 100 values, k = 20
+  python scripts/bench_serve.py --filtered --items 200000 --exact-below 5000,20000 --overfetch 1,2,4
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import http.client
 import json
 import os
@@ -74,6 +87,105 @@ def build_index(items: int, dim: int, out: pathlib.Path, model_version: str, que
     write_index(index, out, model_version=model_version, extra={"ann_recall@10": recall})
     return {"build_s": round(build_s, 2), "write_s": round(time.perf_counter() - t0, 2),
             "recall@10": round(recall, 4), "params": {k: v for k, v in index.params().items() if k != "config"}}
+
+
+def conditioned_corpus(items: int, queries: int, dim: int, num_values: int, exponent: float, correlation: float,
+                       rng, clusters: int = 1000) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(corpus float32[items, dim], codes int32[items], queries float32[queries, dim]): unit vectors around
+    `clusters` centres (the recipe of `tests.serve.test_index.clustered`), value v drawn with probability
+    proportional to 1 / (v + 1) ** exponent, except that a share `correlation` of the items take their cluster's
+    own value (drawn from the same law)."""
+    centres = rng.normal(size=(clusters, dim))
+    label = rng.integers(0, clusters, items + queries)
+    x = centres[label] + 0.6 * rng.normal(size=(items + queries, dim))
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    p = 1.0 / np.arange(1, num_values + 1) ** exponent
+    p /= p.sum()
+    home = rng.choice(num_values, clusters, p=p)
+    codes = np.where(rng.random(items) < correlation, home[label[:items]], rng.choice(num_values, items, p=p))
+    return x[:items], codes.astype(np.int32), x[items:]
+
+
+def _percentiles(ms: list[float]) -> dict:
+    ms = sorted(ms)
+    pick = (lambda q: round(ms[min(len(ms) - 1, int(q * len(ms)))], 3)) if ms else (lambda q: None)
+    return {"n": len(ms), "p50_ms": pick(0.5), "p99_ms": pick(0.99)}
+
+
+def bench_filtered(a) -> dict:
+    """Filtered search over a ScaNN index of `a.items` x `a.dim` holding condition codes: recall@k against
+    exact filtered search and latency, head (ANN) and tail (exact) values apart, per setting."""
+    from serve.index import BruteForce
+    from serve.scann_index import ScaNNIndex
+
+    rng = np.random.default_rng(0)
+    t0 = time.perf_counter()
+    corpus, codes, queries = conditioned_corpus(a.items, a.filter_queries, a.dim, a.values, a.zipf,
+                                                a.correlation, rng)
+    sizes = np.bincount(codes, minlength=a.values)
+    # Half the queries ask for a value as often as items hold it (the head), half for any value alike (the tail).
+    conditions = np.where(rng.random(len(queries)) < 0.5, rng.choice(a.values, len(queries), p=sizes / a.items),
+                          rng.integers(0, a.values, len(queries)))
+    ids = np.arange(a.items, dtype=np.int64)
+    gen_s, t0 = time.perf_counter() - t0, time.perf_counter()
+    index = ScaNNIndex().index(corpus, ids).set_condition("interest", codes, a.values)
+    build_s, t0 = time.perf_counter() - t0, time.perf_counter()
+    exact = BruteForce().index(corpus, ids).set_condition("interest", codes, a.values)
+    _, want = exact.search(queries, a.filter_k, conditions=conditions)
+    reference_s = time.perf_counter() - t0
+    _, unfiltered_want = exact.search(queries[:200], a.filter_k)
+    _, unfiltered_got = index.search(queries[:200], a.filter_k)
+    out = {"items": a.items, "dim": a.dim, "k": a.filter_k, "values": a.values, "zipf": a.zipf,
+           "correlation": a.correlation, "queries": len(queries),
+           "value_sizes": {"max": int(sizes.max()), "median": int(np.median(sizes)), "min": int(sizes.min()),
+                           "values_under_1000": int((sizes < 1000).sum())},
+           "index": {k: v for k, v in index.params().items() if k not in ("config", "condition")},
+           "seconds": {"generate": round(gen_s, 1), "build": round(build_s, 1), "exact_reference": round(reference_s, 1)},
+           "unfiltered_recall": round(_recall(unfiltered_got, unfiltered_want), 4), "settings": []}
+    print(json.dumps({k: v for k, v in out.items() if k != "settings"}), flush=True)
+    lat = rng.choice(len(queries), min(a.latency_queries, len(queries)), replace=False)
+    for exact_below in (int(v) for v in a.exact_below.split(",")):
+        for overfetch in (float(v) for v in a.overfetch.split(",")):
+            index.filter_settings.update(exact_below=exact_below, overfetch=overfetch)
+            head = sizes[conditions] > exact_below
+            index.filter_stats = type(index.filter_stats)()
+            _, got = index.search(queries, a.filter_k, conditions=conditions)
+            per_query = np.array([len(set(x) & set(y)) / a.filter_k for x, y in zip(got.tolist(), want.tolist())])
+            per_value = {v: per_query[conditions == v].mean() for v in np.unique(conditions[head])}
+            stats = dataclasses.asdict(index.filter_stats)
+            single = {"head": [], "tail": []}
+            for i in lat:
+                t = time.perf_counter()
+                index.search(queries[i:i + 1], a.filter_k, conditions=conditions[i:i + 1])
+                single["head" if head[i] else "tail"].append((time.perf_counter() - t) * 1000)
+            batch = []
+            for b in range(0, len(lat) - a.filter_batch + 1, a.filter_batch):
+                rows = lat[b:b + a.filter_batch]
+                t = time.perf_counter()
+                index.search(queries[rows], a.filter_k, conditions=conditions[rows])
+                batch.append((time.perf_counter() - t) * 1000)
+            row = {"exact_below": exact_below, "overfetch": overfetch,
+                   "head_values": int((sizes > exact_below).sum()),
+                   "recall_head": round(float(per_query[head].mean()), 4) if head.any() else None,
+                   "recall_tail": round(float(per_query[~head].mean()), 4) if (~head).any() else None,
+                   "worst_head_value": (min(((round(float(r), 4), int(sizes[v])) for v, r in per_value.items()),
+                                            default=None)),
+                   "stats": stats, "single_head": _percentiles(single["head"]),
+                   "single_tail": _percentiles(single["tail"]),
+                   f"batch_{a.filter_batch}": _percentiles(batch), "load_avg_1m": round(os.getloadavg()[0], 1)}
+            out["settings"].append(row)
+            print(json.dumps(row), flush=True)
+    single = []
+    for i in lat[:200]:
+        t = time.perf_counter()
+        index.search(queries[i:i + 1], a.filter_k)
+        single.append((time.perf_counter() - t) * 1000)
+    out["single_unfiltered"] = _percentiles(single)
+    return out
+
+
+def _recall(got: np.ndarray, want: np.ndarray) -> float:
+    return float(np.mean([len(set(x) & set(y)) / want.shape[1] for x, y in zip(got.tolist(), want.tolist())]))
 
 
 def _summary(parts: list[dict]) -> dict:
@@ -285,6 +397,17 @@ def main() -> None:
     p.add_argument("--keep", default=None, help="directory to build the run and index in, or reuse them from")
     p.add_argument("--server-repo", default=str(REPO), help="checkout whose `python -m serve` is measured")
     p.add_argument("--server-args", default="", help="extra key=value arguments of `python -m serve`")
+    p.add_argument("--filtered", action="store_true", help="measure filtered search in process (no server)")
+    p.add_argument("--values", type=int, default=100, help="--filtered: condition values")
+    p.add_argument("--zipf", type=float, default=1.5, help="--filtered: exponent of the values' sizes")
+    p.add_argument("--correlation", type=float, default=0.5, help="--filtered: share of items taking their "
+                   "cluster's value")
+    p.add_argument("--filter-k", type=int, default=20, help="--filtered: k")
+    p.add_argument("--exact-below", default="50000", help="--filtered: comma-separated exact_below settings")
+    p.add_argument("--overfetch", default="4", help="--filtered: comma-separated overfetch settings")
+    p.add_argument("--filter-queries", type=int, default=2000, help="--filtered: queries for the recall")
+    p.add_argument("--latency-queries", type=int, default=1000, help="--filtered: single queries timed")
+    p.add_argument("--filter-batch", type=int, default=64, help="--filtered: queries per timed batch")
     p.add_argument("--drive", type=int, default=None, help=argparse.SUPPRESS)   # internal: client process
     p.add_argument("--num-users", type=int, default=200, help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
@@ -292,6 +415,9 @@ def main() -> None:
     if a.drive is not None:
         drive = drive_sockets if a.client == "sockets" else drive_threads
         print(json.dumps(drive(a.drive, a.clients, a.requests, a.duration, a.num_users, a.k, a.seed)))
+        return
+    if a.filtered:
+        print(json.dumps(bench_filtered(a), indent=2))
         return
     with tempfile.TemporaryDirectory() as tmp:
         run_dir, num_users, index = prepare(a, pathlib.Path(tmp))

@@ -123,7 +123,7 @@ class TopK:
     # Filtered search (`towers.inference.filtered.filtered_topk`): values with at most `exact_below` items are
     # searched exactly; larger ones by the ANN, fetching `overfetch` / share times what they need, at most
     # `max_ann_fetch` (None = the corpus). Recorded in index.json with the codes.
-    filter_settings = {"exact_below": 20_000, "overfetch": 2.0, "max_ann_fetch": None}
+    filter_settings = {"exact_below": 50_000, "overfetch": 4.0, "max_ann_fetch": None}
 
     _kinds: dict[str, type["TopK"]] = {}
 

@@ -73,7 +73,8 @@ class ScaNNIndex(TopK):
     kind = "scann"
     files = TopK.files + tuple(f"scann/{name}" for name in SCANN_FILES)
     # Filtered searches probe num_leaves_to_search * share ** -leaf_exponent leaves for a value holding that
-    # share of the corpus (scripts/bench_serve.py --filtered: 0.5 keeps recall@20 >= 0.95 on rare head values).
+    # share of the corpus: with the unfiltered probe, rare values' best items were missed without the search
+    # coming back short (head recall@20 0.76-0.98 on 200k items); 0.5 gave >= 0.99 (scripts/bench_serve.py --filtered).
     filter_settings = {**TopK.filter_settings, "leaf_exponent": 0.5}
     _CONFIG_KEYS = ("num_leaves", "num_leaves_to_search", "dimensions_per_block",
                     "anisotropic_quantization_threshold", "reorder", "training_sample_size", "brute_force_below",

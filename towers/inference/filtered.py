@@ -19,16 +19,20 @@ searched exactly over their items: every query of one value in one matmul, the g
 ANN over the whole corpus fetches `overfetch` / share times the candidates the value needs, doubled on each
 retry while the ANN probes wider, keeps the value's items, and queries still short (the value's items are rarer
 near the query than in the corpus) or needing a fetch past `max_ann_fetch` are answered exactly over the
-value's items. The ANN is told the value's share: a rare value's best items lie further out among the query's
+value's items. So `k` is always filled when the value holds >= k eligible items; fewer come back only when
+fewer exist. The ANN is told the value's share: a rare value's best items lie further out among the query's
 neighbours than the unfiltered top k, so a tree probes more leaves for it (`serve.scann_index`), or they are
-missed without the search ever coming back short.
+missed without the search ever coming back short. Because a value's slot list is sorted, its numbering keeps
+the slot order: equal scores come by smaller slot first, the tie rule of `towers.inference.search`.
 
 Where the threshold lies: exactly, a value costs its size; through the ANN, the probed leaves plus the exact
 rescoring of about 10 k / share candidates (the whole-corpus neighbours the value's k best hide among). The
-second grows as the value shrinks, so for a million items and k = 20 values below a few percent of the corpus
-are cheaper exactly (scripts/bench_serve.py --filtered measures both). So `k` is always filled when the value holds >= k eligible items; fewer come back only when fewer
-exist. Because a value's slot list is sorted, its numbering keeps the slot order: equal scores come by smaller
-slot first, the tie rule of `towers.inference.search`.
+second grows as the value shrinks: on 1M x 64 items with k = 20 (2 shared cores, one BLAS thread) a single
+query costs about the same both ways near 50,000 items (5% of the corpus); a value of 28,000 took 0.5 ms
+exactly against 3-8 ms through the ANN, one of 424,000 took 15 ms exactly against 0.7-0.9 ms. An over-fetch
+of 4 leaves almost no query short (a retry probes 4x the leaves: dearer than fetching deeper at once). Both
+defaults come from `scripts/bench_serve.py --filtered` (BENCHMARKS.md, "Filtered search for conditional
+retrieval").
 """
 from __future__ import annotations
 
@@ -196,7 +200,7 @@ def check_conditions(conditions, num_queries: int, num_values: int) -> np.ndarra
 
 def filtered_topk(queries: np.ndarray, k: int, conditions, lists: ConditionLists,
                   ex_indptr: np.ndarray | None = None, ex_items: np.ndarray | None = None, *,
-                  ann: FilteredAnnFn | None = None, exact_below: int = 20_000, overfetch: float = 2.0,
+                  ann: FilteredAnnFn | None = None, exact_below: int = 50_000, overfetch: float = 4.0,
                   max_ann_fetch: int | None = None, max_attempts: int = 3,
                   stats: FilterStats | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Top-k items by dot product among the items holding each query's condition value.
