@@ -8,10 +8,22 @@ whether the step or the pipeline bounds throughput.
   python scripts/bench_train.py                       # all cases
   python scripts/bench_train.py --cases tables --rows 1e5 1e6 1e7
   TWOTOWER_DATA_DIR=../shared/data python scripts/bench_train.py --cases ml100k
+  TWOTOWER_DATA_DIR=../shared/data python scripts/bench_train.py --cases tfrs_id tfrs_hist --ab pool_history=false
+
+The `tfrs_id` / `tfrs_hist` cases are the models of the side-by-side comparison with TensorFlow Recommenders in
+BENCHMARKS.md (raw dot products, logQ, in-batch negatives, Adagrad 0.1, batch 1024; user id, and user id + mean
+of 100 causal history items). Each case reports the host phases of one batch apart (`batch_ms`: building it,
+history included; `prepare_ms`: de-duplication; `put_ms`: host-to-device) besides the step. `--ab KEY=VALUE`
+also builds the step with that `train.step.StepConfig` field changed and times both steps alternately, in
+rounds, on the same batches, so a shared machine's load falls on both alike; it prints each one's median and
+the ratio.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
+import functools
 import json
 import os
 import platform
@@ -27,6 +39,7 @@ import numpy as np  # noqa: E402
 
 from tests.helpers import compose_cfg  # noqa: E402
 from train.config import validate  # noqa: E402
+import train.loop  # noqa: E402
 from train.input import prepare  # noqa: E402
 from train.loop import build, load_data, make_batches, prepare_kwargs, select_devices  # noqa: E402
 
@@ -56,35 +69,73 @@ def time_steps(launcher, state, prepared: list, steps: int, warmup: int) -> tupl
 
 
 EXTRA_OVERRIDES: list[str] = []   # --set: appended to every case
+AB: dict[str, object] = {}        # --ab: StepConfig fields of the second step timed against the first
+
+
+@contextlib.contextmanager
+def step_fields(fields: dict):
+    """Builds inside get a `StepConfig` with `fields` replaced (what the config does not set)."""
+    orig = train.loop.StepConfig
+    train.loop.StepConfig = functools.partial(orig, **fields)
+    try:
+        yield
+    finally:
+        train.loop.StepConfig = orig
 
 
 def time_training(overrides: list[str], steps: int, warmup: int, table_rows: int | None = None) -> dict:
-    """Median step time of the real step (launcher, donation, prefetch-free) for a composed config."""
+    """Median step time of the real step (launcher, donation, prefetch-free) for a composed config, the host
+    phases of a batch apart, and with `AB` set the same for the changed step, timed alternately."""
     c = validate(compose_cfg(*overrides, *EXTRA_OVERRIDES))
     ds = load_data(c)
     devices = select_devices(c)
     _, _, launcher, state, sc = build(c, ds, steps + warmup, devices, table_rows=table_rows)
+    runs = [(launcher, state)]
+    if AB:
+        with step_fields(AB):
+            _, _, launcher_b, state_b, sc_b = build(c, ds, steps + warmup, devices, table_rows=table_rows)
+        assert all(getattr(sc_b, k) == v for k, v in AB.items()), "--ab field not applied"
+        runs.append((launcher_b, state_b))
     rng = np.random.default_rng(0)
     maps = {name: rng.choice(t.shape[0], size=n, replace=False)
             for name, t, n in [(k, v, ds.num_users if k == "user" else ds.num_items)
                                for k, v in state["tables"].items()]} if table_rows else {}
     batches = make_batches(c, ds, seed=0)
     use = prepare_kwargs(sc)
-    prepared, input_times = [], []
+    prepared, batch_times, prepare_times, put_times = [], [], [], []
     for _ in range(min(steps + warmup, 64)):
         t0 = time.perf_counter()
-        prepared.append(scatter_rows(prepare(next(batches), **use), maps))
-        input_times.append(time.perf_counter() - t0)
-    dev_state = launcher.put_state(state)
-    del state
-    dev_state, step_times = time_steps(launcher, dev_state, prepared, steps, warmup)
-    step = statistics.median(step_times)
-    prep = statistics.median(input_times)
+        batch = next(batches)
+        t1 = time.perf_counter()
+        prepared.append(scatter_rows(prepare(batch, **use), maps))
+        t2 = time.perf_counter()
+        jax.block_until_ready(launcher.put_batch(*prepared[-1]))
+        put_times.append(time.perf_counter() - t2)
+        batch_times.append(t1 - t0)
+        prepare_times.append(t2 - t1)
+    dev = [lau.put_state(st) for lau, st in runs]
+    del state, runs[:]
+    launchers = [launcher] + ([launcher_b] if AB else [])
+    step_times = [[] for _ in launchers]
+    rounds = 5 if AB else 1
+    per_round = max(1, steps // rounds)
+    for r in range(rounds):   # alternate A and B in rounds: load on a shared machine falls on both
+        for i, lau in enumerate(launchers):
+            dev[i], times = time_steps(lau, dev[i], prepared, per_round, warmup if r == 0 else 1)
+            step_times[i].extend(times)
+    step = statistics.median(step_times[0])
+    med = lambda xs: statistics.median(xs) * 1e3  # noqa: E731
     b = c.train.global_batch_size
     # Peak resident memory of this process so far (it only grows: run one case alone to read its own peak).
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
-    return {"step_ms": step * 1e3, "examples_per_s": b / step, "input_ms": prep * 1e3, "peak_rss_gb": peak_gb,
-            "batch": b, "devices": len(devices), "rows": {"user": ds.num_users, "item": ds.num_items}}
+    out = {"step_ms": step * 1e3, "examples_per_s": b / step, "input_ms": med(batch_times) + med(prepare_times),
+           "batch_ms": med(batch_times), "prepare_ms": med(prepare_times), "put_ms": med(put_times),
+           "peak_rss_gb": peak_gb, "batch": b, "devices": len(devices),
+           "rows": {"user": ds.num_users, "item": ds.num_items}}
+    if AB:
+        out["ab"] = {"fields": dict(AB), "step_ms": med(step_times[1]),
+                     "ratio_b_over_a": statistics.median(step_times[1]) / step}
+    return out
 
 
 def table_sweep(rows_list: list[int], steps: int, warmup: int) -> list[dict]:
@@ -106,14 +157,24 @@ def table_sweep(rows_list: list[int], steps: int, warmup: int) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", nargs="+", default=["ml100k", "large_id_emb", "tables"],
-                    choices=["ml100k", "ml100k_id", "ml100k_hist", "large_id_emb", "tables"])
+                    choices=["ml100k", "ml100k_id", "ml100k_hist", "tfrs_id", "tfrs_hist", "large_id_emb", "tables"])
     ap.add_argument("--rows", nargs="+", type=float, default=[1e5, 1e6, 1e7])
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                     help="config overrides appended to every case (e.g. train.global_batch_size=16384 on a GPU)")
+    ap.add_argument("--ab", nargs="*", default=[], metavar="FIELD=VALUE",
+                    help="time the step with these StepConfig fields changed against the unchanged one, "
+                         "alternately (e.g. pool_history=false)")
     args = ap.parse_args()
     EXTRA_OVERRIDES.extend(args.set)
+    for item in args.ab:
+        key, value = item.split("=", 1)
+        kind = {f.name: f.type for f in dataclasses.fields(train.loop.StepConfig)}.get(key)
+        if kind is None:
+            raise SystemExit(f"--ab {item}: StepConfig has no field {key!r}")
+        AB[key] = {"true": True, "false": False}.get(value.lower(), value) if kind in ("bool", bool) else \
+            type(getattr(train.loop.StepConfig, key, 0))(value)
     print(f"# {platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, "
           f"jax {jax.__version__} on {jax.devices()[0].platform}, {time.strftime('%Y-%m-%d %H:%M')}")
     results = {}
@@ -134,6 +195,18 @@ def main() -> None:
                                                      "loss.num_negatives=0"], args.steps, args.warmup)
         print("ml100k user-id + mean-of-50-history towers (logQ, in-batch negatives, batch 1024):",
               json.dumps(results["ml100k_hist"]), flush=True)
+    tfrs = ml[:3] + ["model.id_dim=64", "model.output_dim=64", "model.normalize=false", "loss.temperature=1.0",
+                     "loss.num_negatives=0", "loss.logq_correction=true", "loss.remove_accidental_hits=true",
+                     "model.user.features=[]", "model.item.features=[]", "model.item.id_dropout=0.0",
+                     "optimizer.sparse.name=rowwise_adagrad", "optimizer.sparse.learning_rate=0.1",
+                     "optimizer.dense.name=adagrad", "optimizer.dense.learning_rate=0.1"]
+    if "tfrs_id" in args.cases:
+        results["tfrs_id"] = time_training(tfrs + ["model.user.use_history=false"], args.steps, args.warmup)
+        print("TFRS comparison, user-id towers:", json.dumps(results["tfrs_id"]), flush=True)
+    if "tfrs_hist" in args.cases:
+        results["tfrs_hist"] = time_training(tfrs + ["model.user.use_history=true", "model.user.combine=sum",
+                                                     "data.history_len=100"], args.steps, args.warmup)
+        print("TFRS comparison, user id + mean of 100 history items:", json.dumps(results["tfrs_hist"]), flush=True)
     if "large_id_emb" in args.cases:
         results["large_id_emb"] = time_training(["+experiment=large_id_emb"], args.steps, args.warmup)
         print("large_id_emb:", json.dumps(results["large_id_emb"]), flush=True)

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from towers.features import gathered_mean
 from data.types import CONDITION
 from towers.layers import l2_normalize
 from towers.two_tower import drop_condition
@@ -66,6 +67,9 @@ class StepConfig:
     condition: str | None = None        # a conditional user tower's item feature (model.user.condition)
     condition_dropout: float = 0.0      # share of rows fed no condition (model.user.condition_dropout)
     condition_filter: bool = False      # a conditional row's softmax keeps only candidates with its value
+    # Averaged histories are pooled in the step, slot by slot (`tower_inputs`); False hands the towers the
+    # [B, H, d] block of rows to average themselves (the same result up to float rounding; for tests).
+    pool_history: bool = True
 
 
 def _psum(x, axis_name):
@@ -213,22 +217,46 @@ def update_streaming(freq_state: dict, local: dict, step: jax.Array, cfg: StepCo
     return freq_estimator.update(freq_state, ids, step, cfg.logq_streaming)
 
 
-def tower_inputs(params_rows: dict, local: dict, cfg: StepConfig) -> dict:
-    """Per-example ID rows gathered from the de-duplicated table rows."""
+def _history_of(rows: jax.Array, idx: jax.Array, mask: jax.Array, pool: bool) -> tuple[jax.Array, jax.Array]:
+    """(history rows, their mask) for a tower: [B, L, d] and [B, L], or with `pool` the masked mean as a
+    one-slot history, [B, 1, d] with an all-true [B, 1] mask, on which the tower's own masked mean is the
+    identity (x / 1). Pooling here gathers slot by slot (`towers.features.gathered_mean`) instead of building
+    the [B, L, d] block that the tower would reduce at once."""
+    if not pool:
+        return _rows_of(rows, idx, 2), mask
+    pooled = gathered_mean(rows, idx, mask)
+    return pooled[:, None, :], jnp.ones((pooled.shape[0], 1), bool)
+
+
+def tower_inputs(params_rows: dict, local: dict, cfg: StepConfig, *, pool_history: bool = False,
+                 pool_item_history: bool = False) -> dict:
+    """Per-example ID rows gathered from the de-duplicated table rows.
+
+    Args:
+      pool_history: hand the user tower its history already mean-pooled, as a one-slot history
+        (`_history_of`): for a tower that only takes the history's masked mean (not one that clusters it into
+        several interests). The tower's output is the same up to float rounding (the sum's order).
+      pool_item_history: the same for the item tower's audiences.
+    Returns:
+      {"user_id", "item_id", "neg_id", "row_neg_id", "history", "history_mask", "item_history",
+       "item_history_mask", "neg_item_history", "neg_item_history_mask"}, the ones the config uses.
+    """
     user_rows, item_rows = params_rows.get("user"), params_rows.get("item")
     out = {}
     if cfg.use_user_table:
         out["user_id"] = _rows_of(user_rows, local["user_idx"], 1)
         if cfg.use_item_history:
-            out["item_history"] = _rows_of(user_rows, local["item_history_idx"], 2)
-            out["neg_item_history"] = _rows_of(user_rows, local["neg_item_history_idx"], 2)
+            for key in ("item_history", "neg_item_history"):
+                out[key], out[f"{key}_mask"] = _history_of(user_rows, local[f"{key}_idx"], local[f"{key}_mask"],
+                                                           pool_item_history)
     if cfg.use_item_table:
         out["item_id"] = _rows_of(item_rows, local["item_idx"], 1)
         out["neg_id"] = _rows_of(item_rows, local["neg_idx"], 1)
         if cfg.negatives_per_row:
             out["row_neg_id"] = _rows_of(item_rows, local["row_neg_idx"], 2)
         if cfg.use_history:
-            out["history"] = _rows_of(item_rows, local["history_idx"], 2)
+            out["history"], out["history_mask"] = _history_of(item_rows, local["history_idx"],
+                                                              local["history_mask"], pool_history)
     return out
 
 
@@ -246,7 +274,7 @@ def user_embeddings(model, x: dict, local: dict, rng: jax.Array, cfg: StepConfig
     """q ([B, d], or [B, K, d] for a user tower with K embeddings), with `cfg.user_dropout` on it (training
     only: this is the loss's path). A normalising tower's q is normalised again after the dropout, so the scores
     stay cosines (SimpleX drops out, then takes cosines)."""
-    q = model.user(local["user_feat"], x.get("user_id"), x.get("history"), local.get("history_mask"),
+    q = model.user(local["user_feat"], x.get("user_id"), x.get("history"), x.get("history_mask"),
                    dropout_rng=rng)
     if not cfg.user_dropout:
         return q
@@ -277,14 +305,16 @@ def loss_fn(params, rows: dict, local: dict, rng: jax.Array, *, graphdef, cfg: S
             axis_name: str | None):
     """Global-mean sampled-softmax loss contribution of this device's rows (+ L2 on touched rows)."""
     model = nnx.merge(graphdef, params)
-    x = tower_inputs(rows, local, cfg)
+    # A tower that only averages its history gets it pooled here, without the [B, H, d] block of rows.
+    x = tower_inputs(rows, local, cfg, pool_history=cfg.pool_history and model.user.interests is None,
+                     pool_item_history=cfg.pool_history and model.item.interests is None)
     k_user, k_item, k_neg = jax.random.split(rng, 3)
     local, condition_kw = condition_inputs(local, k_user, cfg)
     q = user_embeddings(model, x, local, k_user, cfg)
-    c = model.item(local["item_feat"], x.get("item_id"), x.get("item_history"), local.get("item_history_mask"),
+    c = model.item(local["item_feat"], x.get("item_id"), x.get("item_history"), x.get("item_history_mask"),
                    dropout_rng=k_item)
     nc = model.item(local["neg_item_feat"], x.get("neg_id"), x.get("neg_item_history"),
-                    local.get("neg_item_history_mask"), dropout_rng=k_neg) if cfg.global_negatives else None
+                    x.get("neg_item_history_mask"), dropout_rng=k_neg) if cfg.global_negatives else None
     per_row = cfg.negatives_per_row
     row_nc = row_negative_embeddings(model, x, local, jax.random.fold_in(k_neg, 1)) if per_row else None
     q = losses.best_interest(q, c)   # a multi-embedding user [B, K, d]: the interest nearest the positive
