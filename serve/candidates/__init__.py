@@ -62,6 +62,7 @@ class Job:
     slot_of_row: np.ndarray          # int64[num item rows]: corpus slot of each vocabulary item, -1 if absent
     overfetch: int
     metadata: dict                   # str -> str: the job's identity, written into every shard
+    conditions: np.ndarray | None = None   # int32[U] condition code of each row of `users` (pairs=), or None
 
     @property
     def out(self) -> pathlib.Path:
@@ -115,6 +116,68 @@ def read_users(path, vocab, *, skip_unknown: bool) -> np.ndarray:
     return np.unique(rows[rows >= 0]).astype(np.int32)
 
 
+def read_pairs(path, vocab, index, *, skip_unknown: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(user rows int32[P], condition codes int32[P]) of a file of `user_id<TAB>value` lines (UTF-8, blank lines
+    ignored), sorted by user then code, distinct. Values are raw values of the index's condition feature (its
+    integer codes when the feature has no value vocabulary).
+
+    Raises:
+      CandidatesError: a line without a tab (file and line), an index without condition codes, unknown values,
+        or unknown users unless `skip_unknown`.
+    """
+    from serve.model import as_id_kind
+    from towers.inference.filtered import ConditionValueError
+
+    held = index.condition
+    if held is None:
+        raise CandidatesError(f"pairs={path}: the index holds no condition codes; export it from a conditional run "
+                              "(model.user.condition)")
+    try:
+        text = pathlib.Path(path).read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CandidatesError(f"pairs={path}: cannot decode as UTF-8 ({e.reason})") from None
+    users, values = [], []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        if "\t" not in line:
+            raise CandidatesError(f"pairs={path} line {lineno}: expected user_id<TAB>value, got {line[:80]!r}")
+        user, value = (x.strip() for x in line.split("\t", 1))
+        users.append(user), values.append(value)
+    raw_values = index.condition_values()
+    if raw_values is None:
+        bad = [v for v in values if not v.isdigit() or int(v) >= held["size"]]
+        if bad:
+            raise CandidatesError(f"pairs={path}: {held['feature']!r} has no value vocabulary; values must be "
+                                  f"integer codes in [0, {held['size']}), got e.g. {bad[:5]}")
+        codes = np.asarray([int(v) for v in values], np.int64)
+    else:
+        kind = "str" if raw_values.dtype.kind == "U" else "int"
+        keys = [as_id_kind(v, kind) for v in values]
+        bad = [v for v, key in zip(values, keys) if key is None]
+        try:
+            if bad:
+                raise ConditionValueError(f"{held['feature']!r} has no value(s) {bad[:5]}")
+            codes = index.condition_codes(keys) if keys else np.zeros(0, np.int64)
+        except ConditionValueError as e:
+            raise CandidatesError(f"pairs={path}: {e}") from None
+    kind = "str" if vocab.raw_ids.dtype.kind == "U" else "int"
+    keys = [as_id_kind(u, kind) for u in users]
+    rows = np.full(len(users), -1, np.int64)
+    known = [j for j, key in enumerate(keys) if key is not None]
+    if known:
+        rows[known] = vocab.lookup(np.asarray([keys[j] for j in known]), missing="minus_one")
+    if (rows < 0).any():
+        msg = f"pairs={path}: {(rows < 0).sum()} of {len(rows)} user ids are not users of the run's vocabulary, " \
+              f"e.g. {[users[j] for j in np.flatnonzero(rows < 0)[:5]]}"
+        if not skip_unknown:
+            raise CandidatesError(f"{msg}; fix the file or pass skip_unknown_users=true to skip them")
+        log.warning("%s; skipped (skip_unknown_users=true)", msg)
+    keep = rows >= 0
+    key = np.unique(rows[keep] * int(held["size"]) + codes[keep])
+    return (key // held["size"]).astype(np.int32), (key % held["size"]).astype(np.int32)
+
+
 def _seen_sources(c: CandidatesConfig, ds) -> list:
     """The per-user item CSRs of `exclude_splits`. A split the dataset lacks (valid, without a validation
     slice) holds no items, so it excludes nothing."""
@@ -160,15 +223,21 @@ def load_job(c: CandidatesConfig) -> Job:
                               f"{trained.item_vocab.raw_ids.dtype} ids; export the index from this run")
     if c.k > corpus.num_items:
         raise CandidatesError(f"k={c.k} is larger than the index ({corpus.num_items} items)")
-    users = (np.arange(ds.num_users, dtype=np.int32) if c.users is None
-             else read_users(c.users, trained.user_vocab, skip_unknown=c.skip_unknown_users))
+    conditions = None
+    if c.pairs is not None:
+        users, conditions = read_pairs(c.pairs, trained.user_vocab, index, skip_unknown=c.skip_unknown_users)
+    else:
+        users = (np.arange(ds.num_users, dtype=np.int32) if c.users is None
+                 else read_users(c.users, trained.user_vocab, skip_unknown=c.skip_unknown_users))
     counts = _seen_counts(c, ds)
     overfetch = c.overfetch if c.overfetch is not None else default_overfetch(counts)
     identity = {"model_version": trained.model_version, "index_version": index_version, "overfetch": overfetch,
                 "search": "exact" if corpus.exact else "index",
                 "scann": ",".join(f"{k}={v}" for k, v in tuned.items()) or "-"}
+    if conditions is not None:
+        identity["pairs"] = hashlib.sha256(users.tobytes() + conditions.tobytes()).hexdigest()[:16]
     return Job(c, trained, ds, corpus, users, corpus.slots_of(trained.item_vocab.raw_ids), overfetch,
-               _metadata(c, users, identity))
+               _metadata(c, users, identity), conditions)
 
 
 def _metadata(c: CandidatesConfig, users: np.ndarray, identity: dict) -> dict:
@@ -197,10 +266,22 @@ def embed_user_rows(job: Job, rows: np.ndarray, ds=None) -> np.ndarray:
     return embed_users(job.trained, ds, rows, buckets=(job.config.batch_size,))
 
 
-def candidates_for(job: Job, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, SearchStats]:
-    """Top-k unseen items of the users `rows` (int[Q]): (scores float32[Q, k], slots int64[Q, k], stats)."""
+def candidates_for(job: Job, rows: np.ndarray, conditions: np.ndarray | None = None
+                   ) -> tuple[np.ndarray, np.ndarray, SearchStats]:
+    """Top-k unseen items of the users `rows` (int[Q]): (scores float32[Q, k], slots int64[Q, k], stats).
+    With `conditions` (int[Q] codes, pairs=), row q is embedded with its value and searched among the items
+    holding it (the index's filtered search: exact for small values, ANN with an exact fallback for large)."""
     ds = chunk_dataset(job, rows)
     ex_indptr, ex_slots = seen_csr(_seen_sources(job.config, ds), rows, job.slot_of_row)
+    if conditions is not None:
+        from towers.inference.embed import embed_users
+        emb = embed_users(job.trained, ds, rows, buckets=(job.config.batch_size,), condition=conditions)
+        ids = job.corpus.ids
+        exclude = [ids[ex_slots[ex_indptr[q]:ex_indptr[q + 1]]].tolist() for q in range(len(rows))]
+        scores, found = job.corpus.index.search(emb, job.config.k, exclude=exclude, conditions=conditions)
+        slots = np.where(np.isfinite(scores), job.corpus.slots_of(found), -1)
+        stats = SearchStats(users=len(rows), short=int((slots < 0).any(axis=1).sum()))
+        return scores, slots, stats
     emb = embed_user_rows(job, rows, ds)
     if emb.ndim == 3:
         return multi_interest_unseen(job, emb, ex_indptr, ex_slots)
@@ -233,22 +314,27 @@ def _arrow_schema(job: Job, shard_index: int, num_users: int):
 
     item_type = pa.string() if job.corpus.index.id_kind == "str" else pa.int64()
     meta = {**job.metadata, "twotower.shard_index": str(shard_index), "twotower.shard_users": str(num_users)}
-    return pa.schema([("user_id", pa.string()), ("item_ids", pa.list_(item_type)),
-                      ("scores", pa.list_(pa.float32()))], metadata=meta)
+    fields = [("user_id", pa.string())] + ([("condition", pa.string())] if job.conditions is not None else [])
+    return pa.schema(fields + [("item_ids", pa.list_(item_type)), ("scores", pa.list_(pa.float32()))],
+                     metadata=meta)
 
 
-def chunk_table(job: Job, rows: np.ndarray, schema):
-    """The Arrow table of the users `rows`, and the search stats."""
+def chunk_table(job: Job, rows: np.ndarray, schema, conditions: np.ndarray | None = None):
+    """The Arrow table of the users `rows` (with `conditions`: of the (user, value) pairs), and the search
+    stats."""
     import pyarrow as pa
 
-    scores, slots, stats = candidates_for(job, rows)
+    scores, slots, stats = candidates_for(job, rows, conditions)
     keep = slots >= 0                        # only the tail past a user's eligible items is -1
     offsets = np.zeros(len(rows) + 1, np.int32)
     np.cumsum(keep.sum(axis=1), out=offsets[1:])
     user_ids = job.trained.user_vocab.raw_ids[rows].astype(str)
     item_ids = job.corpus.ids[slots[keep]]
-    columns = [pa.array(user_ids, pa.string()),
-               pa.ListArray.from_arrays(pa.array(offsets), pa.array(item_ids, schema.field("item_ids").type.value_type)),
+    columns = [pa.array(user_ids, pa.string())]
+    if conditions is not None:
+        values = job.corpus.index.condition_values()
+        columns.append(pa.array((conditions if values is None else values[conditions]).astype(str), pa.string()))
+    columns += [pa.ListArray.from_arrays(pa.array(offsets), pa.array(item_ids, schema.field("item_ids").type.value_type)),
                pa.ListArray.from_arrays(pa.array(offsets), pa.array(scores[keep], pa.float32()))]
     return pa.Table.from_arrays(columns, schema=schema), stats
 
@@ -290,7 +376,10 @@ def run_shard(job: Job, shard_index: int, progress=None) -> dict:
     import pyarrow.parquet as pq
 
     c = job.config
-    path, users = shard_path(c.out, shard_index, c.num_shards), shard_users(job.users, c.num_shards, shard_index)
+    path = shard_path(c.out, shard_index, c.num_shards)
+    at = shard_users(np.arange(len(job.users)), c.num_shards, shard_index)   # positions: pairs share a user
+    users = job.users[at]
+    conditions = None if job.conditions is None else job.conditions[at]
     result = {"shard": shard_index, "path": path, "users": len(users), "skipped": path.exists(),
               "stats": SearchStats()}
     if path.exists():
@@ -305,7 +394,8 @@ def run_shard(job: Job, shard_index: int, progress=None) -> dict:
         with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
             for a in range(0, len(users), c.chunk_users):
                 rows = users[a:a + c.chunk_users]
-                table, stats = chunk_table(job, rows, schema)
+                table, stats = chunk_table(job, rows, schema,
+                                           None if conditions is None else conditions[a:a + c.chunk_users])
                 writer.write_table(table)
                 result["stats"].add(stats)
                 if progress is not None:
@@ -366,5 +456,5 @@ def run(cfg) -> dict:
 
 
 __all__ = ["CandidatesConfig", "CandidatesError", "Corpus", "Job", "SearchStats", "candidates_for", "chunk_table",
-           "check_out_dir", "chunk_dataset", "embed_user_rows", "load_job", "read_users", "run", "run_shard", "shard_path",
+           "check_out_dir", "chunk_dataset", "embed_user_rows", "load_job", "read_pairs", "read_users", "run", "run_shard", "shard_path",
            "shard_users", "topk_unseen", "validate"]

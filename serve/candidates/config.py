@@ -25,6 +25,10 @@ class CandidatesConfig:
     shard_index: int | None = _help(None, "run only this shard (a scheduler fans out); null = every shard", ge=0)
     users: str | None = _help(None, "file of raw user ids, one per line; null = every user of the vocabulary")
     skip_unknown_users: bool = _help(False, "drop ids of users= that the vocabulary lacks instead of failing")
+    pairs: str | None = _help(None, "conditional models (model.user.condition): a file of `user_id<TAB>value` "
+                                    "lines; each (user, value of the condition) pair gets the user's top-k among "
+                                    "the items with that value (one row per pair, with a condition column); "
+                                    "null = one unconditioned row per user (users=)")
     search: str = _help("auto", "exact (blocked JAX top-k over the index's embeddings) | index (the index's own "
                                 "search, ScaNN) | auto (exact when the index is exact, else index)",
                         choices=SEARCH_MODES)
@@ -71,6 +75,8 @@ def validate(cfg: DictConfig | dict) -> CandidatesConfig:
         ("out", c.out, c.out is not None, "is required: the directory the Parquet shards go to"),
         ("out", c.out, c.out is None or not os.path.isfile(c.out), "is a file; give a directory"),
         ("users", c.users, c.users is None or os.path.isfile(c.users), "no such file (one raw user id per line)"),
+        ("pairs", c.pairs, c.pairs is None or os.path.isfile(c.pairs), "no such file (user_id<TAB>value lines)"),
+        ("pairs", c.pairs, c.pairs is None or c.users is None, "give users= or pairs=, not both"),
         ("shard_index", c.shard_index, c.shard_index is None or c.shard_index < c.num_shards,
          f"must lie in [0, num_shards={c.num_shards}) or be null (every shard)"),
     ]

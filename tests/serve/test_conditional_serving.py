@@ -147,3 +147,39 @@ def test_an_unconditional_model_refuses_a_condition(tmp_path):
         assert status == 200
     finally:
         client.close()
+
+
+def test_batch_candidates_of_user_condition_pairs(cond, tmp_path):
+    """pairs= gives each (user, value) pair the exact top-k unseen items among the value's items, one row per
+    pair with its condition; malformed lines and unknown values fail with the file and line."""
+    import pyarrow.parquet as pq
+
+    from serve.candidates import CandidatesError, run
+    from serve.candidates.config import validate
+
+    ds = cond["ds"]
+    tags = ds.item_features["tags"]
+    values = _values(cond)
+    big = int(np.argmax([(tags == v).any(1).sum() for v in values]))
+    run_dir = cond["trained"].run_dir
+    pairs = tmp_path / "pairs.tsv"
+    users = ds.user_vocab.raw_ids[[3, 1, 3]].tolist()
+    pairs.write_text(f"{users[0]}\t{big}\n\n{users[1]}\t{big}\n{users[2]}\t2\n{users[0]}\t{big}\n")
+    out = tmp_path / "out"
+    run(validate({"run_dir": str(run_dir), "out": str(out), "k": 4, "pairs": str(pairs), "progress": False}))
+    table = pq.read_table(next(out.glob("*.parquet"))).to_pylist()
+    assert [(r["user_id"], r["condition"]) for r in table] == [(str(users[1]), str(big)), (str(users[0]), "2"),
+                                                               (str(users[0]), str(big))]
+    indptr, items = ds.train_csr()
+    for r in table:
+        user = int(ds.user_vocab.lookup(np.asarray([int(r["user_id"])]))[0])
+        seen = items[indptr[user]:indptr[user + 1]]
+        assert r["item_ids"] == want(cond, user, int(r["condition"]), 4, exclude=seen)[:len(r["item_ids"])]
+        assert len(r["item_ids"]) == min(4, int(((tags == int(r["condition"])).any(1)
+                                                 & ~np.isin(np.arange(ds.num_items), seen)).sum()))
+    pairs.write_text(f"{users[0]} {big}\n")
+    with pytest.raises(CandidatesError, match="line 1: expected user_id<TAB>value"):
+        run(validate({"run_dir": str(run_dir), "out": str(tmp_path / "o2"), "pairs": str(pairs)}))
+    pairs.write_text(f"{users[0]}\t99\n")
+    with pytest.raises(CandidatesError, match="integer codes"):
+        run(validate({"run_dir": str(run_dir), "out": str(tmp_path / "o3"), "pairs": str(pairs)}))
