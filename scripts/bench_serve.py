@@ -140,7 +140,8 @@ def bench_filtered(a) -> dict:
            "value_sizes": {"max": int(sizes.max()), "median": int(np.median(sizes)), "min": int(sizes.min()),
                            "values_under_1000": int((sizes < 1000).sum())},
            "index": {k: v for k, v in index.params().items() if k not in ("config", "condition")},
-           "seconds": {"generate": round(gen_s, 1), "build": round(build_s, 1), "exact_reference": round(reference_s, 1)},
+           "seconds": {"generate": round(gen_s, 1), "build": round(build_s, 1),
+                       "exact_reference": round(reference_s, 1)},
            "unfiltered_recall": round(_recall(unfiltered_got, unfiltered_want), 4), "settings": []}
     print(json.dumps({k: v for k, v in out.items() if k != "settings"}), flush=True)
     lat = rng.choice(len(queries), min(a.latency_queries, len(queries)), replace=False)
