@@ -151,7 +151,7 @@ def bench_filtered(a) -> dict:
             head = sizes[conditions] > exact_below
             index.filter_stats = type(index.filter_stats)()
             _, got = index.search(queries, a.filter_k, conditions=conditions)
-            per_query = np.array([len(set(x) & set(y)) / a.filter_k for x, y in zip(got.tolist(), want.tolist())])
+            per_query = _recalls(got, want)
             per_value = {v: per_query[conditions == v].mean() for v in np.unique(conditions[head])}
             stats = dataclasses.asdict(index.filter_stats)
             single = {"head": [], "tail": []}
@@ -185,8 +185,14 @@ def bench_filtered(a) -> dict:
     return out
 
 
+def _recalls(got: np.ndarray, want: np.ndarray) -> np.ndarray:
+    """Per query: the share of the exact list's items (its -1 padding left out) that the search returned."""
+    return np.array([len(set(x) & set(y) - {-1}) / max(1, len(set(y) - {-1}))
+                     for x, y in zip(got.tolist(), want.tolist())])
+
+
 def _recall(got: np.ndarray, want: np.ndarray) -> float:
-    return float(np.mean([len(set(x) & set(y)) / want.shape[1] for x, y in zip(got.tolist(), want.tolist())]))
+    return float(_recalls(got, want).mean())
 
 
 def _summary(parts: list[dict]) -> dict:
