@@ -94,8 +94,8 @@ def test_exact_path_equals_the_reference(multihot, with_exclusions, monkeypatch)
     conditions = rng.integers(0, 20, 40)
     exclude = _exclusions(rng, 600, 40, codes, conditions) if with_exclusions else None
     calls = []
-    real = filtered.exact_topk_ranked
-    monkeypatch.setattr(filtered, "exact_topk_ranked", lambda q, *a: calls.append(len(q)) or real(q, *a))
+    real = filtered.exact_topk_host
+    monkeypatch.setattr(filtered, "exact_topk_host", lambda q, *a: calls.append(len(q)) or real(q, *a))
     stats = FilterStats()
     got_s, got_i = filtered_topk(queries, 15, conditions, ConditionLists(codes, 20, emb),
                                  *(_csr(exclude) if exclude else (None, None)), stats=stats)

@@ -62,3 +62,13 @@ def test_exclusions_and_invalid_candidates_are_dropped_and_the_rest_ranked_by_th
         want_s, want_i = _by_tie_rule(scores[r:r + 1, keep], ids[r:r + 1, keep])
         np.testing.assert_array_equal(got_s[r], want_s[0, :4])
         np.testing.assert_array_equal(got_i[r], want_i[0, :4])
+
+
+def test_exact_topk_host_keeps_the_smaller_ids_among_ties_at_the_kth_place():
+    from towers.inference.search import exact_topk_host
+    emb = np.zeros((40, 3), np.float32)
+    emb[:, 0] = 1.0                     # every item scores the same
+    emb[7] = [2.0, 0, 0]                # but item 7
+    scores, ids = exact_topk_host(np.array([[1.0, 0, 0]] * 3, np.float32), emb, 4)
+    assert ids.tolist() == [[7, 0, 1, 2]] * 3
+    assert scores[0].tolist() == [2.0, 1.0, 1.0, 1.0]

@@ -44,9 +44,8 @@ from typing import Callable
 import numpy as np
 
 from data.types import PAD, csr_pairs
-from towers.inference.search import topk_excluding
+from towers.inference.search import exact_topk_host, topk_excluding
 
-_SCORE_BYTES = 1 << 28      # exact_topk_ranked scores at most this many bytes of [queries, items] at once
 
 
 # (queries float32[m, D], fetch, attempt, share) -> (scores float32[m, fetch], slots int[m, fetch]) over the whole
@@ -145,45 +144,6 @@ class FilterStats:
             setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
 
 
-def exact_topk_ranked(queries: np.ndarray, emb: np.ndarray, k: int, ex_indptr: np.ndarray | None = None,
-                      ex_items: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """`towers.inference.search.exact_topk_host` with the tie rule kept at the k-th place too.
-
-    A partial sort keeps an arbitrary subset of the items tied with the k-th score; rows where more items reach
-    that score than fit are ranked again over those items, so the smaller slots are the ones kept. (Trained
-    float embeddings rarely tie; codes-filtered lists of a few items with equal vectors can.)
-
-    Args:
-      queries: float32[Q, D]; emb: float32[N, D]; k in [1, N].
-      ex_indptr, ex_items: optional CSR aligned with `queries` of the rows of `emb` never to return.
-    Returns:
-      (scores float32[Q, k] descending, ids int64[Q, k]), equal scores by smaller id first; -inf / -1 past the
-      eligible items.
-    """
-    n = emb.shape[0]
-    rows, cols = (np.zeros(0, np.int64),) * 2 if ex_indptr is None else csr_pairs(ex_indptr, ex_items)[:2]
-    block = max(1, _SCORE_BYTES // (4 * n))
-    out_s, out_i = np.zeros((len(queries), k), np.float32), np.zeros((len(queries), k), np.int64)
-    for a in range(0, len(queries), block):
-        s = queries[a:a + block] @ emb.T
-        sel = (rows >= a) & (rows < a + block)
-        s[rows[sel] - a, cols[sel]] = -np.inf
-        if k < n:
-            top = np.argpartition(-s, k - 1, axis=1)[:, :k]
-            kth = np.take_along_axis(s, top, axis=1).min(axis=1)
-            for r in np.flatnonzero((s >= kth[:, None]).sum(axis=1) > k):
-                cand = np.flatnonzero(s[r] >= kth[r])
-                top[r] = cand[np.lexsort((cand, -s[r, cand]))[:k]]
-        else:
-            top = np.tile(np.arange(n), (len(s), 1))
-        vals = np.take_along_axis(s, top, axis=1)
-        order = np.lexsort((top, -vals))
-        out_s[a:a + block] = np.take_along_axis(vals, order, axis=1)
-        out_i[a:a + block] = np.take_along_axis(top, order, axis=1)
-    out_i[out_s == -np.inf] = PAD
-    return out_s, out_i
-
-
 def check_conditions(conditions, num_queries: int, num_values: int) -> np.ndarray:
     """int64[Q] condition values, or `ConditionValueError` naming what is wrong (shape, type, range)."""
     arr = np.asarray(conditions)
@@ -223,7 +183,7 @@ def filtered_topk(queries: np.ndarray, k: int, conditions, lists: ConditionLists
       stats: if given, how the queries were answered is added to it.
     Returns:
       (scores float32[Q, k] descending, slots int64[Q, k]) as `exact_topk_host` returns them: equal scores by
-      smaller slot first (at the k-th place too on the exact path: `exact_topk_ranked`); -inf / -1 past the
+      smaller slot first (at the k-th place too on the exact path: `exact_topk_host`); -inf / -1 past the
       eligible items of the value.
     Raises:
       ConditionValueError: a condition outside [0, num_values) or of the wrong shape.
@@ -254,7 +214,7 @@ def filtered_topk(queries: np.ndarray, k: int, conditions, lists: ConditionLists
         kk, qv = min(k, m), queries[rows]
         if ann is None or m <= exact_below:
             run.exact += len(rows)
-            s, i = exact_topk_ranked(qv, lists.vectors(value), kk, indptr, local)
+            s, i = exact_topk_host(qv, lists.vectors(value), kk, indptr, local)
         else:
             run.ann += len(rows)
             share = m / n
@@ -264,7 +224,7 @@ def filtered_topk(queries: np.ndarray, k: int, conditions, lists: ConditionLists
                 return _keep_value(*ann(q, depth, attempt, share), items)
 
             def value_exact(r, sub_indptr, sub_items, qv=qv, value=value, kk=kk):
-                return exact_topk_ranked(qv[r], lists.vectors(value), kk, sub_indptr, sub_items)
+                return exact_topk_host(qv[r], lists.vectors(value), kk, sub_indptr, sub_items)
 
             # The ANN's whole-corpus fetch for a value fetch f is f * overfetch / share: cap f accordingly.
             s, i, got = topk_excluding(value_ann, value_exact, qv, kk, indptr, local, num_items=m,

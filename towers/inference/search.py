@@ -32,9 +32,14 @@ def exact_topk_host(queries: np.ndarray, emb: np.ndarray, k: int, ex_indptr: np.
                     ex_items: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """`exact_topk` in numpy: one matmul per query block and a partial sort, no compilation.
 
+    The tie rule holds at the k-th place too: a partial sort keeps an arbitrary subset of the items tied with
+    the k-th score, so rows where more items reach that score than fit are ranked again over those items and
+    the smaller slots are the ones kept. (Trained float embeddings rarely tie; a few items with equal vectors
+    can.)
+
     Args:
-      queries: float32[Q, D]; emb: float32[N, D] (row n = item / slot n); k in [1, N].
-      ex_indptr, ex_items: optional CSR aligned with `queries` of the items never to return.
+      queries: float32[Q, D]; emb: float32[N, D]; k in [1, N].
+      ex_indptr, ex_items: optional CSR aligned with `queries` of the rows of `emb` never to return.
     Returns:
       (scores float32[Q, k] descending, ids int64[Q, k]), equal scores by smaller id first; -inf / -1 past the
       eligible items.
@@ -47,7 +52,14 @@ def exact_topk_host(queries: np.ndarray, emb: np.ndarray, k: int, ex_indptr: np.
         s = queries[a:a + block] @ emb.T
         sel = (rows >= a) & (rows < a + block)
         s[rows[sel] - a, cols[sel]] = -np.inf
-        top = np.argpartition(-s, k - 1, axis=1)[:, :k] if k < n else np.tile(np.arange(n), (len(s), 1))
+        if k < n:
+            top = np.argpartition(-s, k - 1, axis=1)[:, :k]
+            kth = np.take_along_axis(s, top, axis=1).min(axis=1)
+            for r in np.flatnonzero((s >= kth[:, None]).sum(axis=1) > k):
+                cand = np.flatnonzero(s[r] >= kth[r])
+                top[r] = cand[np.lexsort((cand, -s[r, cand]))[:k]]
+        else:
+            top = np.tile(np.arange(n), (len(s), 1))
         vals = np.take_along_axis(s, top, axis=1)
         order = np.lexsort((top, -vals))
         out_s[a:a + block] = np.take_along_axis(vals, order, axis=1)
