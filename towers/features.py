@@ -29,31 +29,35 @@ def masked_mean(emb: jax.Array, mask: jax.Array) -> jax.Array:
 def gathered_mean(rows: jax.Array, idx: jax.Array, mask: jax.Array) -> jax.Array:
     """`masked_mean(rows[idx], mask)` without building the [B, L, d] block of gathered rows.
 
-    One [B, d] gather per slot, weighted and accumulated in a loop over the L slots; the backward is one
-    [B, d] scatter-add per slot. On XLA:CPU the one-shot form costs a [B, L, d] gather, a [B, L, d] broadcast
-    of the mask and a reduction over them, each a pass over B * L * d floats (26 MB for 1024 x 100 x 64), several
-    times this loop (see BENCHMARKS.md, "Where the step's time goes"). The same sums, added slot by slot.
+    One [B, d] gather per slot, accumulated in a loop over the L slots; a masked entry reads an out-of-bounds
+    row, which the gather fills with zeros (so no per-slot weighting), and the mean divides once at the end. The
+    backward is one [B, d] scatter-add per slot (out-of-bounds entries dropped). On XLA:CPU the one-shot form
+    costs a [B, L, d] gather, a [B, L, d] broadcast of the mask and a reduction over them, each a pass over
+    B * L * d floats (26 MB for 1024 x 100 x 64), several times this loop (see BENCHMARKS.md, "Where the step's
+    time goes"). The same sums, added slot by slot.
 
     Args:
       rows: [U, d] table rows.
       idx: int[B, L] indices into `rows`, or int[B, L, K] for a hashed table (an entry is the sum of its K
-        rows); in bounds everywhere (masked entries may hold any valid index).
+        rows); in [0, U) where the mask is set (masked entries may hold anything).
       mask: [B, L] bool or 0/1.
     Returns:
       [B, d]; zero for a row whose mask is empty.
     """
-    w = mask.astype(rows.dtype)
-    hashed = idx.ndim == 3
+    b, slots = idx.shape[:2]
+    if slots == 0:
+        return jnp.zeros((b, rows.shape[-1]), rows.dtype)
+    on = mask.astype(bool)
+    # Slot-major, so each slot's indices are one contiguous [B] (or [B, K]) block.
+    idx = jnp.moveaxis(jnp.where(on.reshape(on.shape + (1,) * (idx.ndim - 2)), idx, rows.shape[0]), 1, 0)
 
     def slot(j, acc):
-        r = rows.at[idx[:, j]].get(mode="promise_in_bounds", wrap_negative_indices=False)
-        return acc + (r.sum(axis=-2) if hashed else r) * w[:, j, None]
+        r = rows.at[idx[j]].get(mode="fill", fill_value=0, wrap_negative_indices=False)
+        return acc + (r.sum(axis=-2) if idx.ndim == 3 else r)
 
-    if idx.shape[1] == 0:
-        return jnp.zeros((idx.shape[0], rows.shape[-1]), rows.dtype)
     # The first slot starts the sum, so the carry has the slots' type (under shard_map: varying over the axes).
-    total = jax.lax.fori_loop(1, idx.shape[1], slot, slot(0, 0.0))
-    return total / jnp.maximum(jnp.sum(w, axis=1), 1.0)[:, None]
+    total = jax.lax.fori_loop(1, slots, slot, slot(0, 0.0))
+    return total / jnp.maximum(jnp.sum(on, axis=1), 1).astype(rows.dtype)[:, None]
 
 
 class FeatureEmbedder(nnx.Module):
