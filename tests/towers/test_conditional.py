@@ -10,10 +10,10 @@ from flax import nnx
 
 from data.batching import Batches
 from data.types import CONDITION, FeatureSpec
-from tests.helpers import smoke_cfg
+from tests.helpers import smoke_cfg, trains_the_same_on_one_and_four_devices
 from towers.config import ConfigError, ModelConfig, TowerConfig
 from towers.two_tower import TwoTower, drop_condition
-from train.loop import load_data, run
+from train.loop import load_data
 
 GENRE = FeatureSpec("genre", "categorical", 5)
 TAGS = FeatureSpec("tags", "multihot", 7, 3)
@@ -114,21 +114,11 @@ def test_batches_carry_the_positives_value_and_draw_one_of_several():
 
 
 def test_conditional_model_trains_the_same_on_one_and_four_devices(tmp_path):
-    from tests.train.test_loop import _final_state
-    common = ["eval.at_end=false", "train.total_steps=3", "checkpoint.every_steps=3", "model.item.id_dropout=0.0",
-              "model.user.condition=tags", "model.user.condition_dropout=0.0"]
-    one = smoke_cfg(*common, "train.launcher=jit", "train.num_devices=1")
-    four = smoke_cfg(*common, "train.launcher=pmap", "train.num_devices=4")
-    r1, r4 = run(one, tmp_path / "one"), run(four, tmp_path / "four")
-    assert r1["train"]["train/loss"] == pytest.approx(r4["train"]["train/loss"], rel=1e-5)
-    _, s1 = _final_state(tmp_path / "one", one)
-    _, s4 = _final_state(tmp_path / "four", four)
-    leaves1, leaves4 = jax.tree.leaves(s1), jax.tree.leaves(s4)
-    assert len(leaves1) == len(leaves4)
-    for a, b in zip(leaves1, leaves4):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-6)
+    state = trains_the_same_on_one_and_four_devices(
+        tmp_path, "eval.at_end=false", "train.total_steps=3", "checkpoint.every_steps=3", "model.item.id_dropout=0.0",
+        "model.user.condition=tags", "model.user.condition_dropout=0.0", launcher="pmap")
     # the tags table (7 values in the smoke data + 'none') is a user-tower parameter
-    assert np.asarray(s1["params"]["user"]["condition"]["embedding"]).shape[1] == 4
+    assert np.asarray(state["params"]["user"]["condition"]["embedding"]).shape[1] == 4
 
 
 # ---------------------------------------------------------------- evaluation within each condition's items

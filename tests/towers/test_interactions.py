@@ -9,11 +9,10 @@ import pytest
 from flax import nnx
 
 from data.types import FeatureSpec
-from tests.helpers import smoke_cfg
-from towers.config import ConfigError, DhenConfig, MaskNetConfig, ModelConfig, TowerConfig
+from tests.helpers import smoke_cfg, trains_the_same_on_one_and_four_devices
+from towers.config import ConfigError, DhenConfig, MaskNetConfig, TowerConfig
 from towers.interactions import Dhen, DhenLayer, EncoderLayer, MaskNet
-from towers.two_tower import Tower, TwoTower
-from train.loop import run
+from towers.two_tower import Tower
 
 RTOL, ATOL = 1e-5, 1e-5
 
@@ -290,20 +289,10 @@ def test_elementwise_dropout_leaves_the_row_dropout_draws_unchanged():
 def test_masknet_and_dhen_towers_train_the_same_on_one_and_four_devices(tmp_path):
     """The user tower runs MaskNet and the item tower DHEN (every module): the 4-device run (shard_map) must
     reproduce the 1-device run's loss and parameters, as the plain towers do (tests/train/test_loop.py)."""
-    from tests.train.test_loop import _final_state
-    common = ["eval.at_end=false", "train.total_steps=3", "checkpoint.every_steps=3", "model.item.id_dropout=0.0",
-              "model.user.interaction=masknet", "model.user.masknet.mode=serial", "model.user.masknet.num_blocks=2",
-              "model.user.masknet.block_dim=8", "model.user.masknet.bottleneck=[8]",
-              "model.item.interaction=dhen", "model.item.dhen.num_layers=1",
-              "model.item.dhen.modules=[mlp,masknet,dcn,transformer]", "model.item.masknet.num_blocks=2",
-              "model.item.masknet.block_dim=8"]
-    one = smoke_cfg(*common, "train.launcher=jit", "train.num_devices=1")
-    four = smoke_cfg(*common, "train.launcher=shard_map", "train.num_devices=4")
-    r1, r4 = run(one, tmp_path / "one"), run(four, tmp_path / "four")
-    assert r1["train"]["train/loss"] == pytest.approx(r4["train"]["train/loss"], rel=1e-5)
-    _, s1 = _final_state(tmp_path / "one", one)
-    _, s4 = _final_state(tmp_path / "four", four)
-    leaves1, leaves4 = jax.tree.leaves(s1), jax.tree.leaves(s4)
-    assert len(leaves1) == len(leaves4)
-    for a, b in zip(leaves1, leaves4):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-6)
+    trains_the_same_on_one_and_four_devices(
+        tmp_path, "eval.at_end=false", "train.total_steps=3", "checkpoint.every_steps=3", "model.item.id_dropout=0.0",
+        "model.user.interaction=masknet", "model.user.masknet.mode=serial", "model.user.masknet.num_blocks=2",
+        "model.user.masknet.block_dim=8", "model.user.masknet.bottleneck=[8]",
+        "model.item.interaction=dhen", "model.item.dhen.num_layers=1",
+        "model.item.dhen.modules=[mlp,masknet,dcn,transformer]", "model.item.masknet.num_blocks=2",
+        "model.item.masknet.block_dim=8")

@@ -4,12 +4,10 @@ whole training run with a K = 2 user tower on 1 device and on 4 devices giving t
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
-from tests.helpers import smoke_cfg
+from tests.helpers import trains_the_same_on_one_and_four_devices
 from tests.train.test_losses import NDEV, np_retrieval, rand
 from train import losses
-from train.loop import run
 
 
 def np_best_interest(q, c):
@@ -90,20 +88,9 @@ def test_multi_interest_loss_and_grads_pmap_match_single_device():
 
 
 def test_k2_user_tower_trains_the_same_on_one_and_four_devices(tmp_path):
-    from tests.train.test_loop import _final_state
-    common = ["eval.at_end=false", "train.total_steps=3", "checkpoint.every_steps=3", "model.item.id_dropout=0.0",
-              "model.user.use_history=true", "model.user.num_embeddings=2", "model.user.interest_routing_iters=2",
-              "model.user.hidden=[8]"]
-    one = smoke_cfg(*common, "train.launcher=jit", "train.num_devices=1")
-    four = smoke_cfg(*common, "train.launcher=shard_map", "train.num_devices=4")
-    r1, r4 = run(one, tmp_path / "one"), run(four, tmp_path / "four")
-    assert np.isfinite(r1["train"]["train/loss"])
-    assert r1["train"]["train/loss"] == pytest.approx(r4["train"]["train/loss"], rel=1e-5)
-    _, s1 = _final_state(tmp_path / "one", one)
-    _, s4 = _final_state(tmp_path / "four", four)
-    leaves1, leaves4 = jax.tree.leaves(s1), jax.tree.leaves(s4)
-    assert len(leaves1) == len(leaves4)
-    for a, b in zip(leaves1, leaves4):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-6)
+    s1 = trains_the_same_on_one_and_four_devices(
+        tmp_path, "eval.at_end=false", "train.total_steps=3", "checkpoint.every_steps=3", "model.item.id_dropout=0.0",
+        "model.user.use_history=true", "model.user.num_embeddings=2", "model.user.interest_routing_iters=2",
+        "model.user.hidden=[8]")
     bilinear = [k for k in jax.tree_util.tree_flatten_with_path(s1)[0] if "interests" in jax.tree_util.keystr(k[0])]
     assert bilinear, "the clustering module's map is part of the trained state"
