@@ -165,7 +165,7 @@ def main() -> None:
                     help="config overrides appended to every case (e.g. train.global_batch_size=16384 on a GPU)")
     ap.add_argument("--ab", nargs="*", default=[], metavar="FIELD=VALUE",
                     help="time the step with these StepConfig fields changed against the unchanged one, "
-                         "alternately (e.g. pool_history=false)")
+                         "alternately (e.g. pool_history=false, recall_ks=())")
     args = ap.parse_args()
     EXTRA_OVERRIDES.extend(args.set)
     for item in args.ab:
@@ -173,8 +173,12 @@ def main() -> None:
         kind = {f.name: f.type for f in dataclasses.fields(train.loop.StepConfig)}.get(key)
         if kind is None:
             raise SystemExit(f"--ab {item}: StepConfig has no field {key!r}")
-        AB[key] = {"true": True, "false": False}.get(value.lower(), value) if kind in ("bool", bool) else \
-            type(getattr(train.loop.StepConfig, key, 0))(value)
+        if kind in ("bool", bool):
+            AB[key] = {"true": True, "false": False}[value.lower()]
+        elif str(kind).startswith("tuple"):   # "()" or "10,20"
+            AB[key] = tuple(int(v) for v in value.strip("()").split(",") if v.strip())
+        else:
+            AB[key] = type(getattr(train.loop.StepConfig, key, 0))(value)
     print(f"# {platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, "
           f"jax {jax.__version__} on {jax.devices()[0].platform}, {time.strftime('%Y-%m-%d %H:%M')}")
     results = {}

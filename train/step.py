@@ -70,6 +70,9 @@ class StepConfig:
     # Averaged histories are pooled in the step, slot by slot (`tower_inputs`); False hands the towers the
     # [B, H, d] block of rows to average themselves (the same result up to float rounding; for tests).
     pool_history: bool = True
+    # Cutoffs of the in-batch recall logged as train/hits@k; each costs a [B, B] comparison pass and a reduction
+    # per step (about 1 ms of a 1024-example step on 2 CPU cores).
+    recall_ks: tuple[int, ...] = (10,)
 
 
 def _psum(x, axis_name):
@@ -327,7 +330,7 @@ def loss_fn(params, rows: dict, local: dict, rng: jax.Array, *, graphdef, cfg: S
         neg_logq=neg_logq if cfg.global_negatives else None,
         row_neg_c=row_nc, row_neg_ids=local["row_neg_item"] if per_row else None, row_neg_logq=row_logq,
         axis_name=axis_name, mask=local["mask"], remove_accidental_hits=cfg.remove_accidental_hits,
-        recall_ks=(10,), in_batch_negatives=cfg.in_batch_negatives, loss_type=cfg.loss_type,
+        recall_ks=cfg.recall_ks, in_batch_negatives=cfg.in_batch_negatives, loss_type=cfg.loss_type,
         ccl_margin=cfg.ccl_margin, ccl_negative_weight=cfg.ccl_negative_weight,
         negative_power=cfg.negative_power, **condition_kw)
     total = _psum(count, axis_name)
