@@ -246,6 +246,9 @@ def _check_tables(c: Config) -> None:
         if t.pretrained and t.hash_buckets:
             _fail(f"{key}.pretrained", t.pretrained, "a hashed table cannot be matched by raw id; set "
                                                      f"{key}.hash_buckets=null to start from a pre-trained table")
+        if t.freeze and not t.pretrained:
+            _fail(f"{key}.freeze", t.freeze, f"a frozen table without {key}.pretrained would keep its random "
+                                             f"initialisation; set {key}.pretrained=RUN_DIR (or .npy) or freeze=false")
         if t.pretrained and t.pretrained.endswith(".npy") and not t.pretrained_ids:
             _fail(f"{key}.pretrained_ids", t.pretrained_ids, "a .npy pre-trained table needs the .npy of its raw "
                                                              "ids (one per row)")

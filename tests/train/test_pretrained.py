@@ -161,3 +161,9 @@ def test_unknown_windows_are_reported_not_refused(tmp_path):
             with pytest.raises(ConfigError, match="overlapping"):
                 check_window(str(old_run), ours, allow=False, key="model.user.table.pretrained")
         assert check_window(str(old_run), ours, allow=True, key="k")["overlap"] is overlap
+
+
+def test_a_frozen_table_needs_a_pretrained_source():
+    from data.schema import ConfigError
+    with pytest.raises(ConfigError, match=r"model.user.table.freeze=True: a frozen table without"):
+        smoke_cfg("model.user.table.freeze=true")
