@@ -34,8 +34,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from towers.features import gathered_mean
 from data.types import CONDITION
+from towers.features import gathered_mean
 from towers.layers import l2_normalize
 from towers.two_tower import drop_condition
 from train import freq_estimator, losses
