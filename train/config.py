@@ -169,7 +169,11 @@ class EvalConfig:
     seed: int = _help(0, "seed of the user sample", ge=0)
     valid_every_steps: int | None = _help(None, "evaluate on the validation split (data.valid_fraction > 0) "
                                                 "every N steps and at the last step, logged as valid/model/*; "
-                                                "null = never (train.early_stopping needs it)", gt=0)
+                                                "null = never (train.early_stopping needs it or "
+                                                "valid_every_epochs)", gt=0)
+    valid_every_epochs: float | None = _help(None, "the same every this many epochs (the steps follow the train "
+                                                   "split's size, so one config fits every dataset); instead of "
+                                                   "valid_every_steps", gt=0)
 
 
 @dataclass
@@ -258,8 +262,12 @@ def _check_validation(c: Config) -> None:
     es = c.train.early_stopping
     # A prepared dataset's split is the one it was prepared with; `run` checks that it has validation rows.
     no_valid = c.data.valid_fraction == 0 and c.data.source != "prepared"
-    if c.eval.valid_every_steps is not None and no_valid:
-        _fail("eval.valid_every_steps", c.eval.valid_every_steps, "evaluates on the validation split, which "
+    if c.eval.valid_every_steps is not None and c.eval.valid_every_epochs is not None:
+        _fail("eval.valid_every_epochs", c.eval.valid_every_epochs, "give eval.valid_every_steps or "
+                                                                    "eval.valid_every_epochs, not both")
+    every_key = "valid_every_epochs" if c.eval.valid_every_epochs is not None else "valid_every_steps"
+    if getattr(c.eval, every_key) is not None and no_valid:
+        _fail(f"eval.{every_key}", getattr(c.eval, every_key), "evaluates on the validation split, which "
                                                                   "data.valid_fraction=0 leaves empty; set "
                                                                   "data.valid_fraction > 0 (e.g. 0.1)")
     if es.metric is None:
@@ -276,7 +284,7 @@ def _check_validation(c: Config) -> None:
         _fail("train.early_stopping.metric", es.metric, "is measured on the validation split, which "
                                                         "data.valid_fraction=0 leaves empty; set "
                                                         "data.valid_fraction > 0 (e.g. 0.1)")
-    if c.eval.valid_every_steps is None:
+    if c.eval.valid_every_steps is None and c.eval.valid_every_epochs is None:
         _fail("train.early_stopping.metric", es.metric, "needs eval.valid_every_steps (how often the validation "
                                                         "split is evaluated)")
 

@@ -120,6 +120,14 @@ def total_steps(c: config_lib.Config, num_train: int) -> int:
     return max(1, math.ceil(c.train.num_epochs * num_train / c.train.global_batch_size))
 
 
+def valid_every(c: config_lib.Config, num_train: int) -> int | None:
+    """Steps between validation evaluations: `eval.valid_every_steps`, or `eval.valid_every_epochs` in steps of
+    this train split (at least 1); None = no validation during training."""
+    if c.eval.valid_every_epochs is not None:
+        return max(1, round(c.eval.valid_every_epochs * num_train / c.train.global_batch_size))
+    return c.eval.valid_every_steps
+
+
 def _scaled(schedule, scale: float, step):
     return scale * schedule(step)
 
@@ -487,7 +495,7 @@ class Validation:
     def __init__(self, c: config_lib.Config, parts: Parts, ds, row_maps: dict | None, launcher,
                  best_ckpt: Checkpointer | None, tracking: dict | None = None, rebuild=None):
         self.c, self.parts, self.ds, self.row_maps, self.launcher = c, parts, ds, row_maps, launcher
-        self.every = c.eval.valid_every_steps
+        self.every = valid_every(c, len(ds.train))
         es = c.train.early_stopping
         self.metric, self.patience, self.min_delta = es.metric, es.patience, es.min_delta
         self.best_ckpt = best_ckpt
@@ -639,10 +647,10 @@ def run(cfg, run_dir: str | pathlib.Path) -> dict:
     writer = MetricWriter(run_dir, purge_step=start + 1) if primary else None
     last, timing = {}, {}
     validation, best_ckpt = None, None
-    if c.eval.valid_every_steps is not None:
+    if valid_every(c, len(ds.train)) is not None:
         has_valid = ds.split_rows("valid").any() if hasattr(ds, "split_rows") else ds.valid is not None
         if not has_valid:
-            raise config_lib.ConfigError(f"eval.valid_every_steps={c.eval.valid_every_steps}: the dataset has no "
+            raise config_lib.ConfigError(f"eval.valid_every_steps/valid_every_epochs: the dataset has no "
                                          "validation rows; set data.valid_fraction > 0 (a prepared dataset: "
                                          "prepare it with one)")
         if c.train.early_stopping.metric:

@@ -160,3 +160,15 @@ def test_prepared_dataset_validates_like_the_in_memory_one(tmp_path):
     assert disk["early_stopping"] == mem["early_stopping"] and mem["early_stopping"]["best_step"] == 2
     assert _valid_lines(tmp_path / "disk") == _valid_lines(tmp_path / "mem")
     assert disk["eval"]["model"] == pytest.approx(mem["eval"]["model"])
+
+
+def test_validation_every_epochs_follows_the_train_split():
+    from train.loop import load_data, valid_every
+    cfg = smoke_cfg("data.valid_fraction=0.2", "eval.valid_every_epochs=0.5")
+    ds = load_data(cfg)
+    assert valid_every(cfg, len(ds.train)) == round(0.5 * len(ds.train) / cfg.train.global_batch_size)
+    assert valid_every(smoke_cfg("data.valid_fraction=0.2", "eval.valid_every_steps=3"), len(ds.train)) == 3
+    with pytest.raises(ConfigError, match="not both"):
+        smoke_cfg("data.valid_fraction=0.2", "eval.valid_every_steps=3", "eval.valid_every_epochs=1")
+    with pytest.raises(ConfigError, match="eval.valid_every_epochs=1.0: evaluates on the validation split"):
+        smoke_cfg("eval.valid_every_epochs=1")
