@@ -11,6 +11,8 @@ from train.config import ConfigError, check_against_data, check_devices, describ
 
 EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
 NEEDS_PATH = {"movielens": "ml-100k", "lightgcn": "gowalla"}
+# Experiments whose command line must name more (their header says what).
+NEEDS = {"pretrained_ids": [f"model.{t}.table.pretrained=/somewhere/early_run" for t in ("user", "item")]}
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
@@ -18,6 +20,7 @@ def test_every_experiment_composes_and_validates(name):
     overrides = [f"+experiment={name}"]
     if name in NEEDS_PATH:
         overrides.append(f"data.path=/somewhere/{NEEDS_PATH[name]}")
+    overrides += NEEDS.get(name, [])
     c = validate(compose_cfg(*overrides))
     assert c.train.global_batch_size > 0
 
