@@ -650,7 +650,7 @@ def run(cfg, run_dir: str | pathlib.Path) -> dict:
     if valid_every(c, len(ds.train)) is not None:
         has_valid = ds.split_rows("valid").any() if hasattr(ds, "split_rows") else ds.valid is not None
         if not has_valid:
-            raise config_lib.ConfigError(f"eval.valid_every_steps/valid_every_epochs: the dataset has no "
+            raise config_lib.ConfigError("eval.valid_every_steps/valid_every_epochs: the dataset has no "
                                          "validation rows; set data.valid_fraction > 0 (a prepared dataset: "
                                          "prepare it with one)")
         if c.train.early_stopping.metric:

@@ -107,7 +107,6 @@ def test_bad_conditions_get_a_422_and_the_server_keeps_serving(cond):
 def test_upserted_items_join_their_values_lists(cond):
     ds = cond["ds"]
     values = _values(cond)
-    dim = cond["index"].dim
     raw_user = ds.user_vocab.raw_ids[2].item()
     # a new item with tag 5 whose embedding is the user's tag-5 query direction: it must come first for tag 5
     from towers.inference.embed import embed_users

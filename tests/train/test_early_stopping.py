@@ -3,8 +3,6 @@ the metric stops improving, the final (test) evaluation is of the best checkpoin
 kill carries on with the best-so-far tracking."""
 import json
 
-import jax
-import numpy as np
 import pytest
 
 from tests.helpers import smoke_cfg
