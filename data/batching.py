@@ -186,6 +186,8 @@ class Batches:
       item_history_len: HI, audience slots per item (0 = none; see module docstring; in-memory datasets only).
       negatives_per_row: M_r, items drawn uniformly (from the same pool) for each example on its own
         (0 = none); drawn after everything else, so the other arrays are the same with or without them.
+      user_features, item_features: the side features a batch carries (those the towers read); None = every
+        one the dataset has. The condition feature is always carried among the item features.
       condition: a conditional user tower's item feature (`model.user.condition`): each batch's user_feat also
         holds `data.types.CONDITION`, int32 [B_p] the positive's value of it (one drawn value for multihot).
       process_index, process_count: this process's part of each global batch: rows
@@ -209,7 +211,8 @@ class Batches:
     def __init__(self, ds, *, batch_size: int, num_negatives: int, history_len: int,
                  history_mode: str = "causal", seed: int = 0, item_history_len: int = 0,
                  negatives_per_row: int = 0, process_index: int = 0, process_count: int = 1,
-                 condition: str | None = None):
+                 condition: str | None = None, user_features: list[str] | None = None,
+                 item_features: list[str] | None = None):
         if (batch_size < 1 or num_negatives < 0 or history_len < 0 or item_history_len < 0
                 or negatives_per_row < 0):
             raise DataError(f"need batch_size >= 1, num_negatives >= 0, history_len >= 0, item_history_len >= 0, "
@@ -245,6 +248,10 @@ class Batches:
             if spec is None or spec.kind == "dense":
                 raise DataError(f"condition {condition!r}: not a categorical or multihot item feature of "
                                 f"{ds.name} (item features: {[s.name for s in ds.item_feature_specs]})")
+        self._user_features = {k: v for k, v in ds.user_features.items()
+                               if user_features is None or k in user_features}
+        self._item_features = {k: v for k, v in ds.item_features.items()
+                               if item_features is None or k in item_features or k == condition}
         self._offset = 0
 
     def state(self) -> dict:
@@ -306,9 +313,9 @@ class Batches:
             "item": item,
             "neg_item": neg,
             "history": self._history(g_user, g_pos, (lo, hi), seq_items, start, item, rng),
-            "user_feat": {k: v[user] for k, v in self.ds.user_features.items()},
-            "item_feat": {k: v[item] for k, v in self.ds.item_features.items()},
-            "neg_item_feat": {k: v[neg] for k, v in self.ds.item_features.items()},
+            "user_feat": {k: v[user] for k, v in self._user_features.items()},
+            "item_feat": {k: v[item] for k, v in self._item_features.items()},
+            "neg_item_feat": {k: v[neg] for k, v in self._item_features.items()},
             "item_logq": self._logq[item],
             "neg_item_logq": self._logq[neg],
         }
@@ -342,7 +349,7 @@ class Batches:
         draws = rng.integers(0, self.num_negative_candidates, (self.batch_size, self.negatives_per_row))
         neg = self._negative_pool[draws[rows[0]:rows[1]]]
         return {"row_neg_item": neg,
-                "row_neg_item_feat": {k: v[neg] for k, v in self.ds.item_features.items()},
+                "row_neg_item_feat": {k: v[neg] for k, v in self._item_features.items()},
                 "row_neg_item_logq": self._logq[neg]}
 
     def _audiences(self, ex, user, neg, rng) -> tuple[np.ndarray, np.ndarray]:

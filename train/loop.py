@@ -31,7 +31,7 @@ from data.batching import Batches, negative_pool
 from data.load import open_data as load_dataset
 from eval.report import protocol_text
 from towers.id_tables import TABLE_TOWERS, hashings, vocab_view
-from towers.two_tower import TwoTower
+from towers.two_tower import TwoTower, select_features
 from train import config as config_lib
 from train import distributed
 from train import freq_estimator
@@ -390,14 +390,17 @@ class Progress:
 
 
 def make_batches(c: config_lib.Config, ds, seed: int | None = None, share: tuple[int, int] = (0, 1)) -> Batches:
-    """The training batches `c` asks for (histories and audiences only for towers that read them); `share` is
-    (process index, process count): the part of each global batch this process reads (`Launcher.batch_share`)."""
+    """The training batches `c` asks for (histories and audiences only for towers that read them, side features
+    only those the towers read); `share` is (process index, process count): the part of each global batch this
+    process reads (`Launcher.batch_share`)."""
+    reads = {t: [s.name for s in select_features(getattr(ds, f"{t}_feature_specs"), getattr(c.model, t).features, t)]
+             for t in ("user", "item")}
     return Batches(ds, batch_size=c.train.global_batch_size, num_negatives=c.loss.num_negatives,
                    history_len=c.data.history_len if c.model.user.use_history else 0,
                    history_mode=c.data.history_mode, seed=c.seed if seed is None else seed,
                    item_history_len=c.data.item_history_len if c.model.item.use_history else 0,
                    negatives_per_row=c.loss.negatives_per_row, process_index=share[0], process_count=share[1],
-                   condition=c.model.user.condition)
+                   condition=c.model.user.condition, user_features=reads["user"], item_features=reads["item"])
 
 
 def prepare_kwargs(step_cfg: StepConfig) -> dict:

@@ -6,6 +6,8 @@ from data import Batches, DataError, load, user_history
 from data.batching import item_audience_mean
 from data.assemble import RawLog, assemble
 from data.config import resolve_config
+from data.types import CONDITION
+from tests.helpers import smoke_cfg
 
 
 @pytest.fixture(scope="module")
@@ -265,3 +267,22 @@ def test_unique_rows_equals_numpy_unique_for_dense_and_sparse_ids(span):
     np.testing.assert_array_equal(uniq[valid], want)
     np.testing.assert_array_equal(uniq[inverse][ids >= 0], ids[ids >= 0])
     assert not valid[len(want):].any() and (inverse[ids < 0] == 0).all()
+
+
+def test_batches_carry_only_the_features_asked_for_and_nothing_else_changes():
+    """The training loop asks for the side features its towers read: the other arrays are the same, and a
+    conditional tower's feature is carried even when the item tower does not read it."""
+    from train.loop import load_data, make_batches
+    cfg = smoke_cfg("model.user.features=[]", "model.item.features=[quality]", "model.user.condition=tags")
+    ds = load_data(cfg)
+    every = Batches(ds, batch_size=16, num_negatives=8, history_len=5, seed=cfg.seed, condition="tags")
+    some = make_batches(cfg, ds)
+    assert set(ds.user_features) and set(ds.item_features) > {"quality", "tags"}
+    a, b = every.batch_at(32), some.batch_at(32)
+    assert set(b["user_feat"]) == {CONDITION} and set(b["item_feat"]) == set(b["neg_item_feat"]) == {"quality", "tags"}
+    for key in ("user", "item", "neg_item", "history", "item_logq", "neg_item_logq"):
+        np.testing.assert_array_equal(a[key], b[key])
+    for key in ("item_feat", "neg_item_feat"):
+        for name, values in b[key].items():
+            np.testing.assert_array_equal(a[key][name], values)
+    np.testing.assert_array_equal(a["user_feat"][CONDITION], b["user_feat"][CONDITION])
