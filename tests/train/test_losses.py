@@ -657,7 +657,8 @@ def test_user_dropout_acts_in_training_only():
     off = dataclasses.replace(step_cfg, user_dropout=0.0)
     assert loss(step_cfg, 1) != loss(step_cfg, 2) and loss(off, 1) == loss(off, 2)
     # The dropped-out q is renormalised (the smoke towers normalise), and the tower itself is untouched.
-    x = {"user_id": rows["user"][local["user_idx"]], "history": rows["item"][local["history_idx"]]}
+    x = {"user_id": rows["user"][local["user_idx"]], "history": rows["item"][local["history_idx"]],
+         "history_mask": local["history_mask"]}
     q = user_embeddings(model, x, local, jax.random.key(3), step_cfg)
     np.testing.assert_allclose(np.linalg.norm(np.asarray(q), axis=1), 1.0, rtol=1e-5)
     plain = user_embeddings(model, x, local, jax.random.key(3), off)
