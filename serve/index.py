@@ -231,13 +231,19 @@ class TopK:
         return None if self._values is None else self._values.copy()
 
     def condition_codes(self, raw) -> np.ndarray:
-        """int64[Q] codes of raw feature values (e.g. ["Comedy", "Drama"]). Raises `ConditionValueError` for a
-        value the feature does not have, or when the index holds no condition or no raw values."""
-        if self._condition is None or self._values is None:
-            raise ConditionValueError("this index holds no condition values to look up"
-                                      if self._condition is None else
-                                      f"this index holds no raw values of {self._condition['feature']!r}; "
-                                      "pass codes")
+        """int64[Q] codes of raw feature values (e.g. ["Comedy", "Drama"]); for a feature without raw values (no
+        value vocabulary) the values are its integer codes themselves. Raises `ConditionValueError` for a value
+        the feature does not have, or when the index holds no condition."""
+        if self._condition is None:
+            raise ConditionValueError("this index holds no condition values to look up")
+        if self._values is None:
+            size, given = self._condition["size"], list(np.asarray(raw, dtype=object).reshape(-1))
+            bad = [v for v in given if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer))
+                   or not 0 <= v < size]
+            if bad:
+                raise ConditionValueError(f"{self._condition['feature']!r} has no value vocabulary; give integer "
+                                          f"codes in [0, {size}), got {bad[:5]}")
+            return np.asarray(given, np.int64)
         query = np.asarray(raw).reshape(-1)
         if query.size and (query.dtype.kind == "U") != (self._values.dtype.kind == "U"):
             raise ConditionValueError(f"{self._condition['feature']!r} values are {self._values.dtype} but got "

@@ -222,12 +222,6 @@ class ServerState:
         if not values or len(values) > schemas.MAX_CONDITIONS:
             raise ClientError(422, f"condition: give 1 to {schemas.MAX_CONDITIONS} distinct values, got "
                                    f"{len(values)}")
-        if index.condition_values() is None:   # a feature without a value vocabulary: its integer codes
-            bad = [v for v in values if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < held["size"]]
-            if bad:
-                raise ClientError(422, f"condition: {feature!r} has no value vocabulary; give integer codes in "
-                                       f"[0, {held['size']}), got {bad[:5]}")
-            return [int(v) for v in values]
         try:
             return [int(c) for c in index.condition_codes(values)]
         except ConditionValueError as e:

@@ -144,23 +144,14 @@ def read_pairs(path, vocab, index, *, skip_unknown: bool) -> tuple[np.ndarray, n
             raise CandidatesError(f"pairs={path} line {lineno}: expected user_id<TAB>value, got {line[:80]!r}")
         user, value = (x.strip() for x in line.split("\t", 1))
         users.append(user), values.append(value)
-    raw_values = index.condition_values()
-    if raw_values is None:
-        bad = [v for v in values if not v.isdigit() or int(v) >= held["size"]]
-        if bad:
-            raise CandidatesError(f"pairs={path}: {held['feature']!r} has no value vocabulary; values must be "
-                                  f"integer codes in [0, {held['size']}), got e.g. {bad[:5]}")
-        codes = np.asarray([int(v) for v in values], np.int64)
-    else:
-        kind = "str" if raw_values.dtype.kind == "U" else "int"
-        keys = [as_id_kind(v, kind) for v in values]
-        bad = [v for v, key in zip(values, keys) if key is None]
-        try:
-            if bad:
-                raise ConditionValueError(f"{held['feature']!r} has no value(s) {bad[:5]}")
-            codes = index.condition_codes(keys) if keys else np.zeros(0, np.int64)
-        except ConditionValueError as e:
-            raise CandidatesError(f"pairs={path}: {e}") from None
+    raw_values = index.condition_values()   # None: the feature's values are its integer codes
+    kind = "str" if raw_values is not None and raw_values.dtype.kind == "U" else "int"
+    keys = [as_id_kind(v, kind) for v in values]
+    try:
+        codes = index.condition_codes([v if key is None else key for v, key in zip(values, keys)]) if keys \
+            else np.zeros(0, np.int64)
+    except ConditionValueError as e:
+        raise CandidatesError(f"pairs={path}: {e}") from None
     kind = "str" if vocab.raw_ids.dtype.kind == "U" else "int"
     keys = [as_id_kind(u, kind) for u in users]
     rows = np.full(len(users), -1, np.int64)
