@@ -137,8 +137,6 @@ class ServerState:
         their value), the unconditioned rows in one plain call; each query's lists merged round-robin without
         duplicates (`towers.inference.multi.merge_searched`), so `k` is filled whenever the query's values
         hold k eligible items together. An item's score is the one of the value whose list it came from."""
-        from towers.inference.multi import merge_searched
-
         owner, slot, rows = [], [], []
         for j, q in enumerate(queries):
             for i, code in enumerate(q.conditions or [-1]):
@@ -157,13 +155,8 @@ class ServerState:
             scores[part], ids[part] = s, i
             for r in part:
                 version[int(owner[r])] = _with_mutations(exported, generation)
-        found = np.isfinite(scores)
-        _, item_codes = np.unique(ids, return_inverse=True)   # raw ids of either kind -> ints for the merge
-        item_codes = np.where(found, item_codes.reshape(ids.shape), -1)
-        merged, pos = merge_searched(owner, slot, scores, item_codes, len(queries), int(slot.max()) + 1, k)
-        raw = ids.reshape(-1)[np.maximum(pos, 0)]
-        return [([{"id": v, "score": x} for v, x in zip(i[:q.k], s[:q.k]) if math.isfinite(x)], version[j])
-                for j, (q, s, i) in enumerate(zip(queries, merged.tolist(), raw.tolist()))]
+        items = _merged_items(queries, owner, slot, scores, ids, int(slot.max()) + 1, k)
+        return [(found, version[j]) for j, found in enumerate(items)]
 
     @staticmethod
     def _run_multi(index, exported: str, queries: list[Query], emb: np.ndarray, k: int) -> list:
@@ -171,20 +164,15 @@ class ServerState:
         embedding of the batch in one index search, with its user's exclusions, each user's lists merged
         round-robin without duplicates (`towers.inference.multi`). Each list holds k items whenever k are
         eligible, so the merged one does too. An item's score is the one of the interest it was taken from."""
-        from towers.inference.multi import interest_queries, merge_searched
+        from towers.inference.multi import interest_queries
 
         flat, owner, interest = interest_queries(emb)
         exclude = [queries[o].exclude for o in owner.tolist()] if any(q.exclude for q in queries) else None
         scores, ids, generation = index.search_with_generation(flat, k, exclude=exclude)
-        found = np.isfinite(scores)
-        _, codes = np.unique(ids, return_inverse=True)   # raw ids of either kind -> ints for the merge
-        codes = np.where(found, codes.reshape(ids.shape), -1)
-        merged, pos = merge_searched(owner, interest, scores, codes, len(queries), emb.shape[1], k)
-        raw = ids.reshape(-1)[np.maximum(pos, 0)]
+        items = _merged_items(queries, owner, interest, scores, ids, emb.shape[1], k)
         searched = np.bincount(owner, minlength=len(queries)).tolist()
         version = _with_mutations(exported, generation)
-        return [([{"id": v, "score": x} for v, x in zip(i[:q.k], s[:q.k]) if math.isfinite(x)], version, n)
-                for q, s, i, n in zip(queries, merged.tolist(), raw.tolist(), searched)]
+        return [(found, version, n) for found, n in zip(items, searched)]
 
     async def topk(self, req: schemas.TopKRequest) -> dict:
         index, _ = self.current
@@ -301,6 +289,20 @@ class ServerState:
         index, version = self.live()
         return {"status": "ok", "model_version": self.model.model_version, "index_version": version,
                 "index_size": len(index)}
+
+
+def _merged_items(queries: list[Query], owner, slot, scores, ids, num_lists: int, k: int) -> list[list[dict]]:
+    """Each query's answer from several searched lists (row r of `scores` / `ids` is list `slot[r]` of query
+    `owner[r]`): merged round-robin without duplicates (`towers.inference.multi.merge_searched`), -inf padding
+    left out, cut to the query's own k. Raw ids of either kind are coded as ints for the merge."""
+    from towers.inference.multi import merge_searched
+
+    _, codes = np.unique(ids, return_inverse=True)
+    codes = np.where(np.isfinite(scores), codes.reshape(ids.shape), -1)
+    merged, pos = merge_searched(owner, slot, scores, codes, len(queries), num_lists, k)
+    raw = ids.reshape(-1)[np.maximum(pos, 0)]
+    return [[{"id": v, "score": x} for v, x in zip(i[:q.k], s[:q.k]) if math.isfinite(x)]
+            for q, s, i in zip(queries, merged.tolist(), raw.tolist())]
 
 
 def _failed_mutation(e: MutationError) -> ClientError:
