@@ -83,6 +83,40 @@ def _load_index(c: CandidatesConfig, trained):
     return index, version
 
 
+def _text_lines(path, key: str, what: str) -> list[tuple[int, str]]:
+    """(line number, stripped line) of the non-blank lines of a UTF-8 file. Raises `CandidatesError` naming the
+    file and line of bytes that are not UTF-8; `key` is the config key naming the file, `what` what a line holds."""
+    data = pathlib.Path(path).read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        lineno = data.count(b"\n", 0, e.start) + 1
+        raise CandidatesError(f"{key}={path} line {lineno}: cannot decode as UTF-8 ({e.reason}); the file must "
+                              f"hold {what} per line, in UTF-8") from None
+    return [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+
+
+def _user_rows(ids: list[str], vocab, key: str, path, *, skip_unknown: bool) -> np.ndarray:
+    """int64 vocabulary rows of raw user ids read from a file, -1 for ids the vocabulary lacks (skipped with a
+    warning when `skip_unknown`, else a `CandidatesError` with their count and the first examples)."""
+    from serve.model import as_id_kind
+
+    kind = "str" if vocab.raw_ids.dtype.kind == "U" else "int"
+    keys = [as_id_kind(u, kind) for u in ids]
+    rows = np.full(len(ids), -1, np.int64)
+    known = [j for j, k in enumerate(keys) if k is not None]
+    if known:
+        rows[known] = vocab.lookup(np.asarray([keys[j] for j in known]), missing="minus_one")
+    if (rows < 0).any():   # ids that are not even of the vocabulary's kind first, then the unknown ones
+        bad = [ids[j] for j, k in enumerate(keys) if k is None] + [str(keys[j]) for j in known if rows[j] < 0]
+        msg = (f"{key}={path}: {len(bad)} of {len(rows)} ids are not users of the run's vocabulary, e.g. "
+               f"{bad[:5]}")
+        if not skip_unknown:
+            raise CandidatesError(f"{msg}; fix the file or pass skip_unknown_users=true to skip them")
+        log.warning("%s; skipped (skip_unknown_users=true)", msg)
+    return rows
+
+
 def read_users(path, vocab, *, skip_unknown: bool) -> np.ndarray:
     """User rows of a file of raw ids (one per line in UTF-8; blank lines ignored), sorted and distinct.
 
@@ -90,29 +124,8 @@ def read_users(path, vocab, *, skip_unknown: bool) -> np.ndarray:
       CandidatesError: bytes that are not UTF-8 (file and line), or ids the vocabulary lacks (their count and
         the first examples) unless `skip_unknown`.
     """
-    from serve.model import as_id_kind
-
-    kind = "str" if vocab.raw_ids.dtype.kind == "U" else "int"
-    data = pathlib.Path(path).read_bytes()
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        lineno = data.count(b"\n", 0, e.start) + 1
-        raise CandidatesError(f"users={path} line {lineno}: cannot decode as UTF-8 ({e.reason}); the file must "
-                              "hold one raw user id per line, in UTF-8") from None
-    lines = [line.strip() for line in text.splitlines()]
-    lines = [line for line in lines if line]
-    keys = [as_id_kind(line, kind) for line in lines]
-    known = [key for key in keys if key is not None]
-    rows = vocab.lookup(np.asarray(known), missing="minus_one") if known else np.zeros(0, np.int32)
-    unknown = [line for line, key in zip(lines, keys) if key is None]
-    unknown += [str(key) for key, row in zip(known, rows.tolist()) if row < 0]
-    if unknown:
-        msg = (f"users={path}: {len(unknown)} of {len(lines)} ids are not users of the run's vocabulary, e.g. "
-               f"{unknown[:5]}")
-        if not skip_unknown:
-            raise CandidatesError(f"{msg}; fix the file or pass skip_unknown_users=true to skip them")
-        log.warning("%s; skipped (skip_unknown_users=true)", msg)
+    ids = [line for _, line in _text_lines(path, "users", "one raw user id")]
+    rows = _user_rows(ids, vocab, "users", path, skip_unknown=skip_unknown)
     return np.unique(rows[rows >= 0]).astype(np.int32)
 
 
@@ -122,8 +135,8 @@ def read_pairs(path, vocab, index, *, skip_unknown: bool) -> tuple[np.ndarray, n
     integer codes when the feature has no value vocabulary).
 
     Raises:
-      CandidatesError: a line without a tab (file and line), an index without condition codes, unknown values,
-        or unknown users unless `skip_unknown`.
+      CandidatesError: bytes that are not UTF-8 or a line without a tab (file and line), an index without
+        condition codes, unknown values, or unknown users unless `skip_unknown`.
     """
     from serve.model import as_id_kind
     from towers.inference.filtered import ConditionValueError
@@ -132,14 +145,8 @@ def read_pairs(path, vocab, index, *, skip_unknown: bool) -> tuple[np.ndarray, n
     if held is None:
         raise CandidatesError(f"pairs={path}: the index holds no condition codes; export it from a conditional run "
                               "(model.user.condition)")
-    try:
-        text = pathlib.Path(path).read_bytes().decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise CandidatesError(f"pairs={path}: cannot decode as UTF-8 ({e.reason})") from None
     users, values = [], []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
+    for lineno, line in _text_lines(path, "pairs", "one user_id<TAB>value pair"):
         if "\t" not in line:
             raise CandidatesError(f"pairs={path} line {lineno}: expected user_id<TAB>value, got {line[:80]!r}")
         user, value = (x.strip() for x in line.split("\t", 1))
@@ -152,18 +159,7 @@ def read_pairs(path, vocab, index, *, skip_unknown: bool) -> tuple[np.ndarray, n
             else np.zeros(0, np.int64)
     except ConditionValueError as e:
         raise CandidatesError(f"pairs={path}: {e}") from None
-    kind = "str" if vocab.raw_ids.dtype.kind == "U" else "int"
-    keys = [as_id_kind(u, kind) for u in users]
-    rows = np.full(len(users), -1, np.int64)
-    known = [j for j, key in enumerate(keys) if key is not None]
-    if known:
-        rows[known] = vocab.lookup(np.asarray([keys[j] for j in known]), missing="minus_one")
-    if (rows < 0).any():
-        msg = f"pairs={path}: {(rows < 0).sum()} of {len(rows)} user ids are not users of the run's vocabulary, " \
-              f"e.g. {[users[j] for j in np.flatnonzero(rows < 0)[:5]]}"
-        if not skip_unknown:
-            raise CandidatesError(f"{msg}; fix the file or pass skip_unknown_users=true to skip them")
-        log.warning("%s; skipped (skip_unknown_users=true)", msg)
+    rows = _user_rows(users, vocab, "pairs", path, skip_unknown=skip_unknown)
     keep = rows >= 0
     key = np.unique(rows[keep] * int(held["size"]) + codes[keep])
     return (key // held["size"]).astype(np.int32), (key % held["size"]).astype(np.int32)
