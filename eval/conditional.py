@@ -22,22 +22,8 @@ import numpy as np
 from data.types import PAD
 from eval.holdout import heldout
 from eval.metrics import per_user_metrics
+from towers.inference.filtered import ConditionLists
 from towers.inference.search import exact_topk_host
-
-
-def item_values(ds, name: str) -> list[np.ndarray]:
-    """[num_values] sorted item rows having each value of item feature `name` (categorical or multihot)."""
-    values = np.asarray(ds.item_features[name])
-    if values.ndim == 1:
-        values = values[:, None]
-    items = np.repeat(np.arange(values.shape[0]), values.shape[1])
-    flat = values.reshape(-1)
-    keep = flat >= 0
-    spec = next(s for s in ds.item_feature_specs if s.name == name)
-    order = np.lexsort((items[keep], flat[keep]))
-    codes, items = flat[keep][order], items[keep][order]
-    bounds = np.searchsorted(codes, np.arange(spec.size + 1))
-    return [np.unique(items[bounds[v]:bounds[v + 1]]) for v in range(spec.size)]
 
 
 def condition_queries(ds, users: np.ndarray, name: str, split: str = "test") -> dict:
@@ -125,7 +111,9 @@ def evaluate_conditional(embed_users_fn, item_emb: np.ndarray, ds, users: np.nda
     base = np.asarray(embed_users_fn(np.asarray(users, np.int32), None) if baseline_user_emb is None
                       else baseline_user_emb, np.float32)[q["user"]]
     item_emb = np.asarray(item_emb, np.float32)
-    cand_of = item_values(ds, name)
+    spec = next(s for s in ds.item_feature_specs if s.name == name)
+    lists = ConditionLists(ds.item_features[name], spec.size, item_emb)   # value -> its items, ascending
+    cand_of = [lists.items(v) for v in range(spec.size)]
     ranked = {"conditional": np.full((len(rows), kmax), PAD, np.int64),
               "post_filter": np.full((len(rows), kmax), PAD, np.int64)}
     values = np.unique(q["value"])
