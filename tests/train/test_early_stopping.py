@@ -53,22 +53,27 @@ def test_stops_when_the_metric_stops_improving_and_evaluates_the_best_state(tmp_
     assert ev_valid["model"]["recall@10"] == pytest.approx(es["best_metric"])
 
 
+def _run_killed_after_validation(monkeypatch, cfg, run_dir, kill_step: int) -> None:
+    """Runs `cfg` into `run_dir`, killed (KeyboardInterrupt) right after the validation of step `kill_step`."""
+    original = loop.Validation.__call__
+
+    def killed(self, step, *args):
+        out = original(self, step, *args)
+        if step == kill_step:
+            raise KeyboardInterrupt("killed")
+        return out
+
+    monkeypatch.setattr(loop.Validation, "__call__", killed)
+    with pytest.raises(KeyboardInterrupt):
+        loop.run(cfg, run_dir)
+    monkeypatch.undo()
+
+
 def test_resume_after_a_kill_keeps_the_best_so_far(tmp_path, monkeypatch):
     cfg = smoke_cfg(*ES, "train.early_stopping.patience=1", "checkpoint.every_steps=4")
     reference = loop.run(cfg, tmp_path / "ref")
 
-    original = loop.Validation.__call__
-
-    def killed_at_6(self, step, *args):
-        out = original(self, step, *args)
-        if step == 6:
-            raise KeyboardInterrupt("killed")
-        return out
-
-    monkeypatch.setattr(loop.Validation, "__call__", killed_at_6)
-    with pytest.raises(KeyboardInterrupt):
-        loop.run(cfg, tmp_path / "run")
-    monkeypatch.undo()
+    _run_killed_after_validation(monkeypatch, cfg, tmp_path / "run", 6)
     # Killed after step 6 improved the best (saved) and before step 6's periodic checkpoint: resume from step 4.
     assert [p.name for p in (tmp_path / "run" / "ckpt_best").iterdir() if p.name.isdigit()] == ["6"]
     assert max(int(p.name) for p in (tmp_path / "run" / "ckpt").iterdir() if p.name.isdigit()) == 4
@@ -122,18 +127,7 @@ def test_reduce_on_plateau_scales_the_sparse_rate_and_survives_a_resume(tmp_path
     assert [float(lr(s)) for s in (0, 5, 11)] == pytest.approx([0.25 * float(base(s)) for s in (0, 5, 11)])
 
     # Killed at step 8 (after its validation): the resume from step 6 keeps the scale 0.5 reduced there.
-    original = loop.Validation.__call__
-
-    def killed_at_8(self, step, *args):
-        out = original(self, step, *args)
-        if step == 8:
-            raise KeyboardInterrupt("killed")
-        return out
-
-    monkeypatch.setattr(loop.Validation, "__call__", killed_at_8)
-    with pytest.raises(KeyboardInterrupt):
-        loop.run(cfg, tmp_path / "run")
-    monkeypatch.undo()
+    _run_killed_after_validation(monkeypatch, cfg, tmp_path / "run", 8)
     assert max(int(p.name) for p in (tmp_path / "run" / "ckpt").iterdir() if p.name.isdigit()) == 6
     resumed = loop.run(cfg, tmp_path / "run")
     assert resumed["early_stopping"] == es
