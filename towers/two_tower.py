@@ -55,7 +55,6 @@ class Tower(nnx.Module):
         # A conditional tower embeds the condition code + 1 (row 0: no condition) as one more feature field.
         self.condition = None if condition is None else nnx.Embed(
             condition.size + 1, feature_dim, embedding_init=nnx.initializers.normal(stddev=0.05), rngs=rngs)
-        self.condition_dropout = float(getattr(cfg, "condition_dropout", 0.0)) if condition is not None else 0.0
         num_fields = len(specs) + (condition is not None)
         field_sizes = [id_dim] * (self.use_id + self.use_history - self.sum_id_history) + [feature_dim] * num_fields
         in_dim = sum(field_sizes)
