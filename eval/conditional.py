@@ -108,8 +108,9 @@ def evaluate_conditional(embed_users_fn, item_emb: np.ndarray, ds, users: np.nda
     held = q["held"]
     rows = np.asarray(users, np.int32)[q["user"]]
     cond_emb = np.asarray(embed_users_fn(rows, q["value"]), np.float32)
-    base = np.asarray(embed_users_fn(np.asarray(users, np.int32), None) if baseline_user_emb is None
-                      else baseline_user_emb, np.float32)[q["user"]]
+    base_users = np.asarray(embed_users_fn(np.asarray(users, np.int32), None) if baseline_user_emb is None
+                            else baseline_user_emb, np.float32)   # [U, d], unconditioned
+    base = base_users[q["user"]]
     item_emb = np.asarray(item_emb, np.float32)
     spec = next(s for s in ds.item_feature_specs if s.name == name)
     lists = ConditionLists(ds.item_features[name], spec.size, item_emb)   # value -> its items, ascending
@@ -119,8 +120,6 @@ def evaluate_conditional(embed_users_fn, item_emb: np.ndarray, ds, users: np.nda
     values = np.unique(q["value"])
     depth_ranked = {}
     for depth in post_filter_depths:
-        base_users = np.asarray(embed_users_fn(np.asarray(users, np.int32), None) if baseline_user_emb is None
-                                else baseline_user_emb, np.float32)
         everything = np.arange(item_emb.shape[0])
         depth_ranked[depth] = _search_within(base_users, item_emb, everything, np.arange(len(users)), held,
                                              min(depth, item_emb.shape[0]))
