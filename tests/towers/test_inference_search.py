@@ -66,7 +66,7 @@ def test_exclusions_and_invalid_candidates_are_dropped_and_the_rest_ranked_by_th
 
 def test_exact_topk_host_keeps_the_smaller_ids_among_ties_at_the_kth_place():
     from towers.inference.search import exact_topk_host
-    emb = np.zeros((40, 3), np.float32)
+    emb = np.zeros((300, 3), np.float32)   # large enough that a partial sort keeps later tied ids (280, ...)
     emb[:, 0] = 1.0                     # every item scores the same
     emb[7] = [2.0, 0, 0]                # but item 7
     scores, ids = exact_topk_host(np.array([[1.0, 0, 0]] * 3, np.float32), emb, 4)
