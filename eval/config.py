@@ -45,7 +45,8 @@ class BaselinesConfig:
                              "a time (a full read of the shards, N x N memory), so it equals the in-memory fit")
     ease_lambda: float = _help(500.0, "EASE L2 weight on the Gram matrix diagonal", gt=0)
     ease_max_items: int = _help(10_000, "skip EASE for larger catalogues: its N x N inverse is O(N^3) "
-                                        "(about 80 s at 10k items, 10 min at 20k on 2 CPU cores)", gt=0)
+                                        "(about 80 s at 10k items, 10 min at 20k on 2 CPU cores; above 20k a "
+                                        "float32 in-place fit, 4 N^2 bytes of memory)", gt=0)
 
 
 @dataclass

@@ -5,9 +5,14 @@ With the binary user x item training matrix X [U, N]:
 
     P = (XᵀX + λI)⁻¹,    B = I - P · diag(1 / diag(P))    (so B_ij = -P_ij / P_jj and diag(B) = 0)
 
-and a user's scores are ``X_u B``. The N x N inverse costs O(N³) time and 8 N² bytes (float64): on a 2-core CPU
-about 5 s at N = 4,000, 80 s at N = 10,000 and ten minutes at N = 20,000, which is why the evaluation run skips
-EASE above ``baselines.ease_max_items``.
+and a user's scores are ``X_u B``. The N x N inverse costs O(N³) time: on a 2-core CPU about 5 s at N = 4,000,
+80 s at N = 10,000 and ten minutes at N = 20,000, which is why the evaluation run skips EASE above
+``baselines.ease_max_items`` unless asked. Up to ``DENSE_INVERSE_MAX_ITEMS`` the inverse is a float64
+``np.linalg.inv``; above it (Gowalla's 40,981 items) the fit is float32 and in place: the Gram matrix is densified
+straight into one float32 [N, N] array and inverted there by LAPACK's Cholesky pair (potrf, potri), so it needs
+4 N² bytes (6.7 GB at 41k items) instead of the 16-24 N² of a float64 ``inv``. Those two calls run
+single-threaded: OpenBLAS's threaded potrf has been reported to crash at this size (the peers' harness,
+``../shared/peers``, fits Gowalla's EASE the same way).
 
 Scores are computed block by block as a sparse-dense product (scipy.sparse), so X is never densified; the same
 exclusions and tie rule as ``towers.inference.exact.exact_topk`` apply (excluded items never appear; equal
@@ -66,17 +71,70 @@ def gram_matrix(train_indptr, train_items, num_items: int) -> sp.csr_matrix:
     return (x.T @ x).tocsr()
 
 
-def ease_from_gram(gram, lam: float = 500.0) -> np.ndarray:
-    """The EASE item-item matrix B from XᵀX (sparse or dense [N, N]); see `ease_weights`."""
+DENSE_INVERSE_MAX_ITEMS = 20_000
+
+
+def ease_from_gram(gram, lam: float = 500.0, *, in_place: bool | None = None) -> np.ndarray:
+    """The EASE item-item matrix B from XᵀX (sparse or dense [N, N]); see `ease_weights`.
+
+    Args:
+      in_place: the float32 in-place Cholesky fit (`_ease_in_place`); None chooses it above
+        ``DENSE_INVERSE_MAX_ITEMS`` items.
+    """
     if not lam > 0:
         raise ValueError(f"EASE needs lam > 0 (the Gram matrix is singular without it), got {lam}")
-    gram = gram.toarray() if sp.issparse(gram) else np.array(gram, np.float64)
     num_items = gram.shape[0]
+    if in_place is None:
+        in_place = num_items > DENSE_INVERSE_MAX_ITEMS
+    if in_place:
+        return _ease_in_place(gram, lam)
+    gram = gram.toarray() if sp.issparse(gram) else np.array(gram, np.float64)
     gram[np.diag_indices(num_items)] += lam
     p = np.linalg.inv(gram)
     b = p / -np.diag(p)[None, :]
     b[np.diag_indices(num_items)] = 0.0
     return b.astype(np.float32)
+
+
+def _ease_in_place(gram, lam: float, block: int = 2048) -> np.ndarray:
+    """B in one float32 [N, N] array: Cholesky factor and inverse by LAPACK in place, then B's scaling in place."""
+    from scipy.linalg import lapack
+    from threadpoolctl import threadpool_limits
+
+    n = gram.shape[0]
+    a = np.zeros((n, n), np.float32)
+    if sp.issparse(gram):
+        coo = gram.tocoo()
+        a[coo.row, coo.col] = coo.data      # no float64 dense copy of the Gram matrix
+        del coo
+    else:
+        a[...] = gram
+    a[np.diag_indices(n)] += np.float32(lam)
+    potrf, potri = lapack.get_lapack_funcs(("potrf", "potri"), (a,))
+    with threadpool_limits(1, "blas"):
+        # a.T is the same symmetric matrix in Fortran order: LAPACK works on it without a copy. Its upper
+        # triangle is a's lower one.
+        c, info = potrf(a.T, lower=0, overwrite_a=1, clean=0)
+        if info != 0:
+            raise np.linalg.LinAlgError(f"EASE: Cholesky factorisation failed (potrf info={info}); "
+                                        "raise baselines.ease_lambda")
+        c, info = potri(c, lower=0, overwrite_c=1)
+        if info != 0:
+            raise np.linalg.LinAlgError(f"EASE: inverse from the Cholesky factor failed (potri info={info})")
+    if not np.shares_memory(c, a):
+        raise RuntimeError("EASE: LAPACK copied the Gram matrix instead of working in place")
+    # P's lower triangle (in a's C order) is filled; mirror it into the upper one, a block of rows at a time.
+    for r0 in range(0, n, block):
+        r1 = min(n, r0 + block)
+        d = a[r0:r1, r0:r1]
+        d[...] = np.tril(d) + np.tril(d, -1).T
+        if r1 < n:
+            a[r0:r1, r1:] = a[r1:, r0:r1].T
+    diag = np.diag(a).copy()
+    for r0 in range(0, n, block):      # B = P / -diag(P) by columns, in place
+        a[r0:r0 + block] /= -diag[None, :]
+    a[np.diag_indices(n)] = 0.0
+    return a
 
 
 def topk_rows(scores: np.ndarray, k: int) -> np.ndarray:
@@ -142,7 +200,7 @@ def ease_topk(b: np.ndarray, train_indptr, train_items, users, k: int, *, exclud
     out = np.empty((users.size, k), np.int32)
     for start in range(0, users.size, user_block):
         block = np.arange(start, min(start + user_block, users.size))
-        x = interaction_matrix(train_indptr, train_items, n, users[block])
+        x = interaction_matrix(train_indptr, train_items, n, users[block]).astype(b.dtype)  # b is never upcast
         scores = np.asarray(x @ b, dtype=np.float32)
         if exclude_indptr is None:
             rows, cols = x.nonzero()

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from eval.ease import ease_topk, ease_weights, interaction_matrix, topk_rows
+from eval.ease import _ease_in_place, ease_from_gram, ease_topk, ease_weights, gram_matrix, interaction_matrix, topk_rows
 
 
 def _random_csr(rng, users: int, items: int, max_len: int):
@@ -30,6 +30,29 @@ def test_closed_form_matches_per_item_ridge_regression():
     got = ease_weights(indptr, items, 6, lam=3.0)
     assert got.dtype == np.float32 and np.all(np.diag(got) == 0)
     np.testing.assert_allclose(got, _ridge_reference(dense, 3.0), atol=1e-6)
+    lean = ease_from_gram(gram_matrix(indptr, items, 6), 3.0, in_place=True)
+    assert lean.dtype == np.float32 and np.all(np.diag(lean) == 0)
+    np.testing.assert_allclose(lean, _ridge_reference(dense, 3.0), atol=1e-5)
+
+
+def test_in_place_float32_fit_matches_the_float64_inverse_and_its_rankings():
+    """The large-catalogue path (float32 Cholesky in one array, mirrored by row blocks that do not divide N)."""
+    rng = np.random.default_rng(3)
+    indptr, items = _random_csr(rng, users=400, items=301, max_len=30)
+    gram = gram_matrix(indptr, items, 301)
+    ref = ease_from_gram(gram, 20.0, in_place=False)
+    lean = ease_from_gram(gram, 20.0, in_place=True)
+    blocked = _ease_in_place(gram, 20.0, block=64)
+    assert np.array_equal(lean, blocked)
+    np.testing.assert_allclose(lean, ref, atol=1e-5 * np.abs(ref).max())
+    users = np.arange(400)
+    assert np.mean(ease_topk(lean, indptr, items, users, 10) == ease_topk(ref, indptr, items, users, 10)) > 0.99
+
+
+def test_in_place_fit_reports_a_gram_matrix_that_is_not_positive_definite():
+    gram = np.array([[1.0, 3.0], [3.0, 1.0]])      # eigenvalues 4 and -2: lam=1 leaves it indefinite
+    with pytest.raises(np.linalg.LinAlgError, match="raise baselines.ease_lambda"):
+        ease_from_gram(gram, 1.0, in_place=True)
 
 
 def test_interaction_matrix_is_binary_and_selects_rows():
