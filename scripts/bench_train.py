@@ -9,6 +9,11 @@ whether the step or the pipeline bounds throughput.
   python scripts/bench_train.py --cases tables --rows 1e5 1e6 1e7
   TWOTOWER_DATA_DIR=../shared/data python scripts/bench_train.py --cases ml100k
   TWOTOWER_DATA_DIR=../shared/data python scripts/bench_train.py --cases tfrs_id tfrs_hist --ab pool_history=false
+  python scripts/bench_train.py --cases floor          # the id-only step's dense math alone
+
+The `floor` case times what no change to the framework can remove from the id-only step at batch 1,024 and
+64 dimensions: the [B, d] x [d, B] logits with their two backward matmuls alone, and the same with an in-batch
+softmax cross-entropy and its gradient (no ID tables, no metrics, no input), each jitted and timed to completion.
 
 The `tfrs_id` / `tfrs_hist` cases are the models of the side-by-side comparison with TensorFlow Recommenders in
 BENCHMARKS.md (raw dot products, logQ, in-batch negatives, Adagrad 0.1, batch 1024; user id, and user id + mean
@@ -66,6 +71,37 @@ def time_steps(launcher, state, prepared: list, steps: int, warmup: int) -> tupl
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     return state, times
+
+
+def dense_floor(steps: int, warmup: int, batch: int = 1024, dim: int = 64) -> dict:
+    """Median ms of the id-only step's irreducible dense math (see the module docstring)."""
+    import jax.numpy as jnp
+    rng = np.random.default_rng(0)
+    q, c, g = (jnp.asarray(rng.standard_normal(shape, np.float32) * 0.1)
+               for shape in ((batch, dim), (batch, dim), (batch, batch)))
+
+    @jax.jit
+    def matmuls(q, c, g):      # forward logits, then the query- and candidate-side gradients
+        return q @ c.T, g @ c, g.T @ q
+
+    def loss(q, c):
+        logits = q @ c.T
+        return jnp.mean(jax.nn.logsumexp(logits, axis=1) - jnp.diagonal(logits))
+
+    softmax = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+    out = {}
+    for name, fn, args in (("matmuls", matmuls, (q, c, g)), ("softmax_step", softmax, (q, c))):
+        times = []
+        for i in range(steps + warmup):
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+        ms = 1e3 * statistics.median(times)
+        out[f"{name}_ms"] = round(ms, 3)
+        out[f"{name}_examples_per_sec_ceiling"] = round(batch / ms * 1e3)
+    out["gflop_matmuls"] = round(3 * 2 * batch * batch * dim / 1e9, 3)
+    return out
 
 
 EXTRA_OVERRIDES: list[str] = []   # --set: appended to every case
@@ -157,7 +193,8 @@ def table_sweep(rows_list: list[int], steps: int, warmup: int) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", nargs="+", default=["ml100k", "large_id_emb", "tables"],
-                    choices=["ml100k", "ml100k_id", "ml100k_hist", "tfrs_id", "tfrs_hist", "large_id_emb", "tables"])
+                    choices=["ml100k", "ml100k_id", "ml100k_hist", "tfrs_id", "tfrs_hist", "large_id_emb", "tables",
+                             "floor"])
     ap.add_argument("--rows", nargs="+", type=float, default=[1e5, 1e6, 1e7])
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5)
@@ -211,6 +248,9 @@ def main() -> None:
         results["tfrs_hist"] = time_training(tfrs + ["model.user.use_history=true", "model.user.combine=sum",
                                                      "data.history_len=100"], args.steps, args.warmup)
         print("TFRS comparison, user id + mean of 100 history items:", json.dumps(results["tfrs_hist"]), flush=True)
+    if "floor" in args.cases:
+        results["floor"] = dense_floor(max(args.steps, 100), args.warmup)
+        print("id-only step's dense math alone (batch 1024, dim 64):", json.dumps(results["floor"]), flush=True)
     if "large_id_emb" in args.cases:
         results["large_id_emb"] = time_training(["+experiment=large_id_emb"], args.steps, args.warmup)
         print("large_id_emb:", json.dumps(results["large_id_emb"]), flush=True)
