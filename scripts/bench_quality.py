@@ -3,7 +3,7 @@
 For each benchmark: `python -m train +experiment=NAME data.path=...` (wall time measured), then
 `python -m eval run_dir=...`; the model's Recall/NDCG@{10,20,50,100}, the baselines scored in the same eval run
 (most-popular, EASE up to --ease-max-items items: Gowalla's 41k-item EASE is a float32 in-place fit of about
-half an hour on 2 cores) and the published numbers are written as a table between
+13 minutes on one core, 7.9 GB) and the published numbers are written as a table between
 the QUALITY markers of BENCHMARKS.md (or printed only, with --no-write).
 
   TWOTOWER_DATA_DIR=../shared/data python scripts/bench_quality.py                 # gowalla and ml-100k

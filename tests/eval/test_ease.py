@@ -2,7 +2,8 @@
 import numpy as np
 import pytest
 
-from eval.ease import _ease_in_place, ease_from_gram, ease_topk, ease_weights, gram_matrix, interaction_matrix, topk_rows
+from eval.ease import (_ease_in_place, ease_from_gram, ease_topk, ease_weights, gram_matrix, interaction_matrix,
+                       topk_rows)
 
 
 def _random_csr(rng, users: int, items: int, max_len: int):
