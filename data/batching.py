@@ -23,7 +23,7 @@ import scipy.sparse
 
 from data.config import HISTORY_MODES
 from data.errors import DataError
-from data.shuffle import permute
+from data.shuffle import EpochOrder
 from data.types import CONDITION, Dataset, sub_csr
 
 # Sample mode: users with at most this many times H other items are sampled exactly without replacement
@@ -239,6 +239,7 @@ class Batches:
         self.examples_per_epoch = int(self._indptr[-1])
         if self.examples_per_epoch == 0:
             raise DataError(f"{ds.name}: the train split is empty; nothing to batch")
+        self._order = EpochOrder(seed, self.examples_per_epoch)
         self._logq = ds.item_log_prob()
         self._negative_pool = negative_pool(ds)
         self.num_negative_candidates = len(self._negative_pool)
@@ -285,9 +286,7 @@ class Batches:
 
     def examples_at(self, offset: int) -> np.ndarray:
         """int64 [B] train example ids (indices into the train CSR) of the global batch at `offset`."""
-        n = self.examples_per_epoch
-        at = offset + np.arange(self.batch_size, dtype=np.int64)
-        return permute(self.seed, at // n, at % n, n)
+        return self._order(offset, self.batch_size)
 
     def batch_at(self, offset: int) -> dict:
         """This process's part of the global batch starting at global example `offset` (pure; thread-safe)."""

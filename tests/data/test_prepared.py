@@ -17,7 +17,7 @@ from data.prepared import format as fmt
 from data.prepared.local import prepare_parquet
 from data.prepared.read import PreparedData
 from data.prepared.write import write_dataset
-from data.shuffle import permute
+from data.shuffle import EpochOrder, permute
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -152,6 +152,31 @@ def test_epoch_order_is_a_permutation_and_changes_each_epoch():
     it = Batches(small, batch_size=n - 3, num_negatives=0, history_len=0, seed=2)
     first, second = it.examples_at(0), it.examples_at(n - 3)
     np.testing.assert_array_equal(np.sort(np.concatenate([first, second[:3]])), np.arange(n))
+
+
+def test_cached_epoch_order_equals_the_per_position_one():
+    """Whole epochs cached or each batch evaluated alone: the same examples, across epoch boundaries, with batches
+    longer than an epoch, from threads and after pickling (a worker process)."""
+    import concurrent.futures
+    import pickle
+    for n in (1, 7, 1000, 4099):
+        cached, alone = EpochOrder(3, n), EpochOrder(3, n, cache_max=0)
+        for start, count in ((0, 64), (n - 5, 64), (3 * n + 2, 2 * n + 9), (10 * n, 1)):
+            at = start + np.arange(count)
+            want = permute(3, at // n, at % n, n)
+            np.testing.assert_array_equal(cached(start, count), want)
+            np.testing.assert_array_equal(alone(start, count), want)
+            assert cached(start, count).dtype == np.int64
+        assert len(cached._epochs) <= 2
+    order = EpochOrder(9, 5000)
+    starts = [k * 700 for k in range(40)]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda s: order(s, 700), starts))
+    for s, g in zip(starts, got):
+        np.testing.assert_array_equal(g, permute(9, (s + np.arange(700)) // 5000, (s + np.arange(700)) % 5000, 5000))
+    copy = pickle.loads(pickle.dumps(order))
+    assert not copy._epochs
+    np.testing.assert_array_equal(copy(4990, 30), order(4990, 30))
 
 
 def test_damaged_preparations_fail_naming_the_file(tmp_path):
