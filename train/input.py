@@ -166,16 +166,47 @@ class PadToLargest:
         self.sizes, self._lock = state["sizes"], threading.Lock()
 
     def __call__(self, shared: dict) -> dict:
-        out = dict(shared)
+        sizes = {}
         for key in [k for k in shared if k.endswith("_uniq")]:
             name = key[:-len("_uniq")]
-            n = len(shared[key])
             with self._lock:
-                size = self.sizes[name] = max(self.sizes.get(name, 0), n)
-            if size > n:
-                out[key] = np.concatenate([shared[key], np.zeros(size - n, shared[key].dtype)])
-                out[f"{name}_valid"] = np.concatenate([shared[f"{name}_valid"], np.zeros(size - n, bool)])
-        return out
+                sizes[name] = self.sizes[name] = max(self.sizes.get(name, 0), len(shared[key]))
+        return pad_rows(shared, sizes)
+
+
+def pad_rows(shared: dict, sizes: dict[str, int]) -> dict:
+    """`shared` with each table's de-duplicated rows padded to `sizes[table]` (row 0, not valid)."""
+    out = dict(shared)
+    for name, size in sizes.items():
+        key, n = f"{name}_uniq", len(shared[f"{name}_uniq"])
+        if size > n:
+            out[key] = np.concatenate([shared[key], np.zeros(size - n, shared[key].dtype)])
+            out[f"{name}_valid"] = np.concatenate([shared[f"{name}_valid"], np.zeros(size - n, bool)])
+    return out
+
+
+def dispatch_groups(start: int, steps: int, per_dispatch: int, cadences: tuple[int, ...] = ()) -> np.ndarray:
+    """How steps start+1 .. steps are grouped into dispatches (`train.steps_per_dispatch`).
+
+    A group holds at most `per_dispatch` consecutive steps, and every step where the loop acts (a multiple of
+    one of `cadences`: logging, checkpoints, validation; and the last step) ends one, so the loop logs, saves
+    and validates at the same steps whatever the group size. The training loop runs a group cut short by such
+    a step one step at a time.
+
+    Returns:
+      int64 [G]: the sizes of the groups, in order (they sum to steps - start).
+    """
+    if per_dispatch < 1:
+        raise ValueError(f"per_dispatch must be >= 1, got {per_dispatch}")
+    if steps <= start:
+        return np.zeros(0, np.int64)
+    ends = [np.arange((start // c + 1) * c, steps + 1, c, dtype=np.int64) for c in cadences if c > 0]
+    ends = np.unique(np.concatenate([*ends, np.array([steps], np.int64)]))
+    lengths = np.diff(ends, prepend=start)
+    counts = -(-lengths // per_dispatch)
+    sizes = np.full(int(counts.sum()), per_dispatch, np.int64)
+    sizes[np.cumsum(counts) - 1] = lengths - (counts - 1) * per_dispatch
+    return sizes
 
 
 class _Step:
@@ -196,7 +227,35 @@ class _Step:
         return out, {"epoch": after // n, "position": after % n}
 
 
-def grain_feed(batches, fn, *, depth: int = 2, threads: int = 1, workers: int = 0):
+class _Group:
+    """Grain map function: group k of `sizes` (`dispatch_groups`) -> (its prepared batches stacked on a leading
+    axis, data position after its last batch). Within a group the tables' rows are padded to the group's
+    largest (and by `pad` to the largest so far), so the batches stack."""
+
+    def __init__(self, batches, fn, start: int, sizes: np.ndarray, pad: PadToLargest | None = None):
+        self.step = _Step(batches, fn, start)
+        self.sizes, self.pad = sizes, pad
+        self.firsts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+
+    def __call__(self, k: int):
+        first, size = int(self.firsts[k]), int(self.sizes[k])
+        outs = [self.step(first + i) for i in range(size)]
+        shared = [s for (_, s), _ in outs]
+        sizes = {key[:-len("_uniq")]: max(len(s[key]) for s in shared) for key in shared[0] if key.endswith("_uniq")}
+        shared = [pad_rows(s, sizes) for s in shared]
+        if self.pad is not None:
+            shared = [self.pad(s) for s in shared]
+        return (_stack([local for (local, _), _ in outs]), _stack(shared)), outs[-1][1]
+
+
+def _stack(trees: list):
+    """Equally shaped nested dicts of arrays, stacked on a new leading axis."""
+    if isinstance(trees[0], dict):
+        return {k: _stack([t[k] for t in trees]) for k in trees[0]}
+    return np.stack(trees)
+
+
+def grain_feed(batches, fn, *, depth: int = 2, threads: int = 1, workers: int = 0, groups: np.ndarray | None = None):
     """The training input as a Grain pipeline: batch k (from the iterator's current position) is
     `fn(batches.batch_at(offset_k))`, a pure function of k, evaluated ahead of the step by `threads` threads
     (`grain.ReadOptions`) or by `workers` processes (`mp_prefetch`), in order.
@@ -207,13 +266,19 @@ def grain_feed(batches, fn, *, depth: int = 2, threads: int = 1, workers: int = 
     In one process (`batches.process_count == 1`) the tables' padded row counts only grow (`PadToLargest`), so
     the step does not compile again when a batch's distinct rows fall back under a power of two.
 
+    With `groups` (`dispatch_groups`' sizes), element k is group k instead: its batches stacked on a leading
+    axis (`_Group`), for `Launcher.put_group`.
+
     Returns:
-      an iterator of (fn's result, data position after the batch), with a `close()`.
+      an iterator of (fn's result, data position after the batch or group), with a `close()`.
     """
     import grain
 
     pad = PadToLargest() if batches.process_count == 1 else None
-    ds = grain.MapDataset.range(0, 1 << 40).map(_Step(batches, fn, batches.offset, pad))
+    if groups is None:
+        ds = grain.MapDataset.range(0, 1 << 40).map(_Step(batches, fn, batches.offset, pad))
+    else:
+        ds = grain.MapDataset.range(0, len(groups)).map(_Group(batches, fn, batches.offset, groups, pad))
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(1, threads), prefetch_buffer_size=max(1, depth)))
     if workers > 0:
         # mp_prefetch reads Grain's absl flags, which only an absl.app entry point parses; the Hydra commands

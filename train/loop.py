@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import functools
 import datetime
+import itertools
 import json
 import logging
 import math
@@ -37,7 +38,7 @@ from train import distributed
 from train import freq_estimator
 from train import resume
 from train.checkpoint import CheckpointError, Checkpointer, NonFiniteState
-from train.input import grain_feed, prepare
+from train.input import dispatch_groups, grain_feed, prepare
 from train.mesh import padded_rows, table_bytes_per_device
 from train.metrics_writer import MetricWriter
 from train.parallel import Launcher
@@ -270,16 +271,20 @@ def write_untrained_run(c: config_lib.Config, run_dir: str | pathlib.Path, *, st
 
 # ---------------------------------------------------------------- loop
 def _summarise(window: list[dict], step: int, steps_timed: int, seconds: float, batch: int) -> dict:
-    """The means of a log window's metrics (host copies) and its throughput: `steps_timed` steps took `seconds`."""
-    sums = jax.tree.map(lambda *xs: float(np.sum(xs)), *window)
+    """The means of a log window's metrics (host copies; one entry per dispatch, each a step's scalars or a group's
+    [G] arrays) and its throughput: `steps_timed` steps took `seconds`."""
+    num_steps = sum(int(np.size(m["count"])) for m in window)
+    # In float64 over the steps in order: the same sums however the steps were grouped into dispatches.
+    sums = jax.tree.map(lambda *xs: float(np.sum(np.concatenate([np.ravel(x) for x in xs]), dtype=np.float64)),
+                        *window)
     count = max(sums.pop("count"), 1.0)
     out = {"train/loss": sums.pop("loss_sum") / count,
-           "train/grad_norm": math.sqrt(sums.pop("grad_norm_sq") / len(window))}
+           "train/grad_norm": math.sqrt(sums.pop("grad_norm_sq") / num_steps)}
     out.update({f"train/{k.removesuffix('_sum')}": v / count for k, v in sums.items()})
     out["train/steps_per_sec"] = steps_timed / max(seconds, 1e-9)
     out["train/examples_per_sec"] = out["train/steps_per_sec"] * batch
     if not all(math.isfinite(v) for v in out.values()):
-        raise TrainingDiverged(f"non-finite metrics in steps {step - len(window) + 1}..{step}: {out}")
+        raise TrainingDiverged(f"non-finite metrics in steps {step - num_steps + 1}..{step}: {out}")
     return out
 
 
@@ -298,28 +303,30 @@ class WindowClock:
         self.mark = time.perf_counter()
         self.started = self.mark
         self.first_step_seconds: float | None = None
-        self.steps = 0              # steps since `mark`, the first step excepted
+        self.first_steps = 1        # steps in the first dispatch
+        self.steps = 0              # steps since `mark`, the first dispatch excepted
         self.saving = 0.0           # checkpoint seconds since the last lap
         self.checkpoint_seconds = 0.0
         self.paused = 0.0           # validation seconds since the last lap
         self.validation_seconds = 0.0
 
-    def first_step(self, metrics) -> None:
-        """Waits for the first step and starts the first window's clock."""
+    def first_step(self, metrics, steps: int = 1) -> None:
+        """Waits for the first dispatch (`steps` steps) and starts the first window's clock."""
         jax.block_until_ready(metrics)
         now = time.perf_counter()
-        self.first_step_seconds, self.mark = now - self.mark, now
+        self.first_step_seconds, self.first_steps, self.mark = now - self.mark, steps, now
 
-    def step(self) -> None:
-        self.steps += 1
+    def step(self, steps: int = 1) -> None:
+        self.steps += steps
 
     def lap(self) -> tuple[int, float, float]:
         """(steps, their seconds, checkpoint seconds) since the last lap; call once the window's metrics are on
-        the host. A window that holds only the first step is timed with its compilation: nothing else to time."""
+        the host. A window that holds only the first dispatch is timed with its compilation: nothing else to
+        time."""
         now = time.perf_counter()
         steps, seconds, saving = self.steps, now - self.mark - self.saving - self.paused, self.saving
         if steps == 0:
-            steps, seconds = 1, self.first_step_seconds
+            steps, seconds = self.first_steps, self.first_step_seconds
         self.mark, self.steps, self.saving, self.paused = now, 0, 0.0, 0.0
         return steps, seconds, saving
 
@@ -367,9 +374,9 @@ class Progress:
             from tqdm import tqdm
             self.bar = tqdm(total=steps, initial=start, unit="step", dynamic_ncols=True, file=sys.stderr)
 
-    def step(self) -> None:
+    def step(self, steps: int = 1) -> None:
         if self.bar is not None:
-            self.bar.update(1)
+            self.bar.update(steps)
 
     def window(self, step: int, metrics: dict[str, float]) -> None:
         if self.bar is not None:
@@ -415,9 +422,14 @@ def train_loop(c, launcher, dev_state, batches, ckpt, writer, start: int, steps:
     None, as on processes other than 0), checkpoints on the cadence and at the end, each with `extra` (the
     config fingerprint) besides the data position. A state with NaN or inf stops the run before it is saved.
 
+    With `train.steps_per_dispatch` > 1 the steps run in groups of up to that many per dispatch
+    (`train.input.dispatch_groups`; `Launcher.run_group`); every step where the loop logs, saves or validates
+    ends a group, so those happen at the same steps and the results are the same. A group cut short by such a
+    step runs its steps one at a time, so there are two programs (a full group, one step) whatever the sizes.
+
     Throughput is timed by a `WindowClock`: each logged line's steps/s covers the steps the device finished
-    since the previous line, without the first step (compilation; `train/first_step_seconds` on the first line)
-    and without checkpoint saves (`train/checkpoint_seconds`).
+    since the previous line, without the first dispatch (compilation; `train/first_step_seconds` on the first
+    line) and without checkpoint saves (`train/checkpoint_seconds`).
 
     With a `validation`, the validation split is evaluated on its cadence (timed apart from the steps); when it
     asks to stop early, the step's checkpoint (with the tracking in its `extra`) is saved and the loop ends.
@@ -430,20 +442,36 @@ def train_loop(c, launcher, dev_state, batches, ckpt, writer, start: int, steps:
         use["exchange"] = distributed.RowExchange()
         launcher.process_local_batches = True
 
+    per_dispatch = c.train.steps_per_dispatch
+    cadences = (c.train.log_every_steps, c.checkpoint.every_steps) + (() if validation is None else
+                                                                       (validation.every,))
+    sizes = dispatch_groups(start, steps, per_dispatch, cadences) if per_dispatch > 1 else None
     feed = grain_feed(batches, functools.partial(prepare, **use), depth=c.train.prefetch,
-                      threads=c.data.input_threads, workers=c.data.input_workers)
+                      threads=c.data.input_threads, workers=c.data.input_workers, groups=sizes)
     progress = Progress(start, steps, enabled=c.train.progress and distributed.is_primary())
     clock = WindowClock()
-    window, last = [], {}
+    window, last, first_window = [], {}, True
+    step = start
     try:
-        for step in range(start + 1, steps + 1):
+        for size in (itertools.repeat(1, steps - start) if sizes is None else sizes):
+            size = int(size)
             (local, shared), data_pos = next(feed)
-            dev_state, metrics = launcher(dev_state, *launcher.put_batch(local, shared))
-            window.append(metrics)
-            if step == start + 1:
-                clock.first_step(metrics)
+            if sizes is None:
+                dev_state, metrics = launcher(dev_state, *launcher.put_batch(local, shared))
+                window.append(metrics)
+            elif size == per_dispatch:
+                dev_state, metrics = launcher.run_group(dev_state, *launcher.put_group(local, shared))
+                window.append(metrics)
+            else:   # cut short by a logging, checkpoint or validation step: one step at a time, one program for all
+                for i in range(size):
+                    one = jax.tree.map(lambda x, i=i: x[i], (local, shared))
+                    dev_state, metrics = launcher(dev_state, *launcher.put_batch(*one))
+                    window.append(metrics)
+            if step == start:
+                clock.first_step(metrics, size)
             else:
-                clock.step()
+                clock.step(size)
+            step += size
             stop = False
             if validation is not None and validation.due(step, steps):
                 with clock.validating(dev_state):
@@ -454,8 +482,9 @@ def train_loop(c, launcher, dev_state, batches, ckpt, writer, start: int, steps:
                 steps_timed, seconds, saving = clock.lap()
                 last = _summarise(window, step, steps_timed, seconds, c.train.global_batch_size)
                 last["train/checkpoint_seconds"] = saving
-                if step - len(window) == start:
+                if first_window:
                     last["train/first_step_seconds"] = clock.first_step_seconds
+                    first_window = False
                 if writer is not None:
                     writer.write(step, last)
                 progress.window(step, last)
@@ -468,7 +497,7 @@ def train_loop(c, launcher, dev_state, batches, ckpt, writer, start: int, steps:
                                   {**(extra or {}), **tracked, "data": data_pos}, force=True)
                     except NonFiniteState as e:
                         raise TrainingDiverged(str(e)) from None
-            progress.step()
+            progress.step(size)
             if stop:
                 break
     finally:

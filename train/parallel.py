@@ -8,7 +8,13 @@ by rows over `model` otherwise. shard_map runs the per-device body with explicit
 assembles table rows with a psum over `model`); jit runs the same body written for one device and lets GSPMD
 partition it. Examples are split over all devices along their first axis; the shared arrays (the
 de-duplicated table rows) are replicated. The state is donated: tables are updated in place, never copied.
+
+Several steps can run in one dispatch (`train.steps_per_dispatch`): `put_group` places a group of prepared
+batches stacked on a leading axis and `run_group` runs them in one program, a `lax.scan` of the same step over
+that axis. The host then transfers and dispatches once per group, not once per step, and the results are those
+of the steps one by one.
 """
+
 from __future__ import annotations
 
 import functools
@@ -66,6 +72,23 @@ class Launcher:
                                out_shardings=(self.state_sharding, self.replicated))
         else:
             raise ValueError(f"unknown launcher {kind!r}: expected pmap, shard_map or jit")
+        # A group of batches: examples split over the devices along axis 1, after the group axis.
+        self.group_sharding = NamedSharding(self.mesh, P(None, BATCH_AXES))
+        self._step, self._specs, self._group_fn = step, specs, None
+
+    def _make_group_fn(self):
+        many = functools.partial(scan_steps, self._step)
+        if self.kind == "pmap":
+            return jax.pmap(functools.partial(many, axis_name=AXIS), axis_name=AXIS, devices=self.devices,
+                            in_axes=(None, 1, None), out_axes=(None, None), donate_argnums=(0,))
+        if self.kind == "shard_map":
+            body = jax.shard_map(
+                functools.partial(many, axis_name=BATCH_AXES, table_axis=MODEL if self.sharded else None),
+                mesh=self.mesh, in_specs=(self._specs, P(None, BATCH_AXES), P()), out_specs=(self._specs, P()))
+            return jax.jit(body, donate_argnums=(0,))
+        return jax.jit(functools.partial(many, axis_name=None), donate_argnums=(0,),
+                       in_shardings=(self.state_sharding, self.group_sharding, self.replicated),
+                       out_shardings=(self.state_sharding, self.replicated))
 
     def put_state(self, state: dict) -> dict:
         """Places a single-copy state where the step expects it; leaves already there are kept as they are.
@@ -109,6 +132,27 @@ class Launcher:
             return local, put_global(shared, self.replicated)
         return put_global(local, self.batch_sharding), put_global(shared, self.replicated)
 
+    def put_group(self, local: dict, shared: dict):
+        """`put_batch` for a group of batches stacked on a leading axis: local [G, B, ...] (with
+        `process_local_batches`, this process's rows [G, B_p, ...]) and shared [G, ...]."""
+        if self.kind == "pmap":
+            n = self.n
+            local = jax.tree.map(lambda x: x.reshape(x.shape[0], n, x.shape[1] // n, *x.shape[2:]), local)
+            return jax.device_put(local, self.group_sharding), jax.device_put(shared, self.devices[0])
+        if self.process_local_batches:
+            count = jax.process_count()
+            local = jax.tree.map(lambda x: jax.make_array_from_process_local_data(
+                self.group_sharding, np.asarray(x), (x.shape[0], x.shape[1] * count, *x.shape[2:])), local)
+            return local, put_global(shared, self.replicated)
+        return put_global(local, self.group_sharding), put_global(shared, self.replicated)
+
+    def run_group(self, dev_state, local, shared):
+        """The steps of a group placed by `put_group`, in order, in one dispatch: (state after the last step,
+        metrics with a leading axis of one entry per step)."""
+        if self._group_fn is None:
+            self._group_fn = self._make_group_fn()
+        return self._group_fn(dev_state, local, shared)
+
     def batch_share(self, batch_size: int) -> tuple[int, int]:
         """(index, count): this process feeds rows [index * B / count, (index + 1) * B / count) of each global batch
         (and the same share of its negatives), the rows the batch sharding puts on its own devices."""
@@ -124,3 +168,8 @@ class Launcher:
 
     def __call__(self, dev_state, local, shared):
         return self._fn(dev_state, local, shared)
+
+
+def scan_steps(step, state, local, shared, **kwargs):
+    """`step` over a group of batches (local and shared stacked on a leading axis), one after the other."""
+    return jax.lax.scan(lambda s, batch: step(s, *batch, **kwargs), state, (local, shared))

@@ -7,8 +7,8 @@ the loaded data: `data.vocabularies` (every vocabulary's raw ids, the row order 
 A resume compares them with the current run's:
 
 - keys that do not change what is trained are ignored: how progress, metrics and checkpoints are written
-  (`train.progress`, `train.log_every_steps`, `train.prefetch`, `checkpoint.*`), the end-of-run evaluation
-  (`eval.*`), where the devices and processes are (`train.launcher`, `train.num_devices`, `train.distributed.*`,
+  (`train.progress`, `train.log_every_steps`, `train.prefetch`, `train.steps_per_dispatch`, `checkpoint.*`), the
+  end-of-run evaluation (`eval.*`), where the devices and processes are (`train.launcher`, `train.num_devices`, `train.distributed.*`,
   `mesh.*`: a run resumes on another mesh with the same numbers up to the order of floating-point sums) and
   where TFDS keeps its files (`data.data_dir`, `data.download`);
 - `train.total_steps` and `train.num_epochs` may change (resuming to train longer is normal; with a cosine
@@ -37,8 +37,8 @@ from towers.restore import vocabularies_digest
 
 log = logging.getLogger("twotower.train")
 
-IGNORED = ("train.progress", "train.log_every_steps", "train.prefetch", "train.launcher", "train.num_devices",
-           "train.distributed.", "mesh.", "checkpoint.", "eval.", "data.data_dir", "data.download")
+IGNORED = ("train.progress", "train.log_every_steps", "train.prefetch", "train.steps_per_dispatch", "train.launcher",
+           "train.num_devices", "train.distributed.", "mesh.", "checkpoint.", "eval.", "data.data_dir", "data.download")
 LENGTH = ("train.total_steps", "train.num_epochs")
 DATA_KEYS = ("data.vocabularies", "data.contents")
 _ABSENT = "<absent>"

@@ -33,10 +33,13 @@ def _losses(run_dir) -> list[float]:
     return [r["train/loss"] for r in rows if "train/loss" in r]
 
 
-@pytest.mark.parametrize("prepared", [False, True], ids=["in_memory", "prepared"])
-def test_two_processes_train_like_one_process(tmp_path, prepared):
+@pytest.mark.parametrize("prepared, grouped", [(False, False), (True, False), (False, True)],
+                         ids=["in_memory", "prepared", "three_steps_per_dispatch"])
+def test_two_processes_train_like_one_process(tmp_path, prepared, grouped):
     """Each process reads only its half of every global batch (from memory, or the records of its users from a
-    prepared dataset's shards) and the two train like one process with 4 devices reading whole batches."""
+    prepared dataset's shards) and the two train like one process with 4 devices reading whole batches; also
+    with the three steps in one dispatch (`train.steps_per_dispatch`), each process placing its share of the
+    group."""
     multi, single = tmp_path / "multi", tmp_path / "single"
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
                JAX_COORDINATOR_ADDRESS=f"localhost:{_free_port()}", JAX_NUM_PROCESSES="2")
@@ -46,6 +49,8 @@ def test_two_processes_train_like_one_process(tmp_path, prepared):
         from data.prepared.write import write_dataset
         write_dataset(load(smoke_cfg().data), tmp_path / "prepared", num_shards=4, config={})
         data = ["data=prepared", "data.source=prepared", f"data.path={tmp_path / 'prepared'}"]
+    if grouped:
+        data += ["train.steps_per_dispatch=3", "train.log_every_steps=3"]
     cmd = [sys.executable, "-m", "train", *ARGS, *data, f"hydra.run.dir={multi}"]
     procs = [subprocess.Popen(cmd, cwd=REPO, env=dict(env, JAX_PROCESS_ID=str(i)), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for i in range(2)]
@@ -61,8 +66,12 @@ def test_two_processes_train_like_one_process(tmp_path, prepared):
 
     cfg = smoke_cfg(*ARGS[1:])
     run(cfg, single)   # this test process: 4 fake devices, one process
-    assert len(_losses(multi)) == 3
-    np.testing.assert_allclose(_losses(multi), _losses(single), rtol=1e-5)
+    if grouped:   # one line for the three steps: their mean loss
+        assert len(_losses(multi)) == 1
+        np.testing.assert_allclose(_losses(multi), [np.mean(_losses(single))], rtol=1e-5)
+    else:
+        assert len(_losses(multi)) == 3
+        np.testing.assert_allclose(_losses(multi), _losses(single), rtol=1e-5)
     _, a = _final_state(multi, cfg)
     _, b = _final_state(single, cfg)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
