@@ -19,14 +19,16 @@ def _rows(run_dir) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_reported_throughput_matches_the_wall_clock(tmp_path, caplog, capsys):
+@pytest.mark.parametrize("per_dispatch", [1, 3])
+def test_reported_throughput_matches_the_wall_clock(tmp_path, caplog, capsys, per_dispatch):
     """Steps slow on the device next to their dispatch (large batch, many negatives) and a short log window:
-    timing a window before its metrics are fetched would report several times the real examples/s."""
+    timing a window before its metrics are fetched would report several times the real examples/s. Also with
+    three steps per dispatch (groups, and short groups run step by step, in every window)."""
     caplog.set_level(logging.INFO, logger="twotower.train")
     cfg = smoke_cfg("train.num_devices=1", "train.total_steps=45", "train.log_every_steps=5",
                     f"train.global_batch_size={BATCH}", "loss.num_negatives=4096", "model.id_dim=64",
                     "model.output_dim=64", "checkpoint.every_steps=12", "checkpoint.max_to_keep=5",
-                    "train.progress=true")
+                    "train.progress=true", f"train.steps_per_dispatch={per_dispatch}")
     result = run(cfg, tmp_path)
     rows = _rows(tmp_path)
     train_rows = [r for r in rows if "train/loss" in r]
