@@ -238,7 +238,10 @@ class _Group:
         self.firsts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
 
     def __call__(self, k: int):
-        first, size = int(self.firsts[k]), int(self.sizes[k])
+        if k >= len(self.sizes):   # read ahead past the run's last group: never consumed, so one batch is enough
+            first, size = int(self.sizes.sum()) + k - len(self.sizes), 1
+        else:
+            first, size = int(self.firsts[k]), int(self.sizes[k])
         outs = [self.step(first + i) for i in range(size)]
         shared = [s for (_, s), _ in outs]
         sizes = {key[:-len("_uniq")]: max(len(s[key]) for s in shared) for key in shared[0] if key.endswith("_uniq")}
@@ -278,7 +281,9 @@ def grain_feed(batches, fn, *, depth: int = 2, threads: int = 1, workers: int = 
     if groups is None:
         ds = grain.MapDataset.range(0, 1 << 40).map(_Step(batches, fn, batches.offset, pad))
     else:
-        ds = grain.MapDataset.range(0, len(groups)).map(_Group(batches, fn, batches.offset, groups, pad))
+        # Unbounded like the single-batch feed: a finite dataset that worker processes run to its end leaves
+        # shared-memory buffers behind at close.
+        ds = grain.MapDataset.range(0, 1 << 40).map(_Group(batches, fn, batches.offset, groups, pad))
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(1, threads), prefetch_buffer_size=max(1, depth)))
     if workers > 0:
         # mp_prefetch reads Grain's absl flags, which only an absl.app entry point parses; the Hydra commands

@@ -40,7 +40,9 @@ def test_groups_end_at_every_step_the_loop_acts_on():
         dispatch_groups(0, 8, 0, ())
 
 
-def test_the_grouped_feed_stacks_the_batches_of_the_single_feed():
+@pytest.mark.parametrize("workers", [0, 1])
+def test_the_grouped_feed_stacks_the_batches_of_the_single_feed(workers):
+    """From the reading thread, and from a worker process (the group function pickles)."""
     c = smoke_cfg("data.num_users=500", "train.global_batch_size=384", "loss.num_negatives=0")
     ds = load_data(c)
     parts = build_parts(c, ds, 4, select_devices(c))
@@ -48,7 +50,7 @@ def test_the_grouped_feed_stacks_the_batches_of_the_single_feed():
     single, grouped = grain_feed(make_batches(c, ds, seed=0), fn), None
     try:
         ones = [next(single) for _ in range(7)]
-        grouped = grain_feed(make_batches(c, ds, seed=0), fn, groups=np.array([3, 1, 3]))
+        grouped = grain_feed(make_batches(c, ds, seed=0), fn, groups=np.array([3, 1, 3]), workers=workers)
         groups = [next(grouped) for _ in range(3)]
     finally:
         single.close()
