@@ -11,6 +11,10 @@ whether the step or the pipeline bounds throughput.
   TWOTOWER_DATA_DIR=../shared/data python scripts/bench_train.py --cases tfrs_id tfrs_hist --ab pool_history=false
   python scripts/bench_train.py --cases floor          # the id-only step's dense math alone
 
+A config's `train.steps_per_dispatch` (e.g. `--set train.steps_per_dispatch=4`; `large_id_emb` sets 4) is
+honoured: batches are stacked in groups, each group runs in one dispatch, and the step time is the group's
+divided by its steps.
+
 The `floor` case times what no change to the framework can remove from the id-only step at batch 1,024 and
 64 dimensions: the [B, d] x [d, B] logits with their two backward matmuls alone, and the same with an in-batch
 softmax cross-entropy and its gradient (no ID tables, no metrics, no input), each jitted and timed to completion.
@@ -59,18 +63,37 @@ def scatter_rows(prepared: tuple[dict, dict], maps: dict[str, np.ndarray]) -> tu
     return local, shared
 
 
-def time_steps(launcher, state, prepared: list, steps: int, warmup: int) -> tuple[object, list[float]]:
+def time_steps(launcher, state, prepared: list, steps: int, warmup: int, per_dispatch: int = 1
+               ) -> tuple[object, list[float]]:
     """Runs `warmup + steps` training steps over the prepared batches (cycled); returns the final state and the
-    wall seconds of each step after the warm-up (host-to-device transfer of the batch not included)."""
+    wall seconds of each step after the warm-up (host-to-device transfer of the batch not included).
+
+    With `per_dispatch` > 1, `prepared` holds groups of that many batches (`group_batches`), each run in one
+    dispatch (`Launcher.run_group`): `steps` and `warmup` count groups, and each group's seconds are divided
+    by its steps."""
     times = []
+    put, call = ((launcher.put_batch, launcher.__call__) if per_dispatch == 1 else
+                 (launcher.put_group, launcher.run_group))
     for i in range(steps + warmup):
-        local, shared = launcher.put_batch(*prepared[i % len(prepared)])
+        local, shared = put(*prepared[i % len(prepared)])
         t0 = time.perf_counter()
-        state, metrics = launcher(state, local, shared)
+        state, metrics = call(state, local, shared)
         jax.block_until_ready((state, metrics))
         if i >= warmup:
-            times.append(time.perf_counter() - t0)
+            times.append((time.perf_counter() - t0) / per_dispatch)
     return state, times
+
+
+def group_batches(prepared: list, per_dispatch: int) -> list:
+    """Consecutive prepared batches stacked in groups of `per_dispatch` (tables' rows padded to the group's
+    largest), as the training feed hands them to `Launcher.put_group`."""
+    from train.input import _stack, pad_rows
+    groups = []
+    for i in range(0, len(prepared) - per_dispatch + 1, per_dispatch):
+        part = prepared[i:i + per_dispatch]
+        sizes = {k[:-len("_uniq")]: max(len(s[k]) for _, s in part) for k in part[0][1] if k.endswith("_uniq")}
+        groups.append((_stack([local for local, _ in part]), _stack([pad_rows(s, sizes) for _, s in part])))
+    return groups
 
 
 def dense_floor(steps: int, warmup: int, batch: int = 1024, dim: int = 64) -> dict:
@@ -154,10 +177,13 @@ def time_training(overrides: list[str], steps: int, warmup: int, table_rows: int
     launchers = [launcher] + ([launcher_b] if AB else [])
     step_times = [[] for _ in launchers]
     rounds = 5 if AB else 1
-    per_round = max(1, steps // rounds)
+    k = c.train.steps_per_dispatch
+    if k > 1:
+        prepared = group_batches(prepared, k)
+    per_round = max(1, steps // rounds // k)
     for r in range(rounds):   # alternate A and B in rounds: load on a shared machine falls on both
         for i, lau in enumerate(launchers):
-            dev[i], times = time_steps(lau, dev[i], prepared, per_round, warmup if r == 0 else 1)
+            dev[i], times = time_steps(lau, dev[i], prepared, per_round, max(1, warmup // k) if r == 0 else 1, k)
             step_times[i].extend(times)
     step = statistics.median(step_times[0])
     med = lambda xs: statistics.median(xs) * 1e3  # noqa: E731
@@ -166,7 +192,7 @@ def time_training(overrides: list[str], steps: int, warmup: int, table_rows: int
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
     out = {"step_ms": step * 1e3, "examples_per_s": b / step, "input_ms": med(batch_times) + med(prepare_times),
            "batch_ms": med(batch_times), "prepare_ms": med(prepare_times), "put_ms": med(put_times),
-           "peak_rss_gb": peak_gb, "batch": b, "devices": len(devices),
+           "peak_rss_gb": peak_gb, "batch": b, "devices": len(devices), "steps_per_dispatch": k,
            "rows": {"user": ds.num_users, "item": ds.num_items}}
     if AB:
         out["ab"] = {"fields": dict(AB), "step_ms": med(step_times[1]),
