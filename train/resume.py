@@ -8,9 +8,9 @@ A resume compares them with the current run's:
 
 - keys that do not change what is trained are ignored: how progress, metrics and checkpoints are written
   (`train.progress`, `train.log_every_steps`, `train.prefetch`, `train.steps_per_dispatch`, `checkpoint.*`), the
-  end-of-run evaluation (`eval.*`), where the devices and processes are (`train.launcher`, `train.num_devices`, `train.distributed.*`,
-  `mesh.*`: a run resumes on another mesh with the same numbers up to the order of floating-point sums) and
-  where TFDS keeps its files (`data.data_dir`, `data.download`);
+  end-of-run evaluation (`eval.*`), where the devices and processes are (`train.launcher`, `train.num_devices`,
+  `train.distributed.*`, `mesh.*`: a run resumes on another mesh with the same numbers up to the order of
+  floating-point sums) and where TFDS keeps its files (`data.data_dir`, `data.download`);
 - `train.total_steps` and `train.num_epochs` may change (resuming to train longer is normal; with a cosine
   schedule the remaining steps then follow the new horizon);
 - a key the checkpoint does not record (added to the schema after it was written) is accepted when it holds
