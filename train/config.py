@@ -136,9 +136,9 @@ class TrainLoopConfig:
     prefetch: int = _help(2, "batches prepared ahead in a background thread", gt=0)
     steps_per_dispatch: int = _help(1, "training steps run in one compiled program (a lax.scan over that many "
                                        "prepared batches): the host transfers and dispatches once per group "
-                                       "instead of once per step, with the same results. Logging, checkpoints "
-                                       "and validation stay at their steps (each ends a group; a group cut short "
-                                       "there runs step by step)", gt=0)
+                                       "instead of once per step; the same results up to float rounding. Logging, "
+                                       "checkpoints and validation stay at their steps (each ends a group; a group "
+                                       "cut short there runs step by step)", gt=0)
     distributed: DistributedConfig = field(default_factory=DistributedConfig,
                                            metadata={"help": "multi-process (multi-host) set-up"})
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig,

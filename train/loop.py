@@ -424,8 +424,9 @@ def train_loop(c, launcher, dev_state, batches, ckpt, writer, start: int, steps:
 
     With `train.steps_per_dispatch` > 1 the steps run in groups of up to that many per dispatch
     (`train.input.dispatch_groups`; `Launcher.run_group`); every step where the loop logs, saves or validates
-    ends a group, so those happen at the same steps and the results are the same. A group cut short by such a
-    step runs its steps one at a time, so there are two programs (a full group, one step) whatever the sizes.
+    ends a group, so those happen at the same steps, and the results are the same up to float rounding. A group
+    cut short by such a step runs its steps one at a time: two programs (a full group, one step) whatever the
+    sizes.
 
     Throughput is timed by a `WindowClock`: each logged line's steps/s covers the steps the device finished
     since the previous line, without the first dispatch (compilation; `train/first_step_seconds` on the first

@@ -11,8 +11,8 @@ de-duplicated table rows) are replicated. The state is donated: tables are updat
 
 Several steps can run in one dispatch (`train.steps_per_dispatch`): `put_group` places a group of prepared
 batches stacked on a leading axis and `run_group` runs them in one program, a `lax.scan` of the same step over
-that axis. The host then transfers and dispatches once per group, not once per step, and the results are those
-of the steps one by one.
+that axis. The host then transfers and dispatches once per group, not once per step; the results are those of
+the steps one by one, up to float rounding (XLA compiles the step inside the loop as a program of its own).
 """
 
 from __future__ import annotations
