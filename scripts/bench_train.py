@@ -49,7 +49,7 @@ import numpy as np  # noqa: E402
 from tests.helpers import compose_cfg  # noqa: E402
 from train.config import validate  # noqa: E402
 import train.loop  # noqa: E402
-from train.input import prepare  # noqa: E402
+from train.input import prepare, stack_batches  # noqa: E402
 from train.loop import build, load_data, make_batches, prepare_kwargs, select_devices  # noqa: E402
 
 
@@ -85,15 +85,10 @@ def time_steps(launcher, state, prepared: list, steps: int, warmup: int, per_dis
 
 
 def group_batches(prepared: list, per_dispatch: int) -> list:
-    """Consecutive prepared batches stacked in groups of `per_dispatch` (tables' rows padded to the group's
-    largest), as the training feed hands them to `Launcher.put_group`."""
-    from train.input import _stack, pad_rows
-    groups = []
-    for i in range(0, len(prepared) - per_dispatch + 1, per_dispatch):
-        part = prepared[i:i + per_dispatch]
-        sizes = {k[:-len("_uniq")]: max(len(s[k]) for _, s in part) for k in part[0][1] if k.endswith("_uniq")}
-        groups.append((_stack([local for local, _ in part]), _stack([pad_rows(s, sizes) for _, s in part])))
-    return groups
+    """Consecutive prepared batches in groups of `per_dispatch`, stacked as the training feed hands them to
+    `Launcher.put_group`."""
+    return [stack_batches(prepared[i:i + per_dispatch])
+            for i in range(0, len(prepared) - per_dispatch + 1, per_dispatch)]
 
 
 def dense_floor(steps: int, warmup: int, batch: int = 1024, dim: int = 64) -> dict:

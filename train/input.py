@@ -228,27 +228,31 @@ class _Step:
 
 
 class _Group:
-    """Grain map function: group k of `sizes` (`dispatch_groups`) -> (its prepared batches stacked on a leading
-    axis, data position after its last batch). Within a group the tables' rows are padded to the group's
-    largest (and by `pad` to the largest so far), so the batches stack."""
+    """Grain map function: group k of `sizes` (`dispatch_groups`) -> (its prepared batches stacked by
+    `stack_batches`, data position after its last batch); with `pad`, each batch's rows are first padded to the
+    largest so far."""
 
     def __init__(self, batches, fn, start: int, sizes: np.ndarray, pad: PadToLargest | None = None):
-        self.step = _Step(batches, fn, start)
-        self.sizes, self.pad = sizes, pad
+        self.step = _Step(batches, fn, start, pad)
+        self.sizes = sizes
         self.firsts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+        self.total = int(sizes.sum())
 
     def __call__(self, k: int):
         if k >= len(self.sizes):   # read ahead past the run's last group: never consumed, so one batch is enough
-            first, size = int(self.sizes.sum()) + k - len(self.sizes), 1
+            first, size = self.total + k - len(self.sizes), 1
         else:
             first, size = int(self.firsts[k]), int(self.sizes[k])
         outs = [self.step(first + i) for i in range(size)]
-        shared = [s for (_, s), _ in outs]
-        sizes = {key[:-len("_uniq")]: max(len(s[key]) for s in shared) for key in shared[0] if key.endswith("_uniq")}
-        shared = [pad_rows(s, sizes) for s in shared]
-        if self.pad is not None:
-            shared = [self.pad(s) for s in shared]
-        return (_stack([local for (local, _), _ in outs]), _stack(shared)), outs[-1][1]
+        return stack_batches([batch for batch, _ in outs]), outs[-1][1]
+
+
+def stack_batches(prepared: list[tuple[dict, dict]]) -> tuple[dict, dict]:
+    """Prepared (local, shared) batches -> one group for `Launcher.put_group`: every array stacked on a new
+    leading axis, each table's rows padded to the group's largest first."""
+    shared = [s for _, s in prepared]
+    sizes = {key[:-len("_uniq")]: max(len(s[key]) for s in shared) for key in shared[0] if key.endswith("_uniq")}
+    return _stack([local for local, _ in prepared]), _stack([pad_rows(s, sizes) for s in shared])
 
 
 def _stack(trees: list):

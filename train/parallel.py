@@ -57,37 +57,28 @@ class Launcher:
         state_mesh = Mesh(np.array(self.devices), (AXIS,)) if kind == "pmap" else self.mesh
         self.state_sharding = state_shardings(state_mesh, self.sharded, replicated)
         self.table_sharding = self.state_sharding["tables"]
-        specs = state_specs(self.sharded, replicated)
-        if kind == "pmap":
-            self._fn = jax.pmap(functools.partial(step, axis_name=AXIS), axis_name=AXIS, devices=self.devices,
-                                in_axes=(None, 0, None), out_axes=(None, None), donate_argnums=(0,))
-        elif kind == "shard_map":
-            body = jax.shard_map(
-                functools.partial(step, axis_name=BATCH_AXES, table_axis=MODEL if self.sharded else None),
-                mesh=self.mesh, in_specs=(specs, P(BATCH_AXES), P()), out_specs=(specs, P()))
-            self._fn = jax.jit(body, donate_argnums=(0,))
-        elif kind == "jit":
-            self._fn = jax.jit(functools.partial(step, axis_name=None), donate_argnums=(0,),
-                               in_shardings=(self.state_sharding, self.batch_sharding, self.replicated),
-                               out_shardings=(self.state_sharding, self.replicated))
-        else:
+        if kind not in ("pmap", "shard_map", "jit"):
             raise ValueError(f"unknown launcher {kind!r}: expected pmap, shard_map or jit")
+        self._specs = state_specs(self.sharded, replicated)
         # A group of batches: examples split over the devices along axis 1, after the group axis.
         self.group_sharding = NamedSharding(self.mesh, P(None, BATCH_AXES))
-        self._step, self._specs, self._group_fn = step, specs, None
+        self._fn = self._launch(step, lead=0)
+        self._group_fn = self._launch(functools.partial(scan_steps, step), lead=1)
 
-    def _make_group_fn(self):
-        many = functools.partial(scan_steps, self._step)
+    def _launch(self, body, lead: int):
+        """`body(state, local, shared, axis_name=..., [table_axis=...])` run the launcher's way, with the examples
+        of `local` split over the devices along axis `lead` (0: one batch; 1: a group, after its group axis)."""
+        batch_spec = P(*(None,) * lead, BATCH_AXES)
         if self.kind == "pmap":
-            return jax.pmap(functools.partial(many, axis_name=AXIS), axis_name=AXIS, devices=self.devices,
-                            in_axes=(None, 1, None), out_axes=(None, None), donate_argnums=(0,))
+            return jax.pmap(functools.partial(body, axis_name=AXIS), axis_name=AXIS, devices=self.devices,
+                            in_axes=(None, lead, None), out_axes=(None, None), donate_argnums=(0,))
         if self.kind == "shard_map":
-            body = jax.shard_map(
-                functools.partial(many, axis_name=BATCH_AXES, table_axis=MODEL if self.sharded else None),
-                mesh=self.mesh, in_specs=(self._specs, P(None, BATCH_AXES), P()), out_specs=(self._specs, P()))
-            return jax.jit(body, donate_argnums=(0,))
-        return jax.jit(functools.partial(many, axis_name=None), donate_argnums=(0,),
-                       in_shardings=(self.state_sharding, self.group_sharding, self.replicated),
+            mapped = jax.shard_map(
+                functools.partial(body, axis_name=BATCH_AXES, table_axis=MODEL if self.sharded else None),
+                mesh=self.mesh, in_specs=(self._specs, batch_spec, P()), out_specs=(self._specs, P()))
+            return jax.jit(mapped, donate_argnums=(0,))
+        return jax.jit(functools.partial(body, axis_name=None), donate_argnums=(0,),
+                       in_shardings=(self.state_sharding, NamedSharding(self.mesh, batch_spec), self.replicated),
                        out_shardings=(self.state_sharding, self.replicated))
 
     def put_state(self, state: dict) -> dict:
@@ -121,36 +112,31 @@ class Launcher:
         """Host arrays of one batch -> device arrays: `local` split over the devices, `shared` on all. With
         `process_local_batches`, `local` holds this process's share only (`batch_share`) and the global arrays are
         assembled from every process's share."""
-        if self.kind == "pmap":
-            n = self.n
-            local = jax.tree.map(lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:]), local)
-            return jax.device_put(local, self.batch_sharding), jax.device_put(shared, self.devices[0])
-        if self.process_local_batches:
-            count = jax.process_count()
-            local = jax.tree.map(lambda x: jax.make_array_from_process_local_data(
-                self.batch_sharding, np.asarray(x), (x.shape[0] * count, *x.shape[1:])), local)
-            return local, put_global(shared, self.replicated)
-        return put_global(local, self.batch_sharding), put_global(shared, self.replicated)
+        return self._put(local, shared, lead=0)
 
     def put_group(self, local: dict, shared: dict):
         """`put_batch` for a group of batches stacked on a leading axis: local [G, B, ...] (with
         `process_local_batches`, this process's rows [G, B_p, ...]) and shared [G, ...]."""
-        if self.kind == "pmap":
+        return self._put(local, shared, lead=1)
+
+    def _put(self, local: dict, shared: dict, lead: int):
+        """`put_batch` (lead 0) or `put_group` (lead 1: the examples are axis 1)."""
+        sharding = self.group_sharding if lead else self.batch_sharding
+        if self.kind == "pmap":   # the examples' axis becomes [devices, examples per device]
             n = self.n
-            local = jax.tree.map(lambda x: x.reshape(x.shape[0], n, x.shape[1] // n, *x.shape[2:]), local)
-            return jax.device_put(local, self.group_sharding), jax.device_put(shared, self.devices[0])
+            local = jax.tree.map(lambda x: x.reshape(*x.shape[:lead], n, x.shape[lead] // n, *x.shape[lead + 1:]),
+                                 local)
+            return jax.device_put(local, sharding), jax.device_put(shared, self.devices[0])
         if self.process_local_batches:
             count = jax.process_count()
             local = jax.tree.map(lambda x: jax.make_array_from_process_local_data(
-                self.group_sharding, np.asarray(x), (x.shape[0], x.shape[1] * count, *x.shape[2:])), local)
+                sharding, np.asarray(x), (*x.shape[:lead], x.shape[lead] * count, *x.shape[lead + 1:])), local)
             return local, put_global(shared, self.replicated)
-        return put_global(local, self.group_sharding), put_global(shared, self.replicated)
+        return put_global(local, sharding), put_global(shared, self.replicated)
 
     def run_group(self, dev_state, local, shared):
         """The steps of a group placed by `put_group`, in order, in one dispatch: (state after the last step,
         metrics with a leading axis of one entry per step)."""
-        if self._group_fn is None:
-            self._group_fn = self._make_group_fn()
         return self._group_fn(dev_state, local, shared)
 
     def batch_share(self, batch_size: int) -> tuple[int, int]:
