@@ -10,10 +10,16 @@ whether the step or the pipeline bounds throughput.
   TWOTOWER_DATA_DIR=../shared/data python scripts/bench_train.py --cases ml100k
   TWOTOWER_DATA_DIR=../shared/data python scripts/bench_train.py --cases tfrs_id tfrs_hist --ab pool_history=false
   python scripts/bench_train.py --cases floor          # the id-only step's dense math alone
+  TWOTOWER_DATA_DIR=../shared/data python scripts/bench_train.py --cases loop_id loop_hist   # per-thread CPU
 
 A config's `train.steps_per_dispatch` (e.g. `--set train.steps_per_dispatch=4`; `large_id_emb` sets 4) is
 honoured: batches are stacked in groups, each group runs in one dispatch, and the step time is the group's
 divided by its steps.
+
+The `loop_id` / `loop_hist` cases run the `tfrs_id` / `tfrs_hist` models the way the training loop does (the
+Grain feed with its reading thread, the launcher's transfers and dispatch, at least 200 steps) and report the
+wall time per step and the CPU time per step of XLA's threads, the input thread and the main thread, read from
+/proc/self/task (Linux): on a 2-core machine every host millisecond comes out of XLA's share.
 
 The `floor` case times what no change to the framework can remove from the id-only step at batch 1,024 and
 64 dimensions: the [B, d] x [d, B] logits with their two backward matmuls alone, and the same with an in-batch
@@ -195,6 +201,67 @@ def time_training(overrides: list[str], steps: int, warmup: int, table_rows: int
     return out
 
 
+def _thread_cpu_ms() -> dict[str, float]:
+    """CPU milliseconds so far of each of this process's threads, by thread name (the main thread as "main")."""
+    out = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            name = open(f"/proc/self/task/{tid}/comm").read().strip()
+            fields = open(f"/proc/self/task/{tid}/stat").read().rsplit(")", 1)[1].split()
+        except FileNotFoundError:   # the thread ended meanwhile
+            continue
+        key = "main" if int(tid) == os.getpid() else f"{name}/{tid}"
+        out[key] = (int(fields[11]) + int(fields[12])) * 1000 / os.sysconf("SC_CLK_TCK")
+    return out
+
+
+def time_loop_threads(overrides: list[str], steps: int, warmup: int) -> dict:
+    """The training loop's feed and dispatch without its logging: the Grain feed (`train.prefetch`, one reading
+    thread) and the launcher, `steps` steps after `warmup`, timed to completion. Returns the wall ms per step and
+    the CPU ms per step of XLA's threads, the input threads and the main thread (from /proc/self/task, Linux),
+    which on a machine with few cores compete with each other."""
+    from train.input import dispatch_groups, grain_feed
+    c = validate(compose_cfg(*overrides, *EXTRA_OVERRIDES))
+    ds = load_data(c)
+    _, _, launcher, state, sc = build(c, ds, steps + warmup, select_devices(c))
+    k = c.train.steps_per_dispatch
+    total = (steps + warmup) // k * k + k
+    feed = grain_feed(make_batches(c, ds, seed=0), functools.partial(prepare, **prepare_kwargs(sc)),
+                      depth=c.train.prefetch, groups=dispatch_groups(0, total, k) if k > 1 else None)
+    dev = launcher.put_state(state)
+
+    def run(n: int):
+        nonlocal dev
+        metrics = []
+        for _ in range(max(1, n // k)):
+            (local, shared), _ = next(feed)
+            if k == 1:
+                dev, m = launcher(dev, *launcher.put_batch(local, shared))
+            else:
+                dev, m = launcher.run_group(dev, *launcher.put_group(local, shared))
+            metrics.append(m)
+        jax.block_until_ready((dev, metrics))
+        return max(1, n // k) * k
+
+    try:
+        run(warmup)
+        before, t0 = _thread_cpu_ms(), time.perf_counter()
+        done = run(steps)
+        wall, after = time.perf_counter() - t0, _thread_cpu_ms()
+    finally:
+        feed.close()
+    cpu = {"xla": 0.0, "input": 0.0, "main": 0.0, "other": 0.0}
+    for key, ms in after.items():
+        spent = (ms - before.get(key, 0.0)) / done
+        group = ("main" if key == "main" else "xla" if "XLA" in key or "Eigen" in key
+                 else "input" if key.startswith("python") else "other")
+        cpu[group] += spent
+    b = c.train.global_batch_size
+    return {"wall_ms_per_step": wall / done * 1e3, "examples_per_s": done * b / wall, "steps_per_dispatch": k,
+            "cpu_ms_per_step": {name: round(v, 2) for name, v in cpu.items()},
+            "cpu_ms_per_step_total": round(sum(cpu.values()), 2), "steps": done}
+
+
 def table_sweep(rows_list: list[int], steps: int, warmup: int) -> list[dict]:
     """Same model, data and batch (large_id_emb's towers on 100k users x 100k items), ID tables of growing size
     with the touched rows spread over the whole table: the step must not grow with the table."""
@@ -215,7 +282,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", nargs="+", default=["ml100k", "large_id_emb", "tables"],
                     choices=["ml100k", "ml100k_id", "ml100k_hist", "tfrs_id", "tfrs_hist", "large_id_emb", "tables",
-                             "floor"])
+                             "floor", "loop_id", "loop_hist"])
     ap.add_argument("--rows", nargs="+", type=float, default=[1e5, 1e6, 1e7])
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5)
@@ -269,6 +336,12 @@ def main() -> None:
         results["tfrs_hist"] = time_training(tfrs + ["model.user.use_history=true", "model.user.combine=sum",
                                                      "data.history_len=100"], args.steps, args.warmup)
         print("TFRS comparison, user id + mean of 100 history items:", json.dumps(results["tfrs_hist"]), flush=True)
+    hist = ["model.user.use_history=true", "model.user.combine=sum", "data.history_len=100"]
+    for name, extra in (("loop_id", ["model.user.use_history=false"]), ("loop_hist", hist)):
+        if name in args.cases:
+            results[name] = time_loop_threads(tfrs + extra, max(args.steps, 200), max(args.warmup, 20))
+            print(f"{name} (the TFRS comparison's model, fed and dispatched as in training):",
+                  json.dumps(results[name]), flush=True)
     if "floor" in args.cases:
         results["floor"] = dense_floor(max(args.steps, 100), args.warmup)
         print("id-only step's dense math alone (batch 1024, dim 64):", json.dumps(results["floor"]), flush=True)
