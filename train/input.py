@@ -22,18 +22,25 @@ def bucket(n: int, cap: int) -> int:
 
 
 def _unique_inverse(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """`np.unique(ids, return_inverse=True)` for non-negative ids. When the ids span a range not much wider than
-    their count (per-row negatives: 1024 x 800 draws from a few 10k items) a presence mask over that range
-    replaces the sort: about 8 ms instead of 180 ms for 820k ids, the same result."""
+    """`np.unique(ids, return_inverse=True)` for non-negative ids (the inverse as int32 or int64).
+
+    When the ids span a range at most 32 times their count, a presence mask over that range replaces the sort,
+    and each distinct id's position is written once where it is present. The sort costs about 50 ns per id, the
+    mask 0.16 ns per value of the range while it fits the cache (1M) and 0.5-0.75 ns beyond (10M). Measured
+    (medians, 2-core EPYC): 78k ids over 1M values 1.6 ms against 3.9 ms sorting (large_id_emb's item rows of a
+    16,384 batch, its histories mostly padding); 345k over 10M 16.5 against 21.4 ms; per-row negatives (1024 x
+    800 draws from a few 10k items) about 8 ms against 180 ms. The same result."""
     if ids.size == 0:
         return np.unique(ids, return_inverse=True)
     span = int(ids.max()) + 1
-    if span > max(8 * ids.size, 1 << 16):
+    if span > max(32 * ids.size, 1 << 16):
         return np.unique(ids, return_inverse=True)
     present = np.zeros(span, bool)
     present[ids] = True
-    position = np.cumsum(present, dtype=np.int64) - 1
-    return np.flatnonzero(present).astype(ids.dtype), position[ids]
+    uniq = np.flatnonzero(present)
+    position = np.empty(span, np.int32)     # read only where an id is present, and written there
+    position[uniq] = np.arange(len(uniq), dtype=np.int32)
+    return uniq.astype(ids.dtype), position[ids]
 
 
 def unique_rows(ids: np.ndarray, cap: int, union=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

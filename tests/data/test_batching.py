@@ -286,3 +286,21 @@ def test_batches_carry_only_the_features_asked_for_and_nothing_else_changes():
         for name, values in b[key].items():
             np.testing.assert_array_equal(a[key][name], values)
     np.testing.assert_array_equal(a["user_feat"][CONDITION], b["user_feat"][CONDITION])
+
+
+@pytest.mark.parametrize("rows", [(0, 64), (16, 32), (48, 64)])
+def test_owners_equal_a_search_and_numpy_unique_of_the_share(rows):
+    """`_owners` (one sort of the example ids) gives each example's user and the share's distinct users with
+    their inverse exactly as a binary search of the unsorted ids and `np.unique` do."""
+    from data.batching import _owners
+
+    rng = np.random.default_rng(rows[0])
+    indptr = np.concatenate([[0], np.cumsum(rng.integers(0, 4, 200))]).astype(np.int64)  # some users empty
+    ex = rng.choice(indptr[-1], 64, replace=False).astype(np.int64)
+    user, uniq, inv = _owners(indptr, ex, rows)
+    want_user = np.searchsorted(indptr, ex, side="right") - 1
+    want_uniq, want_inv = np.unique(want_user[rows[0]:rows[1]], return_inverse=True)
+    np.testing.assert_array_equal(user, want_user)
+    np.testing.assert_array_equal(uniq, want_uniq)
+    np.testing.assert_array_equal(inv, want_inv)
+    assert (indptr[user] <= ex).all() and (ex < indptr[user + 1]).all()
