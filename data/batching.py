@@ -49,8 +49,9 @@ def _owners(indptr: np.ndarray, ex: np.ndarray, rows: tuple[int, int]) -> tuple[
 
     One sort of the example ids serves both: a binary search of sorted keys stays in the part of `indptr` it
     reached last (numpy's search keeps its bounds between sorted keys), where random keys miss the cache at
-    every step (3.2 ms for 16,384 examples over 1M users, against about 1 ms with the sort), and the users come
-    out sorted, so their distinct values need no second sort.
+    every step, and the users come out sorted, so their distinct values need no second sort. For 16,384 of
+    large_id_emb's examples over 1M users: 1.8 ms, against 3.9 ms for the random search (3.2 ms alone) and
+    `np.unique`.
 
     Returns:
       (int64 [B] users of `ex`, int64 [n] sorted distinct users of the share, int64 [hi - lo] inverse).
@@ -68,7 +69,7 @@ def _owners(indptr: np.ndarray, ex: np.ndarray, rows: tuple[int, int]) -> tuple[
     np.not_equal(users_sorted[1:], users_sorted[:-1], out=new[1:])
     inv = np.empty(len(users_sorted), np.int64)
     inv[order - lo] = np.cumsum(new) - 1
-    return user.astype(np.int64), users_sorted[new], inv
+    return user, users_sorted[new], inv
 
 
 def user_history(ds: Dataset, users: np.ndarray, history_len: int) -> np.ndarray:

@@ -62,7 +62,7 @@ from tests.helpers import compose_cfg  # noqa: E402
 from train.config import validate  # noqa: E402
 import train.loop  # noqa: E402
 from train.input import prepare, stack_batches  # noqa: E402
-from train.loop import build, load_data, make_batches, prepare_kwargs, select_devices  # noqa: E402
+from train.loop import build, input_flags, load_data, make_batches, prepare_kwargs, select_devices  # noqa: E402
 from train.state import table_sizes  # noqa: E402
 
 
@@ -214,9 +214,7 @@ def time_input(overrides: list[str], batches: int, warmup: int = 3) -> dict:
     c = validate(compose_cfg(*overrides, *EXTRA_OVERRIDES))
     ds = load_data(c)
     it = make_batches(c, ds, seed=0)
-    sizes = table_sizes(c, ds.num_users, ds.num_items)     # the flags `build` gives the step
-    use = {"use_user_table": "user" in sizes, "use_item_table": "item" in sizes,
-           "use_history": c.model.user.use_history, "use_item_history": c.model.item.use_history}
+    use = input_flags(c, table_sizes(c, ds.num_users, ds.num_items))     # what `build` gives the step
     batch_times, prepare_times = [], []
     for i in range(batches + warmup):
         t0 = time.perf_counter()

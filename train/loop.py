@@ -181,8 +181,7 @@ def build_parts(c: config_lib.Config, ds, steps: int, devices: list, table_rows:
         in_batch_negatives=c.loss.in_batch_negatives, loss_type=c.loss.name, ccl_margin=c.loss.ccl_margin,
         ccl_negative_weight=c.loss.ccl_negative_weight, negative_power=c.loss.bsl_negative_power,
         negatives_per_row=c.loss.negatives_per_row, user_dropout=c.loss.user_dropout,
-        use_user_table="user" in sizes, use_item_table="item" in sizes, use_history=c.model.user.use_history,
-        use_item_history=c.model.item.use_history, logq_streaming=streaming,
+        **input_flags(c, sizes), logq_streaming=streaming,
         condition=c.model.user.condition, condition_dropout=c.model.user.condition_dropout,
         condition_filter=c.loss.condition_filter)
     step_fn = make_step(graphdef=graphdef, cfg=step_cfg, dense_tx=dense_tx, sparse_opts=sparse_opts)
@@ -408,6 +407,13 @@ def make_batches(c: config_lib.Config, ds, seed: int | None = None, share: tuple
                    item_history_len=c.data.item_history_len if c.model.item.use_history else 0,
                    negatives_per_row=c.loss.negatives_per_row, process_index=share[0], process_count=share[1],
                    condition=c.model.user.condition, user_features=reads["user"], item_features=reads["item"])
+
+
+def input_flags(c: config_lib.Config, sizes: dict[str, int]) -> dict:
+    """What a config's step reads from a batch, given its tables (`table_sizes`): the `StepConfig` fields that
+    `prepare_kwargs` hands to `train.input.prepare`."""
+    return dict(use_user_table="user" in sizes, use_item_table="item" in sizes, use_history=c.model.user.use_history,
+                use_item_history=c.model.item.use_history)
 
 
 def prepare_kwargs(step_cfg: StepConfig) -> dict:
